@@ -1,0 +1,65 @@
+"""Search agents: one module per agent over a shared base (``base.Agent``), shared pieces in ``common/``.
+
+``AGENTS`` maps the name a user picks to the agent class; ``make_agent`` builds one for an environment;
+``restore_agent`` rebuilds one from a checkpoint. Agents meet environments only through
+``compression.search.spaces`` (``EnvSpec``, actions in [0, 1]). This package imports neither the
+environment implementations nor anything outside ``compression``.
+
+Adding an agent: write ``compression/agents/<name>.py`` with a subclass of ``Agent`` (or ``DDPGAgent``)
+and add it to ``AGENTS`` below; see docs/agents.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from compression.agents.ajpq import AJPQAgent
+from compression.agents.amc import AMCAgent
+from compression.agents.base import Agent, EpisodeRecord, Param, run_episode
+from compression.agents.galen import GalenAgent
+from compression.agents.haq import HAQAgent
+from compression.agents.random_agent import RandomAgent
+from compression.agents.uniform import UniformAgent
+from compression.errors import SearchError
+from compression.search.spaces import EnvSpec
+
+AGENTS: dict[str, type[Agent]] = {
+    cls.name: cls for cls in (AMCAgent, HAQAgent, GalenAgent, AJPQAgent, RandomAgent, UniformAgent)
+}
+# Other names users may type for the same agent (the issue calls Galen's joint agent "galen-pq").
+ALIASES: dict[str, str] = {"galen-pq": "galen"}
+
+
+def agent_class(name: str) -> type[Agent]:
+    """The agent class registered under ``name`` (or an alias); SearchError if unknown."""
+    key = ALIASES.get(name, name)
+    if key not in AGENTS:
+        raise SearchError(f"unknown agent {name!r}", f"choose one of {', '.join(sorted(AGENTS))}")
+    return AGENTS[key]
+
+
+def make_agent(name: str, env_spec: EnvSpec, config: dict[str, Any] | None = None, seed: int = 0) -> Agent:
+    """Build the agent ``name`` for an environment; ``config`` overrides its defaults (see ``config_schema``)."""
+    return agent_class(name)(env_spec, config, seed)
+
+
+def restore_agent(state: dict[str, Any]) -> Agent:
+    """Rebuild an agent from ``Agent.state_dict()`` output (its name, env spec, config and seed are in it)."""
+    if not isinstance(state, dict) or "agent" not in state:
+        raise SearchError("not an agent checkpoint", "resume from a checkpoint written by the search")
+    agent = make_agent(state["agent"], EnvSpec.from_dict(state["env_spec"]), dict(state["config"]), int(state["seed"]))
+    agent.load_state_dict(state)
+    return agent
+
+
+__all__ = [
+    "AGENTS",
+    "ALIASES",
+    "Agent",
+    "EpisodeRecord",
+    "Param",
+    "agent_class",
+    "make_agent",
+    "restore_agent",
+    "run_episode",
+]

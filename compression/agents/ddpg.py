@@ -1,0 +1,254 @@
+"""A small DDPG core shared by the AMC, HAQ, Galen and AJPQ agents.
+
+What it does per episode, as AMC does:
+
+- Warm-up: the first ``warmup_episodes`` episodes act uniformly at random (no learning), filling the
+  replay buffer.
+- After that the actor (sigmoid MLP) acts, with truncated normal noise of sigma ``noise_sigma *
+  noise_decay ** (episodes since warm-up)``.
+- Every step of an episode is stored with the episode's FINAL reward (the environment gives it only at
+  the end) and the ENFORCED action. A moving average of episode rewards (``baseline_alpha``) is the
+  baseline: it is subtracted from every sampled reward at update time, so one batch is always measured
+  against one baseline. (AMC's and HAQ's code keep a moving average of batch means with alpha 0.5
+  instead; the episode average is less noisy and is what the AMC paper describes.)
+- At the end of each episode after the warm-up, ``updates_per_episode`` gradient steps (0: one per step
+  of the episode, AMC's choice): critic on the TD target ``r - baseline + discount * (1 - done) *
+  Q'(s', mu'(s'))``, actor on ``-Q(s, mu(s))``, then soft target updates with ``tau``.
+
+Subclasses change the defaults (``DEFAULTS``) and, for AJPQ, how actions are produced from the actors.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from compression.agents.base import Agent, Param
+from compression.agents.common.buffers import ReplayBuffer
+from compression.agents.common.networks import Actor, Critic, hard_update, soft_update
+from compression.agents.common.noise import TruncatedNormalNoise
+from compression.agents.common.rng import make_generators, numpy_state, set_numpy_state
+from compression.search.spaces import EnvSpec
+
+# AMC's defaults (He et al., ECCV 2018, and the authors' amc_search.py); subclasses override some.
+AMC_DEFAULTS: dict[str, Any] = {
+    "hidden1": 300,
+    "hidden2": 300,
+    "lr_actor": 1e-4,
+    "lr_critic": 1e-3,
+    "tau": 0.01,
+    "discount": 1.0,
+    "warmup_episodes": 100,
+    "noise_sigma": 0.5,
+    "noise_decay": 0.95,
+    "batch_size": 64,
+    "buffer_episodes": 100,
+    "updates_per_episode": 0,
+    "baseline_alpha": 0.95,
+    "critic_weight_decay": 0.0,
+    "init_w": 3e-3,
+}
+
+
+def ddpg_params(defaults: dict[str, Any]) -> list[Param]:
+    """The DDPG hyper-parameters with the given defaults."""
+    d = defaults
+    return [
+        Param("hidden1", "int", d["hidden1"], "units of the first hidden layer (actor and critic)", 4, 2048),
+        Param("hidden2", "int", d["hidden2"], "units of the second hidden layer (actor and critic)", 4, 2048),
+        Param("lr_actor", "float", d["lr_actor"], "Adam learning rate of the actor", 1e-6, 1e-1, log=True),
+        Param("lr_critic", "float", d["lr_critic"], "Adam learning rate of the critic", 1e-6, 1e-1, log=True),
+        Param("tau", "float", d["tau"], "soft update rate of the target networks", 1e-4, 1.0, log=True),
+        Param("discount", "float", d["discount"], "discount between steps (1: episodic, as AMC)", 0.0, 1.0),
+        Param("warmup_episodes", "int", d["warmup_episodes"], "episodes of random actions before learning", 0, 100000),
+        Param("noise_sigma", "float", d["noise_sigma"], "initial sigma of the truncated normal noise", 0.0, 2.0),
+        Param("noise_decay", "float", d["noise_decay"], "sigma multiplier per episode after warm-up", 0.5, 1.0),
+        Param("batch_size", "int", d["batch_size"], "transitions per gradient step", 1, 4096),
+        Param("buffer_episodes", "int", d["buffer_episodes"], "replay capacity, in episodes", 1, 100000),
+        Param(
+            "updates_per_episode", "int", d["updates_per_episode"],
+            "gradient steps after each episode (0: one per step of the episode)", 0, 100000,
+        ),
+        Param("baseline_alpha", "float", d["baseline_alpha"], "moving-average factor of the reward baseline", 0.0, 1.0),
+        Param("critic_weight_decay", "float", d["critic_weight_decay"], "L2 weight decay of the critic", 0.0, 1.0),
+        Param("init_w", "float", d["init_w"], "initial output-layer weights are U(-init_w, init_w)", 1e-6, 1.0, log=True),
+    ]
+
+
+class DDPGAgent(Agent):
+    """DDPG over the environment's action vector (one actor output per action dimension)."""
+
+    name: ClassVar[str] = "ddpg"
+    summary: ClassVar[str] = "DDPG over any action layout (the core of amc, haq, galen and ajpq)"
+    DEFAULTS: ClassVar[dict[str, Any]] = AMC_DEFAULTS
+
+    def __init__(self, env_spec: EnvSpec, config: dict[str, Any] | None = None, seed: int = 0) -> None:
+        super().__init__(env_spec, config, seed)
+        c = self.config
+        self.obs_dim = env_spec.obs_dim
+        self.act_dim = env_spec.action_spec.dim
+        self.rng, self.torch_gen = make_generators(self.seed)
+        self.nets: dict[str, nn.Module] = {}
+        self.optims: dict[str, torch.optim.Optimizer] = {}
+        self._build_networks()
+        self.buffer = ReplayBuffer(c["buffer_episodes"] * env_spec.num_steps, self.obs_dim, self.act_dim)
+        self.noise = TruncatedNormalNoise(c["noise_sigma"], c["noise_decay"])
+        self.baseline: float | None = None
+        self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray, bool]] = []
+
+    @classmethod
+    def params(cls) -> list[Param]:
+        return ddpg_params(cls.DEFAULTS)
+
+    # --- networks (AJPQ overrides these three) --------------------------------------------------------------
+
+    def _build_networks(self) -> None:
+        c, g = self.config, self.torch_gen
+        h1, h2, w = c["hidden1"], c["hidden2"], c["init_w"]
+        self.nets["actor"] = Actor(self.obs_dim, self.act_dim, h1, h2, w, g)
+        self.nets["critic"] = Critic(self.obs_dim, self.act_dim, h1, h2, w, g)
+        self.nets["actor_target"] = Actor(self.obs_dim, self.act_dim, h1, h2, w, g)
+        self.nets["critic_target"] = Critic(self.obs_dim, self.act_dim, h1, h2, w, g)
+        hard_update(self.nets["actor_target"], self.nets["actor"])
+        hard_update(self.nets["critic_target"], self.nets["critic"])
+        self.optims["actor"] = torch.optim.Adam(self.nets["actor"].parameters(), lr=c["lr_actor"])
+        self.optims["critic"] = torch.optim.Adam(
+            self.nets["critic"].parameters(), lr=c["lr_critic"], weight_decay=c["critic_weight_decay"]
+        )
+
+    def _policy_action(self, obs: torch.Tensor, sigma: float | None) -> np.ndarray:
+        """Actor output for one observation, with truncated normal noise when ``sigma`` is given."""
+        with torch.no_grad():
+            mu = self.nets["actor"](obs.unsqueeze(0))[0].double().numpy()
+        return mu if sigma is None else self.noise.sample(mu, sigma, self.rng)
+
+    def _target_action(self, next_obs: torch.Tensor) -> torch.Tensor:
+        return self.nets["actor_target"](next_obs)
+
+    def _actor_loss(self, obs: torch.Tensor) -> torch.Tensor:
+        return -self.nets["critic"](obs, self.nets["actor"](obs)).mean()
+
+    def _actor_optims(self) -> list[torch.optim.Optimizer]:
+        return [self.optims["actor"]]
+
+    def _soft_update_targets(self) -> None:
+        tau = self.config["tau"]
+        soft_update(self.nets["actor_target"], self.nets["actor"], tau)
+        soft_update(self.nets["critic_target"], self.nets["critic"], tau)
+
+    # --- the protocol -------------------------------------------------------------------------------------
+
+    @property
+    def in_warmup(self) -> bool:
+        """True while the agent still acts at random."""
+        return self.episode < self.config["warmup_episodes"]
+
+    def current_sigma(self) -> float:
+        """Exploration noise of the current episode (0 during warm-up, where actions are uniform)."""
+        if self.in_warmup:
+            return 0.0
+        return self.noise.sigma(self.episode - self.config["warmup_episodes"])
+
+    def act(self, obs: np.ndarray, explore: bool = True) -> np.ndarray:
+        """Random during warm-up; then the actor's output, with decaying truncated normal noise when exploring."""
+        obs_t = torch.from_numpy(self._check_obs(obs))
+        if explore and self.in_warmup:
+            return self.rng.random(self.act_dim)
+        action = self._policy_action(obs_t, self.current_sigma() if explore else None)
+        return np.clip(action, 0.0, 1.0)
+
+    def observe(self, obs: np.ndarray, action: np.ndarray, next_obs: np.ndarray, done: bool) -> None:
+        """Hold the step until the episode's reward is known."""
+        a = np.clip(np.asarray(action, dtype=np.float64).reshape(-1), 0.0, 1.0)
+        if a.shape != (self.act_dim,):
+            raise ValueError(f"action has shape {a.shape}, expected ({self.act_dim},)")
+        self._pending.append((self._check_obs(obs).copy(), a, self._check_obs(next_obs).copy(), bool(done)))
+
+    def end_episode(self, reward: float, info: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Store the episode's steps with its reward, update the baseline, and learn (after warm-up)."""
+        r = self._check_reward(reward)
+        c = self.config
+        sigma = self.current_sigma()
+        self.baseline = r if self.baseline is None else c["baseline_alpha"] * self.baseline + (1 - c["baseline_alpha"]) * r
+        for obs, action, next_obs, done in self._pending:
+            self.buffer.add(obs, action, r, next_obs, done)
+        steps = len(self._pending)
+        self._pending = []
+        stats: dict[str, Any] = {
+            "episode": self.episode,
+            "warmup": self.in_warmup,
+            "sigma": sigma,
+            "baseline": self.baseline,
+            "updates": 0,
+        }
+        warmup_done = self.episode + 1 >= c["warmup_episodes"]
+        if warmup_done and len(self.buffer) >= min(c["batch_size"], self.buffer.capacity):
+            n = c["updates_per_episode"] or max(1, steps)
+            critic_losses, actor_losses = [], []
+            for _ in range(n):
+                cl, al = self._update()
+                critic_losses.append(cl)
+                actor_losses.append(al)
+            stats.update(updates=n, critic_loss=float(np.mean(critic_losses)), actor_loss=float(np.mean(actor_losses)))
+        self.episode += 1
+        return stats
+
+    def _update(self) -> tuple[float, float]:
+        c = self.config
+        batch = self.buffer.sample(c["batch_size"], self.rng)
+        reward = batch["reward"] - float(self.baseline or 0.0)
+        with torch.no_grad():
+            next_q = self.nets["critic_target"](batch["next_obs"], self._target_action(batch["next_obs"]))
+            target = reward + c["discount"] * (1.0 - batch["done"]) * next_q
+        critic_loss = torch.nn.functional.mse_loss(self.nets["critic"](batch["obs"], batch["action"]), target)
+        self.optims["critic"].zero_grad()
+        critic_loss.backward()
+        self.optims["critic"].step()
+
+        actor_loss = self._actor_loss(batch["obs"])
+        for opt in self._actor_optims():
+            opt.zero_grad()
+        actor_loss.backward()
+        for opt in self._actor_optims():
+            opt.step()
+        self._soft_update_targets()
+        return float(critic_loss.item()), float(actor_loss.item())
+
+    # --- checkpoints --------------------------------------------------------------------------------------
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "rng": numpy_state(self.rng),
+            "torch_gen": self.torch_gen.get_state(),
+            "nets": {k: m.state_dict() for k, m in self.nets.items()},
+            "optims": {k: o.state_dict() for k, o in self.optims.items()},
+            "buffer": self.buffer.state_dict(),
+            "baseline": self.baseline,
+            "sigma": self.current_sigma(),
+            "pending": [
+                {
+                    "obs": torch.from_numpy(o),
+                    "action": torch.from_numpy(a),
+                    "next_obs": torch.from_numpy(n),
+                    "done": d,
+                }
+                for o, a, n, d in self._pending
+            ],
+        }
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        set_numpy_state(self.rng, state["rng"])
+        self.torch_gen.set_state(state["torch_gen"])
+        for k, m in self.nets.items():
+            m.load_state_dict(state["nets"][k])
+        for k, o in self.optims.items():
+            o.load_state_dict(state["optims"][k])
+        self.buffer.load_state_dict(state["buffer"])
+        self.baseline = None if state["baseline"] is None else float(state["baseline"])
+        self._pending = [
+            (p["obs"].numpy().copy(), p["action"].numpy().copy(), p["next_obs"].numpy().copy(), bool(p["done"]))
+            for p in state["pending"]
+        ]

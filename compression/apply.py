@@ -1,0 +1,92 @@
+"""Apply a policy: the one function that turns (model, policy) into a compressed model.
+
+Steps, in order: channel pruning (dependency-aware, rounded per target) -> fine-grained sparsity ->
+weight fake quantization -> activation quantizers -> one calibration pass over training samples that
+re-estimates batch-norm statistics of the pruned model and observes activation ranges -> eval mode.
+
+Re-estimating batch-norm statistics matters: removing channels shifts the distributions the remaining
+batch norms were fitted to, and without it the accuracy of an un-fine-tuned candidate says little.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from compression.models.graph import LayerGraph
+from compression.policy import FLOAT_BITS, Policy
+from compression.prune import apply_sparsity, group_keeps, prune_module
+from compression.quant import act_quantizers, attach_act_quantizer, quantize_layer_weights
+
+
+def _channel_bits(graph: LayerGraph, name: str, bits: list[int], keep: int) -> list[int]:
+    """Expand AJPQ per-group bits (most important group first) to the layer's kept output channels."""
+    g = graph.group_of(name)
+    channels = graph[name].out_channels
+    if g is None or not g.prunable:
+        ranked = list(range(channels))  # no importance order known: keep the layer's own order
+        kept = ranked
+    else:
+        kept = g.order[g.channels - keep :]  # least important first
+        ranked = list(reversed(kept))  # most important first
+    nonzero = [b for b in bits if b > 0]
+    per_rank = {}
+    for pos, ch in enumerate(ranked):
+        slice_idx = min(len(nonzero) - 1, pos * len(nonzero) // max(1, len(ranked)))
+        per_rank[ch] = nonzero[slice_idx]
+    return [per_rank[ch] for ch in sorted(kept)]  # pruned layer keeps channels in original order
+
+
+@torch.no_grad()
+def recalibrate(model: nn.Module, calib: torch.Tensor, batch_size: int = 128) -> None:
+    """Re-estimate batch-norm statistics and observe activation ranges on ``calib`` (N, C, H, W)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    model.eval()
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average over the calibration pass
+        bn.train()
+    for i in range(0, len(calib), batch_size):
+        model(calib[i : i + batch_size])
+    for bn in bns:
+        bn.momentum = 0.1
+    model.eval()
+    for q in act_quantizers(model):
+        q.finish_calibration()
+
+
+def apply_policy(
+    graph: LayerGraph,
+    policy: Policy,
+    calib: torch.Tensor | None = None,
+    *,
+    round_to: int = 1,
+    batch_size: int = 128,
+) -> nn.Module:
+    """Return a compressed copy of ``graph.module`` under ``policy``; the original is not modified.
+
+    ``calib`` is a batch of training inputs for batch-norm re-estimation and activation calibration
+    (a few hundred samples is enough). Policies that prune or quantize activations need it.
+    """
+    policy.validate(graph.layer_names)
+    keeps = group_keeps(graph, policy, round_to)
+    model = prune_module(graph, keeps)
+    apply_sparsity(model, {n: lp.sparsity for n, lp in policy.layers.items() if lp.sparsity > 0})
+    needs_calibration = any(keeps[g.id] < g.channels for g in graph.groups)
+    for name, lp in policy.layers.items():
+        layer = model.get_submodule(name)
+        if lp.channel_bits is not None:
+            gid = graph[name].group
+            keep = keeps[gid] if gid is not None else graph[name].out_channels
+            quantize_layer_weights(layer, _channel_bits(graph, name, lp.channel_bits, keep))
+        elif lp.w_bits < FLOAT_BITS:
+            quantize_layer_weights(layer, lp.w_bits)
+        if lp.a_bits < FLOAT_BITS:
+            attach_act_quantizer(layer, lp.a_bits)
+            needs_calibration = True
+    if needs_calibration:
+        if calib is None:
+            raise ValueError("apply_policy needs calibration samples for pruned or activation-quantized models")
+        recalibrate(model, calib, batch_size)
+    model.eval()
+    return model

@@ -1,0 +1,144 @@
+"""Mixed-precision fake quantization for the search, and the bit-width bookkeeping for deployment.
+
+- Weights: per-output-channel symmetric, ``2**(b-1) - 1`` levels each side (b = 1 is sign x mean |w|).
+  Quantized once, in place, when a policy is applied: the forward pass pays nothing for it.
+- Activations: the *input* of each quantized layer, per-tensor asymmetric (unsigned range ``0..2**b - 1``
+  with a zero point), range calibrated by min/max on training samples. Implemented as an ``ActQuantizer``
+  submodule of the layer called from a forward pre-hook, so layer names and state-dict keys stay the same
+  and ``torch.export`` traces it (as ``fake_quantize_per_tensor_affine``, which ONNX export turns into
+  QuantizeLinear/DequantizeLinear for 8 bits).
+- 32 bits means float: nothing is done.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from compression.policy import FLOAT_BITS
+
+
+@torch.no_grad()
+def fake_quantize_weight(w: torch.Tensor, bits: int | Sequence[int]) -> torch.Tensor:
+    """Per-output-channel symmetric fake quantization of a weight tensor (dim 0 = output channels).
+
+    ``bits`` is one bit-width, or one per output channel (AJPQ's per-group bits expanded to channels).
+    """
+    out_c = w.shape[0]
+    if isinstance(bits, int):
+        if bits >= FLOAT_BITS:
+            return w.clone()
+        bits_t = torch.full((out_c,), bits, dtype=torch.float32)
+    else:
+        bits_t = torch.tensor(list(bits), dtype=torch.float32)
+        if bits_t.numel() != out_c:
+            raise ValueError(f"{bits_t.numel()} bit-widths for {out_c} output channels")
+    flat = w.reshape(out_c, -1)
+    absmax = flat.abs().amax(dim=1).clamp_min(1e-12)
+    levels = (2.0 ** (bits_t - 1) - 1).clamp_min(1.0)  # 1 bit -> 1 level: sign
+    scale = absmax / levels
+    q = torch.clamp(torch.round(flat / scale[:, None]), -levels[:, None], levels[:, None]) * scale[:, None]
+    one_bit = bits_t == 1
+    if bool(one_bit.any()):
+        mean_abs = flat.abs().mean(dim=1)
+        q[one_bit] = torch.sign(flat[one_bit]) * mean_abs[one_bit, None]
+    keep_float = bits_t >= FLOAT_BITS
+    if bool(keep_float.any()):
+        q[keep_float] = flat[keep_float]
+    return q.reshape_as(w)
+
+
+class ActQuantizer(nn.Module):
+    """Asymmetric per-tensor fake quantizer for a layer's input, calibrated by observed min/max."""
+
+    def __init__(self, bits: int) -> None:
+        super().__init__()
+        self.bits = int(bits)
+        self.observing = False
+        self.register_buffer("lo", torch.tensor(float("inf")))
+        self.register_buffer("hi", torch.tensor(float("-inf")))
+        self.register_buffer("scale", torch.tensor(1.0))
+        self.register_buffer("zero_point", torch.tensor(0, dtype=torch.int32))
+
+    @property
+    def qmax(self) -> int:
+        return 2**self.bits - 1
+
+    @torch.no_grad()
+    def finish_calibration(self) -> None:
+        """Turn the observed range into scale and zero point (the range always includes 0)."""
+        lo = torch.minimum(self.lo, torch.tensor(0.0))
+        hi = torch.maximum(self.hi, torch.tensor(0.0))
+        if not torch.isfinite(lo) or not torch.isfinite(hi):
+            lo, hi = torch.tensor(0.0), torch.tensor(1.0)
+        scale = ((hi - lo) / self.qmax).clamp_min(1e-8)
+        zp = torch.clamp(torch.round(-lo / scale), 0, self.qmax)
+        self.scale.copy_(scale)
+        self.zero_point.copy_(zp.to(torch.int32))
+        self.observing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observing:
+            with torch.no_grad():
+                lo, hi = torch.aminmax(x.detach())
+                self.lo.copy_(torch.minimum(self.lo, lo))
+                self.hi.copy_(torch.maximum(self.hi, hi))
+            return x
+        return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, 0, self.qmax)
+
+
+def _pre_hook(module: nn.Module, args: tuple) -> tuple:
+    return (module.act_quant(args[0]), *args[1:])
+
+
+def quantize_layer_weights(layer: nn.Module, bits: int | Sequence[int]) -> None:
+    """Fake-quantize a conv/linear layer's weights in place and record the bit-width on the layer."""
+    layer.weight.data = fake_quantize_weight(layer.weight.data, bits)
+    layer.w_bits = bits if isinstance(bits, int) else list(bits)
+
+
+def attach_act_quantizer(layer: nn.Module, bits: int) -> ActQuantizer | None:
+    """Quantize the layer's input at ``bits`` from now on (after calibration). 32 bits attaches nothing."""
+    if bits >= FLOAT_BITS:
+        return None
+    q = ActQuantizer(bits)
+    q.observing = True
+    layer.act_quant = q
+    layer.register_forward_pre_hook(_pre_hook)
+    return q
+
+
+def act_quantizers(model: nn.Module) -> list[ActQuantizer]:
+    """Every activation quantizer in a model."""
+    return [m for m in model.modules() if isinstance(m, ActQuantizer)]
+
+
+def bit_widths(model: nn.Module) -> dict[str, dict[str, object]]:
+    """The bit-widths recorded on a model's layers by ``apply``: name -> {w_bits, a_bits}."""
+    out: dict[str, dict[str, object]] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            w = getattr(m, "w_bits", FLOAT_BITS)
+            a = m.act_quant.bits if isinstance(getattr(m, "act_quant", None), ActQuantizer) else FLOAT_BITS
+            if w != FLOAT_BITS or a != FLOAT_BITS:
+                out[name] = {"w_bits": w, "a_bits": a}
+    return out
+
+
+def strip_act_quantizers(model: nn.Module) -> dict[str, int]:
+    """Remove activation quantizers in place (for runtimes that quantize activations themselves).
+
+    Returns the a_bits each layer had, so the caller can record or re-apply them.
+    """
+    removed: dict[str, int] = {}
+    for name, m in model.named_modules():
+        q = getattr(m, "act_quant", None)
+        if isinstance(q, ActQuantizer):
+            removed[name] = q.bits
+            for key, fn in list(m._forward_pre_hooks.items()):
+                if fn is _pre_hook:
+                    del m._forward_pre_hooks[key]
+            del m.act_quant
+    return removed
