@@ -300,6 +300,7 @@ def test_npz_fixed_test_layout(tmp_path: Path) -> None:
     assert len(s.test) == 10 and len(s.val) == 10 and len(s.train) == 30
     assert torch.allclose(s.test.tensors[0], torch.from_numpy(xt))
     assert describe_dataset(str(path))["fixed_test_split"] is True
+    assert any("test_fraction is not used" in w for w in s.warnings)
 
 
 @pytest.mark.parametrize(

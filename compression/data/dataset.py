@@ -255,6 +255,9 @@ def load_dataset(
         tr, va, _ = _splits.split(raw.y[pool], k, _round(val_fraction * len(pool)), 0, rng)
         idx = {"train": pool[tr], "val": pool[va], "test": _splits.subsample(raw.test_y, cap_te, k, rng)}
         test_x, test_y = raw.test_x, raw.test_y
+        warnings.append(
+            f"the test split is the dataset's own test set ({n_te} samples); test_fraction is not used"
+        )
     if len(idx["train"]) == 0:
         raise DatasetError(
             f"the train split of {raw.source} is empty",

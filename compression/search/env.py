@@ -1,0 +1,577 @@
+"""The compression environment: one episode walks the compressible layers and builds a ``Policy``.
+
+It implements the protocol of ``compression.search.spaces`` (``reset`` / ``step``), so any agent drives it
+and ``check_env`` tests it without one. Per step the observation describes the layer (normalised index,
+type, channels, kernel, stride, input size, params, MACs, BOPs), how much of the objective's cost is
+already removed and how much lies ahead, the previous action, and the layer's sensitivity (accuracy drop
+when only that layer is compressed, measured once per model). The action fills that layer's policy entry.
+
+Budgets (AMC's construction): when ``enforce_budget`` is on, each action is capped so that the remaining
+layers, compressed as far as the action space allows, can still bring the whole model within budget. The
+cap is found on the discrete choices the target really distinguishes (kept channels are multiples of
+``round_to``; bits are integers), so an episode always ends within budget when the budget is reachable at
+all. With ``budget_mode="repair"`` (HAQ) actions are free and, after the last step, bits are lowered from
+the last layer backwards until the policy fits. The agent's raw actions and the enforced ones are both
+recorded.
+
+At the end of the episode the policy is applied (prune + fake-quantize + batch-norm re-estimation),
+accuracy is estimated on a fixed validation subset, costs are computed, and the reward is given.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from compression.apply import apply_policy
+from compression.costs import Costs, compute_costs
+from compression.errors import SearchError
+from compression.models.graph import LayerGraph
+from compression.policy import LayerPolicy, Policy
+from compression.search import spaces
+from compression.search.spaces import ActionSpec, EnvSpec
+from compression.training import evaluate
+
+OP_CODES = {"conv2d": 0.0, "gconv2d": 0.33, "dwconv2d": 0.66, "linear": 1.0}
+
+
+@dataclass
+class EnvSettings:
+    """How the environment maps actions and scores policies."""
+
+    layout: str = "prune"  # prune | bits | joint | ajpq
+    objective: str = "macs"  # latency | macs | bops | params | bytes
+    budget: float = 0.5  # fraction of the original cost
+    reward: str = "acc"  # acc | acc-log-cost | galen | haq
+    reward_params: dict[str, Any] = field(default_factory=dict)
+    enforce_budget: bool = True
+    budget_mode: str = "cap"  # cap (AMC, per step) | repair (HAQ, after the episode)
+    round_to: int = 1
+    min_keep: float = 0.1
+    min_bits: int = 2
+    max_bits: int = 8
+    groups: int = spaces.DEFAULT_GROUPS
+    pin_first_last_bits: int | None = None
+    val_samples: int = 500
+    calib_samples: int = 256
+    seed: int = 0
+
+
+class LatencyModel:
+    """Per-layer latency of a policy on a target (additive), plus a constant for everything else.
+
+    ``layer_ms(layer, in_c, out_c, w_bits, a_bits) -> ms`` gives one layer's latency at its pruned shape
+    and bit-widths (from a per-target latency table); ``residual_ms`` is the rest of the model (pooling,
+    additions, the runtime's fixed overhead), fitted once against an end-to-end measurement.
+    """
+
+    def __init__(self, layer_ms: Callable[[str, int, int, float, int], float], residual_ms: float = 0.0) -> None:
+        self.layer_ms = layer_ms
+        self.residual_ms = residual_ms
+
+    def per_layer(self, costs: Costs) -> dict[str, float]:
+        return {
+            name: self.layer_ms(name, c.in_channels, c.out_channels, c.w_bits, c.a_bits)
+            for name, c in costs.layers.items()
+        }
+
+    def total(self, costs: Costs) -> float:
+        return sum(self.per_layer(costs).values()) + self.residual_ms
+
+
+class CompressionEnvironment:
+    """The search environment over one model and dataset (see the module docstring)."""
+
+    def __init__(
+        self,
+        graph: LayerGraph,
+        val_set: torch.utils.data.TensorDataset,
+        calib: torch.Tensor,
+        settings: EnvSettings,
+        *,
+        latency: LatencyModel | None = None,
+        base_policy: Policy | None = None,
+        sensitivity: dict[str, list[float]] | None = None,
+        original_accuracy: float | None = None,
+    ) -> None:
+        self.graph = graph
+        self.settings = s = settings
+        if s.objective == "latency" and latency is None:
+            raise SearchError(
+                "the latency objective needs a hardware target with a latency table",
+                "pick a target that measures latency (local-ort, local-torch, local-tvm, a device), "
+                "or optimise macs/bops/bytes on the analytic target",
+            )
+        if s.layout not in spaces.LAYOUTS:
+            raise SearchError(f"unknown layout {s.layout!r}")
+        if s.budget_mode not in ("cap", "repair"):
+            raise SearchError(f"budget_mode {s.budget_mode!r} is unknown", "use cap or repair")
+        self.latency = latency
+        self.base_policy = base_policy or Policy()
+        self.val = val_set
+        self.calib = calib
+        self.action_spec = ActionSpec.for_layout(s.layout, s.groups)
+        if s.layout == "prune":
+            self.steps = list(graph.prunable_leaders)
+        else:
+            self.steps = list(graph.quantizable)
+        if not self.steps:
+            raise SearchError(
+                f"the model has no layer the {s.layout} search can act on",
+                "inspect the model: no prunable group was found" if s.layout == "prune" else "no quantizable layer",
+            )
+        self.sensitivity = sensitivity or {}
+        self._sens_dim = max((len(v) for v in self.sensitivity.values()), default=0)
+        self.original_costs = compute_costs(graph, None)
+        self.original_cost = self._objective(self.base_policy_costs(None))
+        self._reference_cost = self._objective(self.original_costs)
+        self.original_accuracy = original_accuracy
+        self._x_val, self._y_val = val_set.tensors
+        names = self._feature_names()
+        self.spec = EnvSpec(
+            obs_dim=len(names),
+            num_steps=len(self.steps),
+            action_spec=self.action_spec,
+            layer_names=tuple(self.steps),
+            feature_names=tuple(names),
+        )
+        self._static = self._static_features()
+        self.reset()
+
+    # ------------------------------------------------------------------ costs
+    def base_policy_costs(self, policy: Policy | None) -> Costs:
+        return compute_costs(self.graph, policy if policy is not None else self.base_policy, self.settings.round_to)
+
+    def _objective(self, costs: Costs) -> float:
+        if self.settings.objective == "latency":
+            assert self.latency is not None
+            return self.latency.total(costs)
+        return costs.get(self.settings.objective)
+
+    def cost_of(self, policy: Policy) -> tuple[float, Costs]:
+        """(objective cost, all costs) of a policy."""
+        costs = compute_costs(self.graph, policy, self.settings.round_to)
+        return self._objective(costs), costs
+
+    @property
+    def budget_cost(self) -> float:
+        return self.settings.budget * self._reference_cost
+
+    # ------------------------------------------------------------------ features
+    def _feature_names(self) -> list[str]:
+        names = [
+            "index",
+            "op",
+            "in_channels",
+            "out_channels",
+            "kernel",
+            "stride",
+            "input_size",
+            "params",
+            "macs",
+            "bops",
+            "removed_so_far",
+            "cost_ahead",
+            "budget",
+        ]
+        names += [f"prev_{n}" for n in self.action_spec.names]
+        names += [f"sensitivity_{i}" for i in range(self._sens_dim)]
+        return names
+
+    def _static_features(self) -> list[list[float]]:
+        infos = [self.graph[n] for n in self.steps]
+        max_c = max(max(i.in_channels, i.out_channels) for i in infos)
+        max_hw = max(max(i.input_hw) for i in infos)
+        max_params = max(i.params for i in infos)
+        total_macs = max(1, self.graph.total_macs)
+        rows = []
+        for t, info in enumerate(infos):
+            rows.append(
+                [
+                    t / max(1, len(infos) - 1),
+                    OP_CODES.get(info.op, 0.0),
+                    info.in_channels / max_c,
+                    info.out_channels / max_c,
+                    info.kernel[0] / 7.0,
+                    info.stride[0] / 2.0,
+                    info.input_hw[0] / max_hw,
+                    math.log1p(info.params) / math.log1p(max_params),
+                    info.macs / total_macs,
+                    info.macs / total_macs,  # BOPs share of the float model equals the MACs share
+                ]
+            )
+        return rows
+
+    def _observe(self) -> np.ndarray:
+        t = min(self._t, len(self.steps) - 1)
+        row = list(self._static[t])
+        costs = compute_costs(self.graph, self._partial_policy(), self.settings.round_to)
+        done_cost = sum(self._layer_objective(costs, n) for n in self.steps[:t])
+        ahead = sum(self._layer_objective(costs, n) for n in self.steps[t:])
+        ref = max(1e-12, self._reference_cost)
+        orig_done = sum(self._layer_objective(self.original_costs, n) for n in self.steps[:t])
+        row += [max(0.0, (orig_done - done_cost) / ref), ahead / ref, self.settings.budget]
+        row += list(self._prev_action)
+        sens = self.sensitivity.get(self.steps[t], [])
+        row += list(sens) + [0.0] * (self._sens_dim - len(sens))
+        return np.asarray(row, dtype=np.float32)
+
+    def _layer_objective(self, costs: Costs, name: str) -> float:
+        c = costs.layers[name]
+        obj = self.settings.objective
+        if obj == "latency":
+            assert self.latency is not None
+            return self.latency.layer_ms(name, c.in_channels, c.out_channels, c.w_bits, c.a_bits)
+        return float(getattr(c, obj))
+
+    # ------------------------------------------------------------------ protocol
+    def reset(self, seed: int | None = None) -> np.ndarray:
+        """Start an episode (the environment itself is deterministic: ``seed`` changes nothing)."""
+        self._t = 0
+        self._policy = Policy(layers={n: LayerPolicy(**lp.to_dict()) for n, lp in self.base_policy.layers.items()})
+        self._raw: list[list[float]] = []
+        self._enforced: list[list[float]] = []
+        self._prev_action = [1.0] * self.action_spec.dim
+        return self._observe()
+
+    def _partial_policy(self) -> Policy:
+        return self._policy
+
+    def step(self, action: np.ndarray) -> spaces.StepResult:
+        a = np.asarray(action, dtype=np.float64).reshape(-1)
+        if a.shape != (self.action_spec.dim,):
+            raise SearchError(f"action has shape {a.shape}, expected ({self.action_spec.dim},)")
+        if not np.all(np.isfinite(a)):
+            raise SearchError("action has non-finite values", "agents must output values in [0, 1]")
+        a = np.clip(a, 0.0, 1.0)
+        name = self.steps[self._t]
+        self._raw.append(a.tolist())
+        entry = self._decide(name, a)
+        enforced = self._encode(name, entry)
+        self._policy.layers[name] = entry
+        self._enforced.append(enforced)
+        self._prev_action = enforced
+        self._t += 1
+        done = self._t == len(self.steps)
+        info: dict[str, Any] = {"action": np.asarray(enforced)}
+        if not done:
+            return self._observe(), 0.0, False, info
+        if self.settings.enforce_budget and self.settings.budget_mode == "repair":
+            self._repair()
+            self._enforced = [self._encode(n, self._policy[n]) for n in self.steps]
+            info["action"] = np.asarray(self._enforced[-1])
+        reward, metrics = self._score(self._policy)
+        info.update(
+            policy=Policy(layers=dict(self._policy.layers), meta={"layout": self.settings.layout}),
+            raw_actions=[list(r) for r in self._raw],
+            enforced_actions=[list(e) for e in self._enforced],
+            metrics=metrics,
+        )
+        self._t = len(self.steps) - 1  # observation of the terminal step; reset() starts over
+        obs = self._observe()
+        self._t = len(self.steps)
+        return obs, float(reward), True, info
+
+    # ------------------------------------------------------------------ action mapping and budget
+    def _group_keep_fixed(self, name: str) -> float | None:
+        """For a non-leader layer, the keep ratio its group leader already decided (None for leaders)."""
+        g = self.graph.group_of(name)
+        if g is None or not g.prunable:
+            return 1.0
+        if g.leader == name:
+            return None
+        return self._policy[g.leader].keep_ratio
+
+    def _decode(self, name: str, a: np.ndarray) -> LayerPolicy:
+        """An action mapped to a layer policy, before any budget cap."""
+        s = self.settings
+        base = self.base_policy[name]
+        entry = LayerPolicy(**base.to_dict())
+        names = self.action_spec.names
+        if "keep_ratio" in names:
+            fixed = self._group_keep_fixed(name)
+            keep = spaces.action_to_keep_ratio(float(a[names.index("keep_ratio")]), s.min_keep)
+            entry.keep_ratio = self._snap_keep(name, keep) if fixed is None else fixed
+        if "w_bits" in names:
+            entry.w_bits = spaces.action_to_bits(float(a[names.index("w_bits")]), s.min_bits, s.max_bits)
+            entry.a_bits = spaces.action_to_bits(float(a[names.index("a_bits")]), s.min_bits, s.max_bits)
+        if s.layout == "ajpq":
+            fixed = self._group_keep_fixed(name)
+            bits = [spaces.action_to_bits(float(x), s.min_bits, s.max_bits) for x in a[1:]]
+            pruned = spaces.action_to_pruned_groups(float(a[0]), s.groups) if fixed is None else 0
+            if fixed is not None and fixed < 1.0:
+                pruned = min(s.groups - 1, int(round((1.0 - fixed) * s.groups)))
+            entry.channel_bits = bits[: s.groups - pruned] + [0] * pruned
+            entry.w_bits = max(bits[: s.groups - pruned])
+            entry.a_bits = max(bits[: s.groups - pruned])
+            entry.keep_ratio = (s.groups - pruned) / s.groups
+        self._pin(name, entry)
+        return entry
+
+    def _pin(self, name: str, entry: LayerPolicy) -> None:
+        pin = self.settings.pin_first_last_bits
+        if pin and self.action_spec.layout != "prune" and name in (self.steps[0], self.steps[-1]):
+            entry.w_bits = entry.a_bits = int(pin)
+            if entry.channel_bits is not None:
+                entry.channel_bits = [pin if b > 0 else 0 for b in entry.channel_bits]
+
+    def _snap_keep(self, name: str, keep: float) -> float:
+        """The keep ratio of the channel count the target will really keep (a multiple of round_to)."""
+        g = self.graph.group_of(name)
+        if g is None or not g.prunable:
+            return 1.0
+        k = self.graph.kept_channels(g, keep, self.settings.round_to)
+        return k / g.channels
+
+    def _encode(self, name: str, entry: LayerPolicy) -> list[float]:
+        """A layer policy expressed back in [0, 1] action units (the enforced action)."""
+        s = self.settings
+        out = []
+        for dim in self.action_spec.names:
+            if dim == "keep_ratio":
+                out.append(spaces.keep_ratio_to_action(entry.keep_ratio, s.min_keep))
+            elif dim == "w_bits":
+                out.append(spaces.bits_to_action(entry.w_bits, s.min_bits, s.max_bits))
+            elif dim == "a_bits":
+                out.append(spaces.bits_to_action(entry.a_bits, s.min_bits, s.max_bits))
+            elif dim == "sparsity":
+                pruned = sum(1 for b in (entry.channel_bits or []) if b == 0)
+                out.append(spaces.pruned_groups_to_action(pruned, s.groups))
+            else:  # group_bits_i
+                i = int(dim.rsplit("_", 1)[1])
+                bits = (entry.channel_bits or [entry.w_bits] * s.groups)[i]
+                out.append(spaces.bits_to_action(bits, s.min_bits, s.max_bits) if bits > 0 else 0.0)
+        return out
+
+    def _most_compressed(self, name: str) -> LayerPolicy:
+        """The most compressed entry the action space allows for a layer not decided yet."""
+        s = self.settings
+        entry = LayerPolicy(**self.base_policy[name].to_dict())
+        names = self.action_spec.names
+        if "keep_ratio" in names and self._is_leader(name):
+            entry.keep_ratio = self._snap_keep(name, s.min_keep)
+        if "w_bits" in names:
+            entry.w_bits = entry.a_bits = s.min_bits
+        if s.layout == "ajpq":
+            pruned = s.groups - 1 if self._is_leader(name) else 0
+            entry.channel_bits = [s.min_bits] * (s.groups - pruned) + [0] * pruned
+            entry.w_bits = entry.a_bits = s.min_bits
+            entry.keep_ratio = (s.groups - pruned) / s.groups
+        self._pin(name, entry)
+        return entry
+
+    def _is_leader(self, name: str) -> bool:
+        g = self.graph.group_of(name)
+        return g is not None and g.prunable and g.leader == name
+
+    def _fits(self, name: str, entry: LayerPolicy) -> bool:
+        """Can the budget still be met with ``entry`` here and the rest compressed as far as allowed?"""
+        trial = Policy(layers=dict(self._policy.layers))
+        trial.layers[name] = entry
+        idx = self.steps.index(name)
+        for later in self.steps[idx + 1 :]:
+            trial.layers[later] = self._most_compressed(later)
+        cost, _ = self.cost_of(trial)
+        return cost <= self.budget_cost * (1 + 1e-9)
+
+    def _candidates(self, name: str, entry: LayerPolicy) -> list[LayerPolicy]:
+        """Entries from the proposed one towards more compression, in the order the cap tries them."""
+        s = self.settings
+        out = [entry]
+        layout = self.action_spec.layout
+        can_prune = self._is_leader(name) and layout in ("prune", "joint", "ajpq")
+        if layout == "ajpq":
+            cur = LayerPolicy(**entry.to_dict())
+            while True:
+                bits = list(cur.channel_bits or [])
+                nonzero = [i for i, b in enumerate(bits) if b > 0]
+                widest = max((bits[i] for i in nonzero), default=0)
+                if widest > s.min_bits:
+                    i = max(i for i in nonzero if bits[i] == widest)  # least important of the widest
+                    bits[i] -= 1
+                elif can_prune and len(nonzero) > 1:
+                    bits[nonzero[-1]] = 0
+                else:
+                    break
+                nz = [b for b in bits if b > 0]
+                cur = LayerPolicy(
+                    keep_ratio=len(nz) / len(bits), w_bits=max(nz), a_bits=max(nz), channel_bits=bits,
+                    sparsity=cur.sparsity,
+                )
+                self._pin(name, cur)
+                out.append(cur)
+            return out
+        keeps = [entry.keep_ratio]
+        if can_prune:
+            g = self.graph.group_of(name)
+            assert g is not None
+            r = max(1, s.round_to)
+            k = self.graph.kept_channels(g, entry.keep_ratio, r)
+            floor_k = self.graph.kept_channels(g, s.min_keep, r)
+            keeps = [c / g.channels for c in range(k, floor_k - 1, -r)] or [entry.keep_ratio]
+        bit_steps: list[tuple[int, int]] = [(entry.w_bits, entry.a_bits)]
+        if layout in ("bits", "joint") and not (s.pin_first_last_bits and name in (self.steps[0], self.steps[-1])):
+            w, a = entry.w_bits, entry.a_bits
+            while w > s.min_bits or a > s.min_bits:
+                if w >= a and w > s.min_bits:
+                    w -= 1
+                else:
+                    a -= 1
+                bit_steps.append((w, a))
+        # prune first at the chosen bits (AMC), then lower bits at the lowest keep (HAQ-style)
+        for keep in keeps[1:]:
+            out.append(LayerPolicy(keep, entry.w_bits, entry.a_bits, entry.sparsity))
+        for w, a in bit_steps[1:]:
+            out.append(LayerPolicy(keeps[-1], w, a, entry.sparsity))
+        return out
+
+    def _decide(self, name: str, a: np.ndarray) -> LayerPolicy:
+        entry = self._decode(name, a)
+        s = self.settings
+        if not (s.enforce_budget and s.budget_mode == "cap"):
+            return entry
+        candidates = self._candidates(name, entry)
+        # the cap: the least-compressed candidate with which the budget stays reachable (binary search on
+        # a list ordered from least to most compressed; cost is monotone along it)
+        lo, hi = 0, len(candidates) - 1
+        if self._fits(name, candidates[0]):
+            return candidates[0]
+        if not self._fits(name, candidates[hi]):
+            return candidates[hi]  # unreachable budget: compress as far as allowed
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if self._fits(name, candidates[mid]):
+                hi = mid
+            else:
+                lo = mid
+        return candidates[hi]
+
+    def _repair(self) -> None:
+        """HAQ's repair: lower bits from the last layer backwards until the policy fits the budget."""
+        s = self.settings
+        pinned = {self.steps[0], self.steps[-1]} if s.pin_first_last_bits else set()
+        for _ in range(64 * len(self.steps)):
+            cost, _ = self.cost_of(self._policy)
+            if cost <= self.budget_cost * (1 + 1e-9):
+                return
+            changed = False
+            for name in reversed(self.steps):
+                if name in pinned:
+                    continue
+                lp = self._policy[name]
+                if lp.w_bits > s.min_bits or lp.a_bits > s.min_bits:
+                    if lp.w_bits >= lp.a_bits and lp.w_bits > s.min_bits:
+                        lp.w_bits -= 1
+                    else:
+                        lp.a_bits -= 1
+                    if lp.channel_bits is not None:
+                        lp.channel_bits = [min(b, lp.w_bits) if b > 0 else 0 for b in lp.channel_bits]
+                    changed = True
+                    break
+            if not changed:
+                return
+
+    # ------------------------------------------------------------------ scoring
+    def evaluate_policy(self, policy: Policy) -> tuple[float, dict[str, float]]:
+        """Accuracy of a policy on the validation subset (applied with batch-norm re-estimation)."""
+        t0 = time.perf_counter()
+        model = apply_policy(self.graph, policy, self.calib, round_to=self.settings.round_to)
+        t1 = time.perf_counter()
+        acc = evaluate(model, self.val).top1
+        t2 = time.perf_counter()
+        return acc, {"apply_s": t1 - t0, "accuracy_s": t2 - t1}
+
+    def reward_of(self, accuracy: float, cost: float) -> float:
+        """The configured reward for an accuracy and an objective cost."""
+        s = self.settings
+        p = s.reward_params
+        ref = self._reference_cost
+        if s.reward == "acc":
+            return accuracy
+        if s.reward == "acc-log-cost":
+            # AMC's accuracy-guaranteed reward: -error * log(cost); cost in MACs/BOPs/params/bytes or in
+            # microseconds for latency, so the logarithm stays positive
+            units = cost * 1000.0 if s.objective == "latency" else cost
+            return -(1.0 - accuracy) * math.log(max(units, 1.0 + 1e-9))
+        if s.reward == "galen":
+            beta = float(p.get("beta", -5.0))
+            rho = float(p.get("rho", s.budget))
+            return accuracy + beta * abs(cost / (rho * ref) - 1.0)
+        if s.reward == "haq":
+            base = self.original_accuracy if self.original_accuracy is not None else 0.0
+            return 0.1 * (accuracy - base)
+        raise SearchError(f"unknown reward {s.reward!r}")
+
+    def _score(self, policy: Policy) -> tuple[float, dict[str, Any]]:
+        t0 = time.perf_counter()
+        cost, costs = self.cost_of(policy)
+        latency_ms = self.latency.total(costs) if self.latency is not None else None
+        t_cost = time.perf_counter() - t0
+        acc, timings = self.evaluate_policy(policy)
+        timings["cost_s"] = t_cost
+        reward = self.reward_of(acc, cost)
+        metrics = {
+            "accuracy": acc,
+            "cost": cost,
+            "cost_ratio": cost / self._reference_cost if self._reference_cost else 1.0,
+            "budget": self.settings.budget,
+            "meets_budget": cost <= self.budget_cost * (1 + 1e-6),
+            "latency_ms": latency_ms,
+            "macs": costs.macs,
+            "bops": costs.bops,
+            "params": costs.params,
+            "bytes": costs.bytes,
+            "timings": timings,
+        }
+        return reward, metrics
+
+
+def layer_sensitivity(
+    graph: LayerGraph,
+    val_set: torch.utils.data.TensorDataset,
+    calib: torch.Tensor,
+    layers: list[str],
+    layout: str,
+    *,
+    round_to: int = 1,
+    samples: int = 200,
+    progress: Callable[[int, int, dict], None] | None = None,
+) -> tuple[dict[str, list[float]], float]:
+    """Accuracy drop when only one layer is compressed, at a few settings (Galen's sensitivity features).
+
+    Pruning layouts try keep ratios 0.5 and 0.25; bit layouts 4 and 2 weight bits (8-bit activations);
+    joint/AJPQ layouts both. Returns ({layer: [drops]}, accuracy of the original on the same subset).
+    """
+    from compression.training import subset
+
+    data = subset(val_set, samples, seed=1)
+    base = evaluate(graph.module, data).top1
+    trials: list[dict[str, Any]] = []
+    if layout in ("prune", "joint", "ajpq"):
+        trials += [{"keep_ratio": 0.5}, {"keep_ratio": 0.25}]
+    if layout in ("bits", "joint", "ajpq"):
+        trials += [{"w_bits": 4, "a_bits": 8}, {"w_bits": 2, "a_bits": 8}]
+    out: dict[str, list[float]] = {}
+    total = len(layers) * len(trials)
+    done = 0
+    for name in layers:
+        drops = []
+        leader = graph.group_of(name)
+        for trial in trials:
+            if "keep_ratio" in trial and (leader is None or not leader.prunable or leader.leader != name):
+                drops.append(0.0)
+            else:
+                pol = Policy(layers={name: LayerPolicy(**trial)})
+                model = apply_policy(graph, pol, calib, round_to=round_to)
+                drops.append(max(0.0, base - evaluate(model, data).top1))
+            done += 1
+            if progress is not None:
+                progress(done, total, {"layer": name})
+        out[name] = drops
+    return out, base
+

@@ -1,0 +1,153 @@
+"""The ``torch`` backend: PyTorch eager on this machine's CPU, at a fixed thread count.
+
+Settings: ``threads`` (default 2), ``lock`` (device lock name, default ``local-cpu``), ``wait_s`` (how long to
+queue for the device). The model runs under ``torch.inference_mode()`` in eval mode, after warm-up.
+
+Quantization: PyTorch eager runs float. A bits plan is recorded in the measurement's details
+(``bits_run: float``) but does not change the timed computation; bits affect the analytic cost only. The
+deprecated ``torch.ao`` int8 CPU path (x86/fbgemm quantized conv) was tried on ResNet-20-sized layers: it
+runs, but was within 10% of float at these sizes, its tensor types are announced for removal, and it needs
+the model rewritten around quantized tensors; so it is not used (see ``docs/targets.md``).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from typing import Any
+
+import torch
+from torch import nn
+
+from compression.errors import TargetError
+from compression.targets.base import Measurement, TargetSpec
+from compression.targets.measure import DEFAULT_DEVICE, DEFAULT_WAIT_S, measure_locked
+from compression.targets.onnx_io import as_inputs
+from compression.targets.workloads import FLOAT_BITS, normalize_bits
+
+FLOAT_NOTE = "torch eager runs float; bits affect the analytic cost only"
+
+
+def cpu_model() -> str:
+    """This machine's CPU model name (for fingerprints and health checks)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+class TorchBackend:
+    """Measures latency with PyTorch eager (float) on the local CPU."""
+
+    def __init__(self, spec: TargetSpec) -> None:
+        self.spec = spec
+        self.threads = int(spec.settings.get("threads", 2))
+        self.device = str(spec.settings.get("lock", DEFAULT_DEVICE))
+        self.wait_s = float(spec.settings.get("wait_s", DEFAULT_WAIT_S))
+
+    def bits_run(self, w_bits: int, a_bits: int) -> tuple[int, int]:
+        """The bit-widths this backend really runs for a request: always float."""
+        return FLOAT_BITS, FLOAT_BITS
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What a latency measured here depends on (keys a latency table)."""
+        return {"backend": "torch", "torch": torch.__version__, "threads": self.threads, "cpu": cpu_model()}
+
+    def check(self) -> dict[str, Any]:
+        """The local CPU is always reachable; report what it is."""
+        return {
+            "reachable": True,
+            "backend": "torch",
+            "torch": torch.__version__,
+            "threads": self.threads,
+            "cpu": cpu_model(),
+            "cores": os.cpu_count(),
+        }
+
+    def measure(
+        self,
+        module: nn.Module,
+        example_input: torch.Tensor | tuple[torch.Tensor, ...],
+        *,
+        warmup: int = 10,
+        repeats: int = 50,
+        timeout_s: float = 120.0,
+        bits: Any = None,
+    ) -> Measurement:
+        """Time ``module(*example_input)`` (eval mode, inference mode) with warm-up and repeats."""
+        inputs = as_inputs(example_input)
+        plan = normalize_bits(bits)
+        quantized = {n: b for n, b in plan.items() if b != (FLOAT_BITS, FLOAT_BITS)}
+
+        def setup_thread() -> Any:
+            previous = torch.get_num_threads()
+            torch.set_num_threads(self.threads)
+            return lambda: torch.set_num_threads(previous)
+
+        def prepare() -> tuple[Any, dict[str, Any]]:
+            def run() -> None:
+                with torch.inference_mode():
+                    module(*inputs)
+
+            try:
+                run()  # fail here, with the model's own error, rather than inside the timing loop
+            except Exception as exc:
+                raise TargetError(f"the model failed to run in PyTorch: {type(exc).__name__}: {exc}") from exc
+            details: dict[str, Any] = {"mode": "eager", "threads": self.threads, "bits_run": "float"}
+            if quantized:
+                details["note"] = FLOAT_NOTE
+                details["bits_requested"] = {n: list(b) for n, b in quantized.items()}
+            return run, details
+
+        # eval mode must hold while timing too: set it for the whole measurement and restore after
+        was_training = bool(getattr(module, "training", False))
+        restore = False
+        if was_training:
+            try:
+                module.eval()
+                restore = True
+            except NotImplementedError:
+                pass
+        try:
+            stats, compile_s, details = measure_locked(
+                prepare,
+                what=f"target {self.spec.name}",
+                device=self.device,
+                warmup=warmup,
+                repeats=repeats,
+                timeout_s=timeout_s,
+                wait_s=self.wait_s,
+                setup_thread=setup_thread,
+            )
+        finally:
+            if restore:
+                module.train(True)
+        return _measurement(self.spec, stats, compile_s, details, warmup, repeats, inputs[0].shape[0])
+
+
+def _measurement(
+    spec: TargetSpec, stats: dict[str, float], compile_s: float, details: dict[str, Any], warmup: int, repeats: int,
+    batch: int,
+) -> Measurement:
+    """A ``Measurement`` from ``measure_locked``'s statistics (extra statistics go to ``details``)."""
+    details = dict(details)
+    for k in ("p10_ms", "p90_ms", "mad_ms", "outliers", "lock_wait_s"):
+        if k in stats:
+            details[k] = stats[k]
+    return Measurement(
+        target=spec.name,
+        backend=spec.backend,
+        mean_ms=stats["mean_ms"],
+        median_ms=stats["median_ms"],
+        std_ms=stats["std_ms"],
+        min_ms=stats["min_ms"],
+        runs=repeats,
+        warmup=warmup,
+        compile_s=compile_s,
+        batch=int(batch),
+        details=details,
+    )

@@ -1,0 +1,17 @@
+#!/usr/bin/env python
+"""Django's command-line utility for the studio (migrate, createsuperuser, ensure_first_user, reap_runs)."""
+
+import os
+import sys
+
+
+def main() -> None:
+    """Run a management command with the studio's settings."""
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "webapp.settings")
+    from django.core.management import execute_from_command_line
+
+    execute_from_command_line(sys.argv)
+
+
+if __name__ == "__main__":
+    main()

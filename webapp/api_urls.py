@@ -1,0 +1,3 @@
+"""Placeholder until the dashboard's URLs are written."""
+
+urlpatterns: list = []
