@@ -86,7 +86,9 @@ def apply_policy(
             needs_calibration = True
     if needs_calibration:
         if calib is None:
-            raise ValueError("apply_policy needs calibration samples for pruned or activation-quantized models")
+            raise ValueError(
+                "apply_policy needs calibration samples for pruned or activation-quantized models"
+            )
         recalibrate(model, calib, batch_size)
     model.eval()
     return model

@@ -11,7 +11,8 @@ import json
 import logging
 import os
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from compression.errors import CompressionError
 
@@ -52,10 +53,10 @@ def print_table(rows: list[dict[str, Any]], columns: Sequence[str], out=None) ->
     out = out or sys.stdout
     cells = [[_fmt(r.get(c)) for c in columns] for r in rows]
     widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)), file=out)
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)), file=out)
     print("  ".join("-" * w for w in widths), file=out)
     for row in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths)), file=out)
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)), file=out)
 
 
 class Bar:
@@ -130,7 +131,9 @@ def cmd_inspect(args: argparse.Namespace) -> None:
                     "input": r["input_hw"],
                     "params": _si(r["params"]),
                     "MACs": _si(r["macs"]),
-                    "group": ("*" if r["group_leader"] else "") + str(r["group"]) if r["group"] is not None else "-",
+                    "group": ("*" if r["group_leader"] else "") + str(r["group"])
+                    if r["group"] is not None
+                    else "-",
                     "prune": "yes" if r["prunable"] else "no",
                     "quant": "yes" if r["quantizable"] else "no",
                     "note": r["note"],
@@ -138,7 +141,21 @@ def cmd_inspect(args: argparse.Namespace) -> None:
             )
         print_table(
             rows,
-            ["layer", "op", "in", "out", "kernel", "stride", "input", "params", "MACs", "group", "prune", "quant", "note"],
+            [
+                "layer",
+                "op",
+                "in",
+                "out",
+                "kernel",
+                "stride",
+                "input",
+                "params",
+                "MACs",
+                "group",
+                "prune",
+                "quant",
+                "note",
+            ],
         )
         print("(* = group leader: its keep_ratio decides the group)")
         for u in s["unsupported"]:
@@ -218,7 +235,12 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 def _print_costs(c: dict) -> None:
     rows = [
-        {"cost": k, "before": _si(c["before"][k]), "after": _si(c["after"][k]), "ratio": f"{c['ratio'][k]:.3f}"}
+        {
+            "cost": k,
+            "before": _si(c["before"][k]),
+            "after": _si(c["after"][k]),
+            "ratio": f"{c['ratio'][k]:.3f}",
+        }
         for k in ("macs", "bops", "params", "bytes")
     ]
     print_table(rows, ["cost", "before", "after", "ratio"])
@@ -268,7 +290,12 @@ def cmd_bench(args: argparse.Namespace) -> None:
     art = load_model(args.model, input_shape=_shape(args.input_shape))
     target = get_target(args.target)
     m = bench_model(
-        art.module, art.example_input(args.batch), target, warmup=args.warmup, repeats=args.repeats, timeout_s=args.timeout
+        art.module,
+        art.example_input(args.batch),
+        target,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        timeout_s=args.timeout,
     )
     res = m.to_dict()
 
@@ -299,13 +326,17 @@ def build_parser() -> argparse.ArgumentParser:
     def model_args(sp, dataset: bool = True) -> None:
         sp.add_argument("--model", required=True, help="zoo:NAME, zoo:NAME@weights.pth, or a .pt2 file")
         if dataset:
-            sp.add_argument("--dataset", default="digits", help="digits, or a .npz / CIFAR-10 archive / image-folder zip")
+            sp.add_argument(
+                "--dataset", default="digits", help="digits, or a .npz / CIFAR-10 archive / image-folder zip"
+            )
         sp.add_argument("--input-shape", help="CxHxW for zoo models (default 3x32x32, or from the weights)")
         sp.add_argument("--seed", type=int, default=0)
 
     add("zoo", cmd_zoo, "list the built-in architectures")
 
-    sp = add("inspect", cmd_inspect, "per-layer table: shapes, params, MACs, prunable groups, quantizable layers")
+    sp = add(
+        "inspect", cmd_inspect, "per-layer table: shapes, params, MACs, prunable groups, quantizable layers"
+    )
     sp.add_argument("model", help="zoo:NAME[@weights.pth] or a .pt2 file")
     sp.add_argument("--input-shape")
     sp.add_argument("--num-classes", type=int)
@@ -338,7 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--quiet", action="store_true", help="no progress bar")
         if name == "apply":
             sp.add_argument("--fine-tune-epochs", type=int, default=2)
-            sp.add_argument("--no-distill", action="store_true", help="fine-tune without the original as teacher")
+            sp.add_argument(
+                "--no-distill", action="store_true", help="fine-tune without the original as teacher"
+            )
 
     sp = add("bench", cmd_bench, "measure a model's latency on a hardware target")
     sp.add_argument("--model", required=True)
@@ -368,6 +401,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         if os.environ.get("COMPRESSION_DEBUG"):
             raise
-        print(f"internal error: {type(exc).__name__}: {exc} (set COMPRESSION_DEBUG=1 for a traceback)", file=sys.stderr)
+        print(
+            f"internal error: {type(exc).__name__}: {exc} (set COMPRESSION_DEBUG=1 for a traceback)",
+            file=sys.stderr,
+        )
         return 1
     return 0

@@ -106,7 +106,9 @@ def compute_costs(graph: LayerGraph, policy: Policy | None = None, round_to: int
         a_bits = lp.a_bits
         nbytes = weights * (1.0 - lp.sparsity) * w_bits / 8.0 + bias * 4.0
         bops = int(round(macs * w_bits * a_bits))
-        total.layers[layer.name] = LayerCost(in_c, out_c, int(macs), bops, weights + bias, nbytes, w_bits, a_bits)
+        total.layers[layer.name] = LayerCost(
+            in_c, out_c, int(macs), bops, weights + bias, nbytes, w_bits, a_bits
+        )
         total.macs += int(macs)
         total.bops += bops
         total.params += weights + bias

@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -80,7 +81,9 @@ def open_workspace(
     artifact = load_model(model_spec, num_classes=num_classes, input_shape=input_shape)
     meta = read_model_meta(model_spec)
     compat = check_compatible(
-        _describe(dataset_spec), model_input_shape=artifact.input_shape, model_num_classes=artifact.num_classes
+        _describe(dataset_spec),
+        model_input_shape=artifact.input_shape,
+        model_num_classes=artifact.num_classes,
     )
     norm = None
     if meta.get("mean") and meta.get("std"):
@@ -169,7 +172,9 @@ def train_baseline(
     torch.manual_seed(seed)
     model = build_zoo_model(arch, num_classes=data.num_classes, in_channels=c, input_size=h)
     t0 = time.perf_counter()
-    history = train(model, data.train, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, progress=progress)
+    history = train(
+        model, data.train, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, progress=progress
+    )
     seconds = time.perf_counter() - t0
     val = evaluate(model, data.val)
     test = evaluate(model, data.test)
@@ -245,5 +250,8 @@ def costs_summary(graph: LayerGraph, policy: Policy | None, round_to: int = 1) -
     return {
         "before": before.to_dict(),
         "after": after.to_dict(),
-        "ratio": {k: (after.get(k) / before.get(k) if before.get(k) else 1.0) for k in ("macs", "bops", "params", "bytes")},
+        "ratio": {
+            k: (after.get(k) / before.get(k) if before.get(k) else 1.0)
+            for k in ("macs", "bops", "params", "bytes")
+        },
     }

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 from compression.errors import PolicyError
 
@@ -47,9 +48,13 @@ class LayerPolicy:
             )
         for label, bits in (("w_bits", self.w_bits), ("a_bits", self.a_bits)):
             if bits not in VALID_BITS:
-                raise PolicyError(f"layer {name}: {label}={bits} is not supported", "use 1..8, or 32 for float")
+                raise PolicyError(
+                    f"layer {name}: {label}={bits} is not supported", "use 1..8, or 32 for float"
+                )
         if not 0.0 <= self.sparsity < 1.0:
-            raise PolicyError(f"layer {name}: sparsity {self.sparsity} is out of range", "use a value in [0, 1)")
+            raise PolicyError(
+                f"layer {name}: sparsity {self.sparsity} is out of range", "use a value in [0, 1)"
+            )
         if self.channel_bits is not None:
             if not self.channel_bits or any(b != 0 and b not in VALID_BITS for b in self.channel_bits):
                 raise PolicyError(
@@ -77,7 +82,7 @@ class LayerPolicy:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], name: str = "?") -> "LayerPolicy":
+    def from_dict(cls, d: dict[str, Any], name: str = "?") -> LayerPolicy:
         if not isinstance(d, dict):
             raise PolicyError(f"layer {name}: expected an object, got {type(d).__name__}")
         unknown = set(d) - {"keep_ratio", "w_bits", "a_bits", "sparsity", "channel_bits"}
@@ -138,7 +143,7 @@ class Policy:
         return json.dumps(self.to_dict(), **kwargs)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Policy":
+    def from_dict(cls, d: dict[str, Any]) -> Policy:
         if not isinstance(d, dict) or not isinstance(d.get("layers", {}), dict):
             raise PolicyError("a policy is an object with a 'layers' object", "see docs/policy.md")
         layers = {str(n): LayerPolicy.from_dict(v, str(n)) for n, v in d.get("layers", {}).items()}
@@ -148,7 +153,7 @@ class Policy:
         return cls(layers=layers, meta=dict(meta))
 
     @classmethod
-    def from_json(cls, text: str) -> "Policy":
+    def from_json(cls, text: str) -> Policy:
         """Parse JSON written by ``to_json``; raise PolicyError on anything malformed."""
         try:
             data = json.loads(text)
@@ -157,6 +162,6 @@ class Policy:
         return cls.from_dict(data)
 
     @classmethod
-    def uniform(cls, layer_names: Iterable[str], **fields: Any) -> "Policy":
+    def uniform(cls, layer_names: Iterable[str], **fields: Any) -> Policy:
         """The same decision for every named layer."""
         return cls(layers={n: LayerPolicy(**fields) for n in layer_names})

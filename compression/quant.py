@@ -5,14 +5,13 @@
 - Activations: the *input* of each quantized layer, per-tensor asymmetric (unsigned range ``0..2**b - 1``
   with a zero point), range calibrated by min/max on training samples. Implemented as an ``ActQuantizer``
   submodule of the layer called from a forward pre-hook, so layer names and state-dict keys stay the same
-  and ``torch.export`` traces it (as ``fake_quantize_per_tensor_affine``, which ONNX export turns into
-  QuantizeLinear/DequantizeLinear for 8 bits).
+  and ``torch.export`` traces it (as plain round/clamp arithmetic, batch dimension kept dynamic).
 - 32 bits means float: nothing is done.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -86,7 +85,12 @@ class ActQuantizer(nn.Module):
                 self.lo.copy_(torch.minimum(self.lo, lo))
                 self.hi.copy_(torch.maximum(self.hi, hi))
             return x
-        return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, 0, self.qmax)
+        # Written out rather than torch.fake_quantize_per_tensor_affine, whose tensor-qparams kernel has no
+        # symbolic-shape support: this way torch.export keeps the batch dimension dynamic. The gradient is
+        # the straight-through estimator.
+        zp = self.zero_point.to(x.dtype)
+        q = (torch.clamp(torch.round(x / self.scale) + zp, 0, self.qmax) - zp) * self.scale
+        return x + (q - x).detach()
 
 
 def _pre_hook(module: nn.Module, args: tuple) -> tuple:

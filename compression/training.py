@@ -10,8 +10,8 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -124,7 +124,9 @@ def train(
                 with torch.no_grad():
                     t_out = teacher(x)
                 kd = F.kl_div(
-                    F.log_softmax(out / temperature, 1), F.softmax(t_out / temperature, 1), reduction="batchmean"
+                    F.log_softmax(out / temperature, 1),
+                    F.softmax(t_out / temperature, 1),
+                    reduction="batchmean",
                 ) * (temperature**2)
                 loss = (1 - distill_weight) * loss + distill_weight * kd
             opt.zero_grad(set_to_none=True)
@@ -203,7 +205,9 @@ def fine_tune(
     for m in quantized:
         parametrize.register_parametrization(m, "weight", _FakeQuantSTE(m.w_bits))
     try:
-        return train(model, train_set, epochs=epochs, lr=lr, teacher=teacher, seed=seed, progress=progress, **kwargs)
+        return train(
+            model, train_set, epochs=epochs, lr=lr, teacher=teacher, seed=seed, progress=progress, **kwargs
+        )
     finally:
         for m in quantized:
             parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)

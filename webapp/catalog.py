@@ -25,6 +25,7 @@ def build_catalog() -> dict[str, Any]:
     """Read the live engine registries (imports torch: call only from the command line or tests)."""
     from compression.agents import AGENTS, ALIASES
     from compression.models import zoo
+    from compression.search.spaces import LAYOUTS
     from compression.targets.base import BACKENDS
 
     agents = []
@@ -38,13 +39,51 @@ def build_catalog() -> dict[str, Any]:
                 "params": cls.config_schema(),
             }
         )
+    agents.append(_two_stage(agents))
     return {
         "agents": agents,
+        "layouts": list(LAYOUTS),
         "aliases": dict(ALIASES),
         "zoo": sorted(zoo.ZOO),
         "zoo_default_input_shape": list(zoo.DEFAULT_INPUT_SHAPE),
         "zoo_default_num_classes": int(zoo.DEFAULT_NUM_CLASSES),
         "backends": list(BACKENDS),
+    }
+
+
+def _two_stage(agents: list[dict[str, Any]]) -> dict[str, Any]:
+    """The search loop's ``two-stage`` agent (``compression.search.loop.plan_stages``): it has no class in
+    ``AGENTS``, so its settings are described here, as the loop reads them."""
+    prune = [a["name"] for a in agents if a["layouts"] and "prune" in a["layouts"]]
+    bits = [a["name"] for a in agents if a["layouts"] and "bits" in a["layouts"]]
+    return {
+        "name": "two-stage",
+        "summary": "Two-stage DRL: a pruning agent on half the episodes, then a bit-width agent on the pruned model",
+        "layouts": ["prune", "bits"],
+        "params": [
+            {
+                "name": "prune_agent",
+                "type": "choice",
+                "default": "amc",
+                "choices": prune,
+                "help": "stage 1 agent",
+            },
+            {
+                "name": "quant_agent",
+                "type": "choice",
+                "default": "haq",
+                "choices": bits,
+                "help": "stage 2 agent",
+            },
+            {
+                "name": "prune_budget",
+                "type": "float",
+                "default": None,
+                "min": 0.01,
+                "max": 1.0,
+                "help": "stage 1 budget (blank: the square root of the run's budget)",
+            },
+        ],
     }
 
 
@@ -82,7 +121,7 @@ def coerce_agent_config(name: str, config: dict[str, Any]) -> tuple[dict[str, An
     clean: dict[str, Any] = {}
     errors: dict[str, str] = {}
     for key, raw in config.items():
-        p = params.get(key)
+        p = params.get(key) or _stage_param(info["name"], key, config)
         if p is None:
             errors[key] = f"agent {name} has no setting {key!r}"
             continue
@@ -93,8 +132,23 @@ def coerce_agent_config(name: str, config: dict[str, Any]) -> tuple[dict[str, An
     return clean, errors
 
 
+def _stage_param(agent: str, key: str, config: dict[str, Any]) -> dict[str, Any] | None:
+    """two-stage passes ``prune_<setting>`` / ``quant_<setting>`` to its stage agents: look those up."""
+    if agent != "two-stage":
+        return None
+    for prefix, default in (("prune_", "amc"), ("quant_", "haq")):
+        if key.startswith(prefix):
+            stage = agent_info(str(config.get(prefix + "agent", default)))
+            for p in stage["params"] if stage else []:
+                if p["name"] == key[len(prefix) :]:
+                    return {**p, "name": key}
+    return None
+
+
 def _coerce(p: dict[str, Any], raw: Any) -> Any:
     kind = p["type"]
+    if raw is None and p.get("default") is None:
+        return None
     if kind == "bool":
         if isinstance(raw, bool):
             return raw

@@ -32,6 +32,32 @@ BUILTIN_TARGETS = {
 }
 
 
+DIGITS_META = {
+    "source": "digits",
+    "format": "digits",
+    "num_samples": 1797,
+    "num_test_samples": None,
+    "fixed_test_split": False,
+    "num_classes": 10,
+    "class_names": [str(i) for i in range(10)],
+    "class_counts": [178, 182, 177, 183, 181, 182, 181, 179, 174, 180],
+    "input_shape": [1, 8, 8],
+    "dtype": "uint8",
+}
+
+
+def ensure_builtin_rows() -> None:
+    """Create the built-in dataset and targets if missing (migration 0002 does it once; tests that flush
+    the database call this)."""
+    Dataset.objects.get_or_create(
+        owner=None, name="digits", defaults={"kind": "builtin", "status": "ready", "meta": DIGITS_META}
+    )
+    for name, (backend, description) in BUILTIN_TARGETS.items():
+        Target.objects.get_or_create(
+            name=name, defaults={"owner": None, "backend": backend, "description": description}
+        )
+
+
 class UploadedModel(models.Model):
     """A model to compress: an uploaded ``.pt2``, or a zoo architecture with optional weights.
 
@@ -53,14 +79,18 @@ class UploadedModel(models.Model):
     kind = models.CharField(max_length=8, choices=KIND_CHOICES)
     zoo_arch = models.CharField(max_length=64, blank=True)
     file = models.FileField(storage=private_storage, upload_to=model_upload_to, max_length=500, blank=True)
-    weights_file = models.FileField(storage=private_storage, upload_to=model_upload_to, max_length=500, blank=True)
+    weights_file = models.FileField(
+        storage=private_storage, upload_to=model_upload_to, max_length=500, blank=True
+    )
     input_shape = models.JSONField(null=True, blank=True, help_text="[C, H, W]")
     num_classes = models.PositiveIntegerField(null=True, blank=True)
     status = models.CharField(max_length=16, choices=STATUS_CHOICES, default="pending")
     error = models.TextField(blank=True)
     inspection = models.JSONField(null=True, blank=True)
     train_config = models.JSONField(null=True, blank=True)
-    progress = models.JSONField(null=True, blank=True, help_text="training progress: epoch, epochs, loss, ...")
+    progress = models.JSONField(
+        null=True, blank=True, help_text="training progress: epoch, epochs, loss, ..."
+    )
     size_bytes = models.BigIntegerField(default=0)
     task_id = models.CharField(max_length=64, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -371,7 +401,9 @@ class Episode(models.Model):
             "wall_time_s": self.wall_time_s,
         }
         if full:
-            d.update(raw_actions=self.raw_actions, enforced_actions=self.enforced_actions, timings=self.timings)
+            d.update(
+                raw_actions=self.raw_actions, enforced_actions=self.enforced_actions, timings=self.timings
+            )
         return d
 
 
@@ -446,7 +478,9 @@ class RunLog(models.Model):
             try:
                 with transaction.atomic():
                     last = cls.objects.filter(run=run).aggregate(m=Max("seq"))["m"] or 0
-                    return cls.objects.create(run=run, seq=last + 1, level=level, message=str(message)[:10_000])
+                    return cls.objects.create(
+                        run=run, seq=last + 1, level=level, message=str(message)[:10_000]
+                    )
             except IntegrityError:
                 continue
         raise RuntimeError(f"could not append a log line to run {run.pk}")
@@ -459,9 +493,16 @@ class RunLog(models.Model):
 class Benchmark(models.Model):
     """A stand-alone measurement of a model on a target (the "measure now" button)."""
 
-    STATUS_CHOICES = [("queued", "queued"), ("running", "running"), ("finished", "finished"), ("failed", "failed")]
+    STATUS_CHOICES = [
+        ("queued", "queued"),
+        ("running", "running"),
+        ("finished", "finished"),
+        ("failed", "failed"),
+    ]
 
-    owner = models.ForeignKey(dj_settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="benchmarks")
+    owner = models.ForeignKey(
+        dj_settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="benchmarks"
+    )
     model = models.ForeignKey(UploadedModel, on_delete=models.CASCADE, related_name="benchmarks")
     target = models.ForeignKey(Target, on_delete=models.CASCADE, related_name="benchmarks")
     params = models.JSONField(default=dict, blank=True, help_text="warmup, repeats, timeout_s, batch")

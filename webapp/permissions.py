@@ -95,7 +95,9 @@ def api_error(status: int, message: str, **extra: Any) -> JsonResponse:
     return JsonResponse({"error": message, **extra}, status=status)
 
 
-def api_view(methods: tuple[str, ...]) -> Callable[[Callable[..., HttpResponse]], Callable[..., HttpResponse]]:
+def api_view(
+    methods: tuple[str, ...],
+) -> Callable[[Callable[..., HttpResponse]], Callable[..., HttpResponse]]:
     """Decorate a JSON API view: allowed methods, authentication (session or Basic), CSRF for sessions.
 
     Unauthenticated requests get 401 with a ``WWW-Authenticate`` header (scripts then retry with Basic
@@ -119,7 +121,9 @@ def api_view(methods: tuple[str, ...]) -> Callable[[Callable[..., HttpResponse]]
                 if request.method not in ("GET", "HEAD", "OPTIONS"):
                     reason = CsrfViewMiddleware(lambda r: HttpResponse()).process_view(request, None, (), {})
                     if reason is not None:
-                        return api_error(403, "CSRF check failed: send the X-CSRFToken header, or use Basic auth")
+                        return api_error(
+                            403, "CSRF check failed: send the X-CSRFToken header, or use Basic auth"
+                        )
             else:
                 return _unauthorized("authentication required")
             try:

@@ -125,7 +125,9 @@ if _db["ENGINE"] == "django.db.backends.sqlite3":
     }
     # Tests need a file (not an in-memory) test database: the Celery worker subprocess they start must see
     # it. One file per test process, so two test runs on one machine do not share it.
-    _db["TEST"] = {"NAME": os.environ.get("TEST_DATABASE_NAME") or str(VAR_DIR / "test" / f"db-{os.getpid()}.sqlite3")}
+    _db["TEST"] = {
+        "NAME": os.environ.get("TEST_DATABASE_NAME") or str(VAR_DIR / "test" / f"db-{os.getpid()}.sqlite3")
+    }
     Path(_db["TEST"]["NAME"]).parent.mkdir(parents=True, exist_ok=True)
 elif os.environ.get("TEST_DATABASE_NAME"):
     _db["TEST"] = {"NAME": os.environ["TEST_DATABASE_NAME"]}

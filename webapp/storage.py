@@ -8,31 +8,38 @@ from __future__ import annotations
 import os
 import re
 import uuid
-from pathlib import Path
 
 from django.conf import settings
 from django.core.files.storage import FileSystemStorage
 
 
 class PrivateStorage(FileSystemStorage):
-    """A FileSystemStorage rooted at ``settings.PRIVATE_MEDIA_ROOT`` whose files have no URL."""
+    """A FileSystemStorage at ``settings.PRIVATE_MEDIA_ROOT`` (read on every use, so tests and deployments
+    that change the setting are followed) whose files have no URL."""
 
     def __init__(self) -> None:
-        super().__init__(location=str(settings.PRIVATE_MEDIA_ROOT), base_url=None)
+        super().__init__(base_url=None)
+
+    @property
+    def base_location(self) -> str:  # type: ignore[override]
+        """The setting, read now (FileSystemStorage would cache it)."""
+        return str(settings.PRIVATE_MEDIA_ROOT)
+
+    @property
+    def location(self) -> str:  # type: ignore[override]
+        """Absolute form of ``base_location``."""
+        return os.path.abspath(self.base_location)
 
     def url(self, name: str | None) -> str:
         """Refuse: private files are only served by permission-checked views."""
         raise ValueError("private files have no public URL; serve them through a view that checks the owner")
 
 
-_storage: PrivateStorage | None = None
+_storage = PrivateStorage()
 
 
 def private_storage() -> PrivateStorage:
     """The storage every FileField of the app uses (a callable, so migrations do not record a path)."""
-    global _storage
-    if _storage is None or Path(_storage.location) != Path(settings.PRIVATE_MEDIA_ROOT):
-        _storage = PrivateStorage()
     return _storage
 
 

@@ -31,7 +31,9 @@ def parse_model_spec(spec: str) -> tuple[str, str | None, str | None]:
         body = spec[4:]
         name, _, weights = body.partition("@")
         if not name:
-            raise ModelError(f"model spec {spec!r} has no zoo name", "e.g. zoo:resnet20 or zoo:resnet20@w.pth")
+            raise ModelError(
+                f"model spec {spec!r} has no zoo name", "e.g. zoo:resnet20 or zoo:resnet20@w.pth"
+            )
         return "zoo", name, (weights or None)
     ext = os.path.splitext(spec)[1].lower()
     if ext == ".pt2":
@@ -95,7 +97,9 @@ def load_model(
     return art
 
 
-def _infer_from_state(state: dict, num_classes: int | None, channels: int | None) -> tuple[int | None, int | None]:
+def _infer_from_state(
+    state: dict, num_classes: int | None, channels: int | None
+) -> tuple[int | None, int | None]:
     """Read the class count (last 2-D weight) and input channels (first 4-D weight) from a state dict."""
     mats = [v for k, v in state.items() if k.endswith("weight") and getattr(v, "ndim", 0) == 2]
     convs = [v for k, v in state.items() if k.endswith("weight") and getattr(v, "ndim", 0) == 4]

@@ -24,8 +24,9 @@ import copy
 import logging
 import warnings
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch_pruning as tp
@@ -262,7 +263,11 @@ class LayerGraph:
                     continue
                 name = names.get(target)
                 if name is None or name not in layer_by_name:
-                    if name is not None and dg.is_out_channel_pruning_fn(handler) and id(target) not in extra_seen:
+                    if (
+                        name is not None
+                        and dg.is_out_channel_pruning_fn(handler)
+                        and id(target) not in extra_seen
+                    ):
                         extra_seen.add(id(target))
                         own = sum(p.numel() for p in target.parameters(recurse=False))
                         extra += own / max(1, channels)
@@ -293,9 +298,7 @@ class LayerGraph:
             if prunable:
                 with torch.no_grad():
                     imp = importance(group)
-                order = (
-                    torch.argsort(imp, stable=True).tolist() if imp is not None else list(range(channels))
-                )
+                order = torch.argsort(imp, stable=True).tolist() if imp is not None else list(range(channels))
             g = PruneGroup(
                 id=gid,
                 leader=info.name,
@@ -496,9 +499,8 @@ def _unsupported_ops(dg: tp.DependencyGraph) -> list[dict[str, Any]]:
             continue
         if kind in ("_CustomizedOp",) or any(s in label for s in _CHANNEL_MIXING):
             touched = set()
-            for nb in list(node.inputs) + list(node.outputs):
-                for m in _reach(nb, names):
-                    touched.add(m)
+            for nb in node.inputs:  # the producers whose output channels it rearranges
+                touched |= _reach(nb, names)
             out.append(
                 {
                     "op": label.replace("Backward0", "").replace("Backward1", ""),
@@ -510,7 +512,7 @@ def _unsupported_ops(dg: tp.DependencyGraph) -> list[dict[str, Any]]:
 
 
 def _reach(node: Any, names: dict, depth: int = 8) -> set[str]:
-    """Conv/linear layers reachable from a node through parameter-free ops (both directions)."""
+    """Conv/linear layers upstream of a node, reached through parameter-free ops."""
     found: set[str] = set()
     stack = [(node, 0)]
     visited = set()
@@ -522,6 +524,6 @@ def _reach(node: Any, names: dict, depth: int = 8) -> set[str]:
         if isinstance(n.module, PRUNABLE_TYPES) and n.module in names:
             found.add(names[n.module])
             continue
-        for nb in list(n.inputs) + list(n.outputs):
+        for nb in n.inputs:
             stack.append((nb, d + 1))
     return found

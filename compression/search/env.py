@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -70,7 +71,9 @@ class LatencyModel:
     additions, the runtime's fixed overhead), fitted once against an end-to-end measurement.
     """
 
-    def __init__(self, layer_ms: Callable[[str, int, int, float, int], float], residual_ms: float = 0.0) -> None:
+    def __init__(
+        self, layer_ms: Callable[[str, int, int, float, int], float], residual_ms: float = 0.0
+    ) -> None:
         self.layer_ms = layer_ms
         self.residual_ms = residual_ms
 
@@ -123,7 +126,9 @@ class CompressionEnvironment:
         if not self.steps:
             raise SearchError(
                 f"the model has no layer the {s.layout} search can act on",
-                "inspect the model: no prunable group was found" if s.layout == "prune" else "no quantizable layer",
+                "inspect the model: no prunable group was found"
+                if s.layout == "prune"
+                else "no quantizable layer",
             )
         self.sensitivity = sensitivity or {}
         self._sens_dim = max((len(v) for v in self.sensitivity.values()), default=0)
@@ -145,7 +150,9 @@ class CompressionEnvironment:
 
     # ------------------------------------------------------------------ costs
     def base_policy_costs(self, policy: Policy | None) -> Costs:
-        return compute_costs(self.graph, policy if policy is not None else self.base_policy, self.settings.round_to)
+        return compute_costs(
+            self.graph, policy if policy is not None else self.base_policy, self.settings.round_to
+        )
 
     def _objective(self, costs: Costs) -> float:
         if self.settings.objective == "latency":
@@ -233,7 +240,9 @@ class CompressionEnvironment:
     def reset(self, seed: int | None = None) -> np.ndarray:
         """Start an episode (the environment itself is deterministic: ``seed`` changes nothing)."""
         self._t = 0
-        self._policy = Policy(layers={n: LayerPolicy(**lp.to_dict()) for n, lp in self.base_policy.layers.items()})
+        self._policy = Policy(
+            layers={n: LayerPolicy(**lp.to_dict()) for n, lp in self.base_policy.layers.items()}
+        )
         self._raw: list[list[float]] = []
         self._enforced: list[list[float]] = []
         self._prev_action = [1.0] * self.action_spec.dim
@@ -400,7 +409,10 @@ class CompressionEnvironment:
                     break
                 nz = [b for b in bits if b > 0]
                 cur = LayerPolicy(
-                    keep_ratio=len(nz) / len(bits), w_bits=max(nz), a_bits=max(nz), channel_bits=bits,
+                    keep_ratio=len(nz) / len(bits),
+                    w_bits=max(nz),
+                    a_bits=max(nz),
+                    channel_bits=bits,
                     sparsity=cur.sparsity,
                 )
                 self._pin(name, cur)
@@ -415,7 +427,9 @@ class CompressionEnvironment:
             floor_k = self.graph.kept_channels(g, s.min_keep, r)
             keeps = [c / g.channels for c in range(k, floor_k - 1, -r)] or [entry.keep_ratio]
         bit_steps: list[tuple[int, int]] = [(entry.w_bits, entry.a_bits)]
-        if layout in ("bits", "joint") and not (s.pin_first_last_bits and name in (self.steps[0], self.steps[-1])):
+        if layout in ("bits", "joint") and not (
+            s.pin_first_last_bits and name in (self.steps[0], self.steps[-1])
+        ):
             w, a = entry.w_bits, entry.a_bits
             while w > s.min_bits or a > s.min_bits:
                 if w >= a and w > s.min_bits:
@@ -574,4 +588,3 @@ def layer_sensitivity(
                 progress(done, total, {"layer": name})
         out[name] = drops
     return out, base
-

@@ -131,8 +131,14 @@ def finalize(run: SearchRun, episodes: list[EpisodeResult], *, search_s: float) 
     }
     example = ws.data.test.tensors[0][:2].clone()
     files = write_artifacts(
-        best_model, example, out_dir, policy=policy, calib=run.calib, report=report,
-        formats=tuple(cfg.export_formats), meta=meta,
+        best_model,
+        example,
+        out_dir,
+        policy=policy,
+        calib=run.calib,
+        report=report,
+        formats=tuple(cfg.export_formats),
+        meta=meta,
     )
     files += _target_library(run, best_model, example)
     report["files"] = [{k: v for k, v in f.items()} for f in files]

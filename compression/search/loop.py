@@ -20,8 +20,9 @@ import json
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -55,10 +56,22 @@ def plan_stages(config: SearchConfig) -> list[Stage]:
 
     if config.agent == "two-stage":
         first = max(1, config.episodes // 2)
-        prune_budget = float(config.agent_config.get("prune_budget", config.budget ** 0.5))
+        prune_budget = float(config.agent_config.get("prune_budget", config.budget**0.5))
         return [
-            Stage("prune", str(config.agent_config.get("prune_agent", "amc")), "prune", first, max(prune_budget, config.budget)),
-            Stage("quantize", str(config.agent_config.get("quant_agent", "haq")), "bits", config.episodes - first, config.budget),
+            Stage(
+                "prune",
+                str(config.agent_config.get("prune_agent", "amc")),
+                "prune",
+                first,
+                max(prune_budget, config.budget),
+            ),
+            Stage(
+                "quantize",
+                str(config.agent_config.get("quant_agent", "haq")),
+                "bits",
+                config.episodes - first,
+                config.budget,
+            ),
         ]
     cls = agent_class(config.agent)
     layout = config.layout or (cls.layouts[0] if cls.layouts and len(cls.layouts) == 1 else "joint")
@@ -71,8 +84,11 @@ def _agent_config(config: SearchConfig, stage: Stage) -> dict[str, Any]:
     if config.agent != "two-stage":
         return dict(config.agent_config)
     prefix = "prune_" if stage.layout == "prune" else "quant_"
-    return {k[len(prefix) :]: v for k, v in config.agent_config.items() if k.startswith(prefix) and k not in (
-        "prune_agent", "quant_agent", "prune_budget")}
+    return {
+        k[len(prefix) :]: v
+        for k, v in config.agent_config.items()
+        if k.startswith(prefix) and k not in ("prune_agent", "quant_agent", "prune_budget")
+    }
 
 
 def _enforce(config: SearchConfig) -> bool:
@@ -113,7 +129,9 @@ def _load_checkpoint(path: str) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise SearchError(f"checkpoint {path} cannot be read: {exc}", "delete it to start the search over") from exc
+        raise SearchError(
+            f"checkpoint {path} cannot be read: {exc}", "delete it to start the search over"
+        ) from exc
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise SearchError(f"{path} is not a search checkpoint of this version", "delete it to start over")
     return state
@@ -167,7 +185,11 @@ class SearchRun:
         self.val = _val_subset(self.ws.data.val, config.val_samples, config.seed)
         self.calib = self.ws.calibration_batch(config.calib_samples, seed=config.seed)
         self.latency = build_latency_model(
-            self.target, self.ws.graph, self.ws.artifact, round_to=self.round_to, progress=self._progress("latency table")
+            self.target,
+            self.ws.graph,
+            self.ws.artifact,
+            round_to=self.round_to,
+            progress=self._progress("latency table"),
         )
         if config.objective == "latency" and self.latency is None:
             raise SearchError(
@@ -194,7 +216,12 @@ class SearchRun:
             if set(data) >= set(steps):
                 return data
         sens, _ = layer_sensitivity(
-            self.ws.graph, self.val, self.calib, steps, layout, round_to=self.round_to,
+            self.ws.graph,
+            self.val,
+            self.calib,
+            steps,
+            layout,
+            round_to=self.round_to,
             progress=self._progress("sensitivity"),
         )
         with open(path, "w", encoding="utf-8") as f:
@@ -228,13 +255,24 @@ class SearchRun:
                 pin = 8 if c.agent_config.get("pin_first_last_8bit", p.default) else None
         settings.pin_first_last_bits = pin
         env = CompressionEnvironment(
-            self.ws.graph, self.val, self.calib, settings, latency=self.latency, base_policy=base_policy,
+            self.ws.graph,
+            self.val,
+            self.calib,
+            settings,
+            latency=self.latency,
+            base_policy=base_policy,
             original_accuracy=self.original_accuracy,
         )
         sens = self._sensitivity(stage.layout, env.steps)
         return CompressionEnvironment(
-            self.ws.graph, self.val, self.calib, settings, latency=self.latency, base_policy=base_policy,
-            sensitivity={k: sens[k] for k in env.steps}, original_accuracy=self.original_accuracy,
+            self.ws.graph,
+            self.val,
+            self.calib,
+            settings,
+            latency=self.latency,
+            base_policy=base_policy,
+            sensitivity={k: sens[k] for k in env.steps},
+            original_accuracy=self.original_accuracy,
         )
 
     def start_info(self) -> dict[str, Any]:
@@ -314,9 +352,13 @@ def run_search(
         stage = run.stages[stage_idx]
         env = run.make_env(stage, stage_base)
         if agent is None:
-            agent = make_agent(stage.agent, env.spec, _agent_config(config, stage), seed=config.seed + stage_idx)
+            agent = make_agent(
+                stage.agent, env.spec, _agent_config(config, stage), seed=config.seed + stage_idx
+            )
         stage_end = offset + stage.episodes
-        best_reward = max((e.reward for e in episodes if e.stage == stage.name and e.meets_budget), default=None)
+        best_reward = max(
+            (e.reward for e in episodes if e.stage == stage.name and e.meets_budget), default=None
+        )
         while done < stage_end:
             if emit.should_stop():
                 cancelled = True
@@ -356,7 +398,12 @@ def run_search(
     try:
         report = finalize(run, episodes, search_s=search_s)
     except Cancelled:
-        summary = {"status": "cancelled", "episodes_done": done, "episodes_total": config.episodes, "phase": "finalize"}
+        summary = {
+            "status": "cancelled",
+            "episodes_done": done,
+            "episodes_total": config.episodes,
+            "phase": "finalize",
+        }
         emit.on_finish(summary)
         return summary
     report["status"] = "finished"

@@ -69,11 +69,17 @@ class SearchConfig:
     def validate(self) -> None:
         """Refuse values out of range with a SearchError naming the field."""
         if self.objective not in OBJECTIVES:
-            raise SearchError(f"objective {self.objective!r} is unknown", f"use one of {', '.join(OBJECTIVES)}")
+            raise SearchError(
+                f"objective {self.objective!r} is unknown", f"use one of {', '.join(OBJECTIVES)}"
+            )
         if self.reward not in REWARDS:
             raise SearchError(f"reward {self.reward!r} is unknown", f"use one of {', '.join(REWARDS)}")
-        if not (isinstance(self.budget, (int, float)) and 0 < self.budget <= 1 and math.isfinite(self.budget)):
-            raise SearchError(f"budget {self.budget!r} must be in (0, 1]", "e.g. 0.5 for half the original cost")
+        if not (
+            isinstance(self.budget, (int, float)) and 0 < self.budget <= 1 and math.isfinite(self.budget)
+        ):
+            raise SearchError(
+                f"budget {self.budget!r} must be in (0, 1]", "e.g. 0.5 for half the original cost"
+            )
         if not (isinstance(self.episodes, int) and 1 <= self.episodes <= 100_000):
             raise SearchError(f"episodes {self.episodes!r} must be an integer in 1..100000")
         if self.val_samples < 10:

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from compression.errors import TargetError
+from compression.targets.base import Measurement, TargetSpec
 
 T = TypeVar("T")
 
@@ -314,3 +315,27 @@ def measure_locked(
             return stats, compile_s, details
 
     return run_with_deadline(job, timeout_s, what, started=started, wait_s=wait_s)
+
+
+def make_measurement(
+    spec: TargetSpec, stats: dict[str, float], compile_s: float, details: dict[str, Any], warmup: int, repeats: int,
+    batch: int,
+) -> Measurement:
+    """A ``Measurement`` from ``measure_locked``'s statistics (the extra statistics go to ``details``)."""
+    details = dict(details)
+    for k in ("p10_ms", "p90_ms", "mad_ms", "outliers", "lock_wait_s"):
+        if k in stats:
+            details[k] = stats[k]
+    return Measurement(
+        target=spec.name,
+        backend=spec.backend,
+        mean_ms=stats["mean_ms"],
+        median_ms=stats["median_ms"],
+        std_ms=stats["std_ms"],
+        min_ms=stats["min_ms"],
+        runs=repeats,
+        warmup=warmup,
+        compile_s=compile_s,
+        batch=int(batch),
+        details=details,
+    )

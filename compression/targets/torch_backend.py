@@ -21,9 +21,9 @@ from torch import nn
 
 from compression.errors import TargetError
 from compression.targets.base import Measurement, TargetSpec
-from compression.targets.measure import DEFAULT_DEVICE, DEFAULT_WAIT_S, measure_locked
+from compression.targets.measure import DEFAULT_DEVICE, DEFAULT_WAIT_S, make_measurement, measure_locked
 from compression.targets.onnx_io import as_inputs
-from compression.targets.workloads import FLOAT_BITS, normalize_bits
+from compression.targets.workloads import FLOAT_BITS, extract_workloads, normalize_bits
 
 FLOAT_NOTE = "torch eager runs float; bits affect the analytic cost only"
 
@@ -82,6 +82,8 @@ class TorchBackend:
         inputs = as_inputs(example_input)
         plan = normalize_bits(bits)
         quantized = {n: b for n, b in plan.items() if b != (FLOAT_BITS, FLOAT_BITS)}
+        if plan:
+            extract_workloads(module, inputs, plan)  # refuses a plan naming layers the model lacks
 
         def setup_thread() -> Any:
             previous = torch.get_num_threads()
@@ -126,28 +128,5 @@ class TorchBackend:
         finally:
             if restore:
                 module.train(True)
-        return _measurement(self.spec, stats, compile_s, details, warmup, repeats, inputs[0].shape[0])
+        return make_measurement(self.spec, stats, compile_s, details, warmup, repeats, inputs[0].shape[0])
 
-
-def _measurement(
-    spec: TargetSpec, stats: dict[str, float], compile_s: float, details: dict[str, Any], warmup: int, repeats: int,
-    batch: int,
-) -> Measurement:
-    """A ``Measurement`` from ``measure_locked``'s statistics (extra statistics go to ``details``)."""
-    details = dict(details)
-    for k in ("p10_ms", "p90_ms", "mad_ms", "outliers", "lock_wait_s"):
-        if k in stats:
-            details[k] = stats[k]
-    return Measurement(
-        target=spec.name,
-        backend=spec.backend,
-        mean_ms=stats["mean_ms"],
-        median_ms=stats["median_ms"],
-        std_ms=stats["std_ms"],
-        min_ms=stats["min_ms"],
-        runs=repeats,
-        warmup=warmup,
-        compile_s=compile_s,
-        batch=int(batch),
-        details=details,
-    )

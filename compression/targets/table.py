@@ -1,0 +1,439 @@
+"""Per-target latency tables: a model's latency as a sum of measured layer workloads.
+
+Measuring every candidate of a search end to end is slow. A ``LatencyTable`` stores, per target, the latency
+of each layer workload (see ``workloads.py``: a conv/linear with its fused batch norm and activation, or any
+other operation, keyed by shapes and the bits the backend really runs). ``predict`` sums the entries of a
+model's workloads; ``fill`` measures the missing ones on the target by running a one-layer module per
+workload; ``confirm`` measures a model end to end and records the table's error against it.
+
+**Per-call overhead.** Each entry is timed as a separate model, so each includes one call's overhead
+(Python and module dispatch for PyTorch, ``session.run`` and input copies for ONNX Runtime). The table also
+measures the empty model (identity) for each input shape it meets, subtracts that from each entry, and adds
+the overhead of the model's own input once:
+``predicted = overhead(model input) + sum(max(0, entry - overhead(entry input)))``.
+
+**What the table cannot see** (and why ``confirm`` exists): fusions the runtime makes across workloads
+(ONNX Runtime folds residual additions and ReLUs into the preceding convolution; int8 models keep
+activations quantized between layers instead of converting at every layer boundary), cache effects
+between consecutive layers, and thread-pool wake-ups. ``docs/targets.md`` reports the errors measured.
+
+**Storage.** One SQLite file (WAL mode), safe for concurrent processes; entries are keyed by (target name,
+backend fingerprint, workload key). The fingerprint hashes what a latency depends on (backend, its
+settings, runtime version, CPU model), so a changed setting or an upgraded runtime starts fresh entries
+instead of reusing stale ones. The same workload in another model or another run is the same entry.
+
+For the ``analytic`` target the table stores nothing and measures nothing: each workload's value is
+computed (BOPs by default), in the unit ``table.unit``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import sqlite3
+import time
+from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from compression.errors import TargetError
+from compression.targets.base import Backend, Measurement, TargetSpec
+from compression.targets.registry import get_target, make_backend
+from compression.targets.workloads import (
+    FLOAT_BITS,
+    LayerWorkload,
+    build_workload_module,
+    extract_workloads,
+    normalize_bits,
+    overhead_workload,
+)
+
+log = logging.getLogger(__name__)
+
+STATISTICS = ("median", "min", "mean")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (
+    target TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    key TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    median_ms REAL NOT NULL,
+    mean_ms REAL NOT NULL,
+    min_ms REAL NOT NULL,
+    std_ms REAL NOT NULL,
+    runs INTEGER NOT NULL,
+    details TEXT NOT NULL,
+    measured_at REAL NOT NULL,
+    PRIMARY KEY (target, fingerprint, key)
+);
+CREATE TABLE IF NOT EXISTS fingerprints (
+    fingerprint TEXT PRIMARY KEY,
+    description TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS confirmations (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    target TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    model TEXT NOT NULL,
+    predicted_ms REAL NOT NULL,
+    measured_ms REAL NOT NULL,
+    rel_error REAL NOT NULL,
+    at REAL NOT NULL,
+    details TEXT NOT NULL
+);
+"""
+
+
+@dataclass
+class _Entry:
+    median_ms: float
+    mean_ms: float
+    min_ms: float
+
+    def value(self, statistic: str) -> float:
+        return {"median": self.median_ms, "min": self.min_ms, "mean": self.mean_ms}[statistic]
+
+
+def backend_fingerprint(spec: TargetSpec, backend: Backend) -> tuple[str, dict[str, Any]]:
+    """A short hash of what latencies on this target depend on, and the data it hashes."""
+    fp = getattr(backend, "fingerprint", None)
+    data = fp() if callable(fp) else {"backend": spec.backend, "settings": spec.settings}
+    text = json.dumps(data, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16], data
+
+
+class LatencyTable:
+    """A persistent per-target latency table (see the module docstring).
+
+    target: a target name, description or ``TargetSpec``. path: the SQLite file (created if missing).
+    backend: measure with this backend object instead of ``make_backend(target)`` (tests, custom setups).
+    warmup / repeats / timeout_s: the timing protocol of each entry. statistic: which statistic of an entry
+    is summed (``median``, ``min`` or ``mean``).
+    Counters: ``hits`` and ``misses`` (lookups of workload occurrences by ``predict``), ``measured`` (entries
+    measured by this object) and ``measure_s`` (seconds spent measuring).
+    """
+
+    def __init__(
+        self,
+        target: str | dict[str, Any] | TargetSpec,
+        path: str | Path,
+        *,
+        backend: Backend | None = None,
+        warmup: int = 10,
+        repeats: int = 100,
+        timeout_s: float = 120.0,
+        statistic: str = "median",
+    ) -> None:
+        self.spec = get_target(target)
+        self.backend = backend if backend is not None else make_backend(self.spec)
+        if statistic not in STATISTICS:
+            raise TargetError(f"unknown table statistic {statistic!r}", f"use one of {', '.join(STATISTICS)}")
+        self.statistic = statistic
+        self.warmup, self.repeats, self.timeout_s = int(warmup), int(repeats), float(timeout_s)
+        self.path = Path(path)
+        self.analytic = self.spec.backend == "analytic"
+        self.unit = getattr(self.backend, "unit", "ms") if self.analytic else "ms"
+        self.fingerprint, self.fingerprint_data = backend_fingerprint(self.spec, self.backend)
+        self.hits = 0
+        self.misses = 0
+        self.measured = 0
+        self.measure_s = 0.0
+        self._cache: dict[str, _Entry] = {}
+        self._loaded = False
+        self._bits_run = getattr(self.backend, "bits_run", None)
+        try:
+            self._measure_takes_bits = "bits" in inspect.signature(self.backend.measure).parameters
+        except (TypeError, ValueError):
+            self._measure_takes_bits = False
+        if not self.analytic:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with closing(self._connect()) as db:
+                db.executescript(_SCHEMA)
+                db.execute(
+                    "INSERT OR IGNORE INTO fingerprints VALUES (?, ?)",
+                    (self.fingerprint, json.dumps(self.fingerprint_data, sort_keys=True, default=str)),
+                )
+
+    # ------------------------------------------------------------------ storage
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            db = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.Error as exc:
+            raise TargetError(f"cannot open latency table {self.path}: {exc}", "check the path and its permissions") from exc
+        return db
+
+    def _load(self, keys: list[str] | None = None) -> None:
+        """Read entries from the file: all of them the first time, then only ``keys`` (misses)."""
+        with closing(self._connect()) as db:
+            q = "SELECT key, median_ms, mean_ms, min_ms FROM entries WHERE target=? AND fingerprint=?"
+            params: list[Any] = [self.spec.name, self.fingerprint]
+            if keys is not None:
+                rows = []
+                for i in range(0, len(keys), 500):
+                    chunk = keys[i : i + 500]
+                    rows += db.execute(q + f" AND key IN ({','.join('?' * len(chunk))})", params + chunk).fetchall()
+            else:
+                rows = db.execute(q, params).fetchall()
+        for key, med, mean, mn in rows:
+            self._cache[key] = _Entry(med, mean, mn)
+        self._loaded = True
+
+    def _store(self, w: LayerWorkload, m: Measurement) -> None:
+        with closing(self._connect()) as db:
+            db.execute(
+                "INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    self.spec.name, self.fingerprint, w.key, w.kind, m.median_ms, m.mean_ms, m.min_ms, m.std_ms,
+                    m.runs, json.dumps(m.details, default=str), time.time(),
+                ),
+            )
+        self._cache[w.key] = _Entry(m.median_ms, m.mean_ms, m.min_ms)
+
+    def __len__(self) -> int:
+        if self.analytic:
+            return 0
+        with closing(self._connect()) as db:
+            (n,) = db.execute(
+                "SELECT COUNT(*) FROM entries WHERE target=? AND fingerprint=?", (self.spec.name, self.fingerprint)
+            ).fetchone()
+        return int(n)
+
+    def entries(self) -> list[dict[str, Any]]:
+        """Every stored entry of this target and fingerprint (workload, statistics, when measured)."""
+        if self.analytic:
+            return []
+        with closing(self._connect()) as db:
+            rows = db.execute(
+                "SELECT key, kind, median_ms, mean_ms, min_ms, std_ms, runs, details, measured_at FROM entries "
+                "WHERE target=? AND fingerprint=? ORDER BY measured_at",
+                (self.spec.name, self.fingerprint),
+            ).fetchall()
+        cols = ("key", "kind", "median_ms", "mean_ms", "min_ms", "std_ms", "runs", "details", "measured_at")
+        out = []
+        for r in rows:
+            d = dict(zip(cols, r))
+            d["details"] = json.loads(d["details"])
+            out.append(d)
+        return out
+
+    # ------------------------------------------------------------------ workloads
+    def normalize(self, w: LayerWorkload) -> LayerWorkload:
+        """The workload as this target runs it (bits replaced by the bits the backend really runs)."""
+        if not w.is_layer:
+            return w
+        if self._bits_run is not None:
+            wb, ab = self._bits_run(w.w_bits, w.a_bits)
+        else:  # a backend that does not say how it runs bits runs float
+            wb, ab = FLOAT_BITS, FLOAT_BITS
+        return w.with_bits(wb, ab)
+
+    def workloads(
+        self, module: nn.Module, example_input: torch.Tensor | tuple[torch.Tensor, ...], bits: Any = None
+    ) -> list[LayerWorkload]:
+        """The model's workloads as this target runs them (no overhead entries)."""
+        return [self.normalize(w) for w in extract_workloads(module, example_input, bits)]
+
+    def _overheads(self, workloads: list[LayerWorkload], example_input: Any) -> list[LayerWorkload]:
+        shapes = [overhead_workload(example_input)]
+        shapes += [overhead_workload(torch.empty(w.in_shape)) for w in workloads]
+        unique: dict[str, LayerWorkload] = {}
+        for o in shapes:
+            unique.setdefault(o.key, o)
+        return list(unique.values())
+
+    def lookup(self, w: LayerWorkload) -> float | None:
+        """The stored value of one (normalised) workload, or None (the file is re-read on a miss)."""
+        if self.analytic:
+            return self.backend.workload_value(w)  # type: ignore[attr-defined]
+        if not self._loaded:
+            self._load()
+        e = self._cache.get(w.key)
+        if e is None:
+            self._load([w.key])
+            e = self._cache.get(w.key)
+        return None if e is None else e.value(self.statistic)
+
+    def measure_workload(self, w: LayerWorkload) -> Measurement:
+        """Measure one workload on the target (a one-layer module) and store it."""
+        module, inputs, plan = build_workload_module(w)
+        kwargs: dict[str, Any] = {"warmup": self.warmup, "repeats": self.repeats, "timeout_s": self.timeout_s}
+        if plan and self._measure_takes_bits:
+            kwargs["bits"] = plan
+        t0 = time.perf_counter()
+        try:
+            m = self.backend.measure(module, inputs if len(inputs) > 1 else inputs[0], **kwargs)
+        except TargetError as exc:
+            raise TargetError(f"measuring workload {w.name or w.kind} ({w.op}, input {list(w.in_shape)}): {exc.what}", exc.hint) from exc
+        self.measure_s += time.perf_counter() - t0
+        self.measured += 1
+        self._store(w, m)
+        return m
+
+    def fill_workloads(self, workloads: list[LayerWorkload]) -> int:
+        """Measure the workloads (normalised first) that have no entry yet; returns how many were measured."""
+        if self.analytic:
+            return 0
+        n = 0
+        done: set[str] = set()
+        for w in workloads:
+            w = self.normalize(w)
+            if w.key in done:
+                continue
+            done.add(w.key)
+            # re-read right before measuring: another process may have measured it meanwhile
+            if self.lookup(w) is None:
+                self.measure_workload(w)
+                n += 1
+        return n
+
+    def fill(
+        self, module: nn.Module, example_input: torch.Tensor | tuple[torch.Tensor, ...], bits: Any = None
+    ) -> int:
+        """Measure every missing workload of the model (and the overheads); returns how many were measured."""
+        ws = self.workloads(module, example_input, bits)
+        return self.fill_workloads(self._overheads(ws, example_input) + ws)
+
+    # ------------------------------------------------------------------ prediction
+    def predict(
+        self,
+        module: nn.Module,
+        example_input: torch.Tensor | tuple[torch.Tensor, ...],
+        bits: Any = None,
+        *,
+        measure_missing: bool = False,
+    ) -> tuple[float, list[dict[str, Any]], list[LayerWorkload]]:
+        """Predicted latency of the model: ``(total_ms, per_layer, missing)``.
+
+        ``per_layer`` lists every workload occurrence in execution order (``name``, ``kind``, ``op``, ``ms``
+        after the overhead correction, ``fused``, the bits run, ``key``), plus a final ``overhead`` row.
+        ``missing`` holds the (unique) workloads without an entry; they count as 0 in the total unless
+        ``measure_missing`` measures them first. For the analytic target the values are in ``self.unit``.
+        """
+        ws = self.workloads(module, example_input, bits)
+        if self.analytic:
+            rows = [self._row(w, self.backend.workload_value(w)) for w in ws]  # type: ignore[attr-defined]
+            return sum(r["ms"] for r in rows), rows, []
+        overheads = self._overheads(ws, example_input)
+        if measure_missing:
+            self.fill_workloads(overheads + ws)
+        missing: dict[str, LayerWorkload] = {}
+        over: dict[str, float] = {}
+        for o in overheads:
+            v = self.lookup(o)
+            if v is None:
+                missing.setdefault(o.key, o)
+            else:
+                over[o.key] = v
+        rows: list[dict[str, Any]] = []
+        for w in ws:
+            v = self.lookup(w)
+            if v is None:
+                self.misses += 1
+                missing.setdefault(w.key, w)
+                rows.append(self._row(w, None))
+                continue
+            self.hits += 1
+            o = over.get(overhead_workload(torch.empty(w.in_shape)).key, 0.0)
+            rows.append(self._row(w, max(0.0, v - o)))
+        base = over.get(overhead_workload(example_input).key, 0.0)
+        rows.append({"name": "overhead", "kind": "overhead", "op": "identity", "ms": base, "fused": [], "key": ""})
+        total = sum(r["ms"] for r in rows if r["ms"] is not None)
+        return total, rows, list(missing.values())
+
+    @staticmethod
+    def _row(w: LayerWorkload, ms: float | None) -> dict[str, Any]:
+        return {
+            "name": w.name,
+            "kind": w.kind,
+            "op": w.op,
+            "ms": ms,
+            "fused": list(w.fused),
+            "w_bits": w.w_bits,
+            "a_bits": w.a_bits,
+            "key": w.key,
+        }
+
+    def confirm(
+        self,
+        module: nn.Module,
+        example_input: torch.Tensor | tuple[torch.Tensor, ...],
+        bits: Any = None,
+        *,
+        warmup: int | None = None,
+        repeats: int | None = None,
+        timeout_s: float | None = None,
+        label: str = "",
+    ) -> dict[str, Any]:
+        """Measure the model end to end, compare with the table's prediction, and record the error.
+
+        Missing entries are measured first so the prediction is complete. Returns ``predicted_ms``,
+        ``measured_ms`` (the same statistic as the table), ``rel_error`` = (predicted - measured) / measured,
+        the end-to-end ``measurement`` and the per-layer prediction.
+        """
+        plan = normalize_bits(bits)
+        predicted, rows, missing = self.predict(module, example_input, plan, measure_missing=True)
+        kwargs: dict[str, Any] = {
+            "warmup": self.warmup if warmup is None else warmup,
+            "repeats": self.repeats if repeats is None else repeats,
+            "timeout_s": self.timeout_s if timeout_s is None else timeout_s,
+        }
+        if plan and self._measure_takes_bits:
+            kwargs["bits"] = plan
+        m = self.backend.measure(module, example_input, **kwargs)
+        measured = {"median": m.median_ms, "min": m.min_ms, "mean": m.mean_ms}[self.statistic]
+        rel = (predicted - measured) / measured if measured > 0 else 0.0
+        model_sig = label or hashlib.sha256("|".join(r["key"] for r in rows).encode()).hexdigest()[:16]
+        if not self.analytic:
+            with closing(self._connect()) as db:
+                db.execute(
+                    "INSERT INTO confirmations (target, fingerprint, model, predicted_ms, measured_ms, rel_error, at, details) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        self.spec.name, self.fingerprint, model_sig, predicted, measured, rel, time.time(),
+                        json.dumps({"statistic": self.statistic, "cv": m.cv, "missing": len(missing)}),
+                    ),
+                )
+        return {
+            "predicted_ms": predicted,
+            "measured_ms": measured,
+            "rel_error": rel,
+            "measurement": m,
+            "per_layer": rows,
+            "missing": missing,
+            "model": model_sig,
+        }
+
+    def error_report(self) -> dict[str, Any]:
+        """The table's recorded errors against end-to-end measurements on this target (all ``confirm`` calls)."""
+        if self.analytic:
+            return {"n": 0}
+        with closing(self._connect()) as db:
+            errs = [
+                r[0]
+                for r in db.execute(
+                    "SELECT rel_error FROM confirmations WHERE target=? AND fingerprint=?",
+                    (self.spec.name, self.fingerprint),
+                ).fetchall()
+            ]
+        if not errs:
+            return {"n": 0}
+        abs_errs = sorted(abs(e) for e in errs)
+        return {
+            "n": len(errs),
+            "mean_abs_rel_error": sum(abs_errs) / len(errs),
+            "median_abs_rel_error": abs_errs[len(errs) // 2],
+            "max_abs_rel_error": abs_errs[-1],
+            "mean_rel_error": sum(errs) / len(errs),
+        }
+
+    def stats(self) -> dict[str, Any]:
+        """Counters of this object: hits, misses, entries measured, seconds spent measuring."""
+        return {"hits": self.hits, "misses": self.misses, "measured": self.measured, "measure_s": self.measure_s}

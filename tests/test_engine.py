@@ -1,0 +1,253 @@
+"""The engine's core: layer graph, pruning, costs, quantization, applying a policy, exporting."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compression.apply import apply_policy
+from compression.costs import compute_costs
+from compression.errors import ModelError, PolicyError
+from compression.export import write_artifacts
+from compression.models import LayerGraph, load_model
+from compression.models.zoo import ZOO, build_zoo_model
+from compression.policy import LayerPolicy, Policy
+from compression.quant import ActQuantizer, fake_quantize_weight
+from compression.targets.onnx_io import export_onnx
+
+
+def half_policy(graph: LayerGraph, **fields) -> Policy:
+    return Policy.uniform(graph.prunable_leaders, keep_ratio=0.5, **fields)
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_every_zoo_model_prunes_to_half_and_exports_matching_onnx(name, tmp_path):
+    torch.manual_seed(0)
+    model = build_zoo_model(name, num_classes=10, in_channels=3, input_size=16).eval()
+    graph = LayerGraph.build(model, (3, 16, 16), num_classes=10)
+    assert graph.prunable_leaders, f"{name}: no prunable group found"
+    policy = half_policy(graph)
+    calib = torch.randn(16, 3, 16, 16)
+    pruned = apply_policy(graph, policy, calib)
+    out = pruned(torch.randn(3, 3, 16, 16))
+    assert out.shape == (3, 10)
+    before = sum(p.numel() for p in model.parameters())
+    after = sum(p.numel() for p in pruned.parameters())
+    assert after < 0.6 * before, f"{name}: {after} of {before} params left at 50% keep"
+    # the analytic costs are the real ones
+    costs = compute_costs(graph, policy)
+    assert costs.params == after
+    assert costs.macs == LayerGraph.build(pruned, (3, 16, 16), verify=False).total_macs
+    res = export_onnx(pruned, torch.randn(2, 3, 16, 16), tmp_path / f"{name}.onnx")
+    assert res.max_abs_diff is not None and res.max_abs_diff < 1e-3
+
+
+class ShuffleNetLike(nn.Module):
+    """A channel shuffle (view/transpose/reshape) between two convolutions: channels move around."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.conv3 = nn.Conv2d(8, 16, 1)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        n, c, h, w = x.shape
+        x = x.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+        x = F.relu(self.bn2(self.conv2(x)))
+        x = F.relu(self.conv3(x))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def test_group_through_unsupported_op_is_kept_unpruned_not_broken():
+    torch.manual_seed(0)
+    model = ShuffleNetLike().eval()
+    graph = LayerGraph.build(model, (3, 8, 8), num_classes=5)
+    g1 = graph.group_of("conv1")
+    assert g1 is not None and not g1.prunable
+    assert g1.reason
+    assert "kept unpruned" in graph["conv1"].note
+    # the other groups still prune, and the result is exactly the masked original
+    assert "conv2" in graph.prunable_leaders and "conv3" in graph.prunable_leaders
+    policy = Policy.uniform(["conv1", "conv2", "conv3"], keep_ratio=0.5)
+    pruned = apply_policy(graph, policy, torch.randn(32, 3, 8, 8))
+    assert pruned.conv1.out_channels == 8
+    assert pruned.conv2.out_channels == 4
+    assert pruned(torch.randn(2, 3, 8, 8)).shape == (2, 5)
+
+
+def test_classifier_outputs_are_never_pruned():
+    model = build_zoo_model("resnet20", num_classes=7, in_channels=1, input_size=8).eval()
+    graph = LayerGraph.build(model, (1, 8, 8), num_classes=7)
+    fc = graph["fc"]
+    assert not fc.prunable
+    pruned = apply_policy(graph, Policy.uniform(graph.layer_names, keep_ratio=0.2), torch.randn(16, 1, 8, 8))
+    assert pruned(torch.randn(2, 1, 8, 8)).shape == (2, 7)
+
+
+def test_round_to_keeps_multiples_and_at_least_one_unit():
+    model = build_zoo_model("resnet20", num_classes=10, in_channels=1, input_size=8).eval()
+    graph = LayerGraph.build(model, (1, 8, 8), num_classes=10)
+    pruned = apply_policy(
+        graph, Policy.uniform(graph.prunable_leaders, keep_ratio=0.3), torch.randn(16, 1, 8, 8), round_to=8
+    )
+    for name in graph.prunable_leaders:
+        out_c = pruned.get_submodule(name).out_channels
+        assert out_c % 8 == 0 and out_c >= 8, (name, out_c)
+
+
+def test_costs_of_the_original_and_bit_widths():
+    model = build_zoo_model("small_cnn", num_classes=10, in_channels=1, input_size=8).eval()
+    graph = LayerGraph.build(model, (1, 8, 8), num_classes=10)
+    base = compute_costs(graph)
+    assert base.params == sum(p.numel() for p in model.parameters())
+    assert base.bops == base.macs * 32 * 32
+    assert base.bytes == pytest.approx(base.params * 4)
+    policy = Policy.uniform(graph.layer_names, w_bits=4, a_bits=8)
+    q = compute_costs(graph, policy)
+    assert q.macs == base.macs
+    assert q.bops == base.macs * 4 * 8
+    conv_linear_weights = sum(
+        m.weight.numel() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))
+    )
+    assert base.bytes - q.bytes == pytest.approx(conv_linear_weights * (4 - 0.5))
+
+
+def test_weight_fake_quantization_levels():
+    torch.manual_seed(0)
+    w = torch.randn(6, 4, 3, 3)
+    for bits in (2, 3, 4, 8):
+        q = fake_quantize_weight(w, bits)
+        for c in range(6):
+            assert len(torch.unique(q[c])) <= 2**bits - 1
+        assert (q - w).abs().max() <= w.abs().max() / (2 ** (bits - 1) - 1)
+    q1 = fake_quantize_weight(w, 1)
+    assert all(len(torch.unique(q1[c].abs())) == 1 for c in range(6))
+    per_channel = fake_quantize_weight(w, [8, 8, 4, 4, 2, 32])
+    assert torch.equal(per_channel[5], w[5])
+    assert len(torch.unique(per_channel[4])) <= 3
+
+
+def test_activation_quantizer_calibrates_and_quantizes():
+    q = ActQuantizer(4)
+    q.observing = True
+    x = torch.linspace(-1, 3, 1000)
+    q(x)
+    q.finish_calibration()
+    y = q(x)
+    assert len(torch.unique(y)) <= 16
+    assert (y - x).abs().max() <= float(q.scale) / 2 + 1e-6
+
+
+def test_identity_policy_changes_nothing_and_policy_is_validated():
+    torch.manual_seed(0)
+    model = build_zoo_model("small_cnn", num_classes=10, in_channels=1, input_size=8).eval()
+    graph = LayerGraph.build(model, (1, 8, 8), num_classes=10)
+    x = torch.randn(4, 1, 8, 8)
+    same = apply_policy(graph, Policy(), None)
+    assert torch.allclose(same(x), model(x))
+    with pytest.raises(PolicyError, match="does not have"):
+        apply_policy(graph, Policy(layers={"nope": LayerPolicy(keep_ratio=0.5)}), x)
+    with pytest.raises(PolicyError, match="out of range"):
+        Policy.from_json(json.dumps({"layers": {"conv1": {"keep_ratio": 1.5}}}))
+    with pytest.raises(PolicyError, match="not supported"):
+        Policy.from_json(json.dumps({"layers": {"conv1": {"w_bits": 12}}}))
+    with pytest.raises(PolicyError, match="valid JSON"):
+        Policy.from_json("{nope")
+
+
+def test_policy_json_round_trip():
+    p = Policy(
+        layers={
+            "a": LayerPolicy(keep_ratio=0.5, w_bits=4, a_bits=8),
+            "b": LayerPolicy(channel_bits=[8, 4, 0, 0], keep_ratio=0.5, w_bits=8, a_bits=8, sparsity=0.25),
+        },
+        meta={"agent": "amc"},
+    )
+    q = Policy.from_json(p.to_json())
+    assert q == p
+
+
+def test_ajpq_channel_bits_prune_and_quantize_per_group():
+    torch.manual_seed(0)
+    model = build_zoo_model("small_cnn", num_classes=10, in_channels=1, input_size=8).eval()
+    graph = LayerGraph.build(model, (1, 8, 8), num_classes=10)
+    leader = graph.prunable_leaders[0]
+    channels = graph[leader].out_channels
+    policy = Policy(
+        layers={leader: LayerPolicy(keep_ratio=0.5, w_bits=8, a_bits=32, channel_bits=[8, 2, 0, 0])}
+    )
+    pruned = apply_policy(graph, policy, torch.randn(32, 1, 8, 8))
+    layer = pruned.get_submodule(leader)
+    assert layer.out_channels == channels // 2
+    assert sorted(set(layer.w_bits)) == [2, 8]
+    assert compute_costs(graph, policy).layers[leader].w_bits == 5.0
+
+
+def test_export_writes_loadable_smaller_models_and_report(tmp_path):
+    torch.manual_seed(0)
+    model = build_zoo_model("resnet20", num_classes=10, in_channels=1, input_size=8).eval()
+    graph = LayerGraph.build(model, (1, 8, 8), num_classes=10)
+    calib = torch.randn(64, 1, 8, 8)
+    x = torch.randn(2, 1, 8, 8)
+    full_dir, pruned_dir, small_dir = tmp_path / "full", tmp_path / "pruned", tmp_path / "small"
+    write_artifacts(model, x, str(full_dir), policy=None, calib=calib, report={"k": 1})
+    policy = half_policy(graph)
+    write_artifacts(
+        apply_policy(graph, policy, calib), x, str(pruned_dir), policy=policy, calib=calib, report={}
+    )
+    for fmt in ("pt2", "onnx"):  # pruning at 50% keeps about a quarter of the weights
+        assert (pruned_dir / f"model.{fmt}").stat().st_size < 0.5 * (full_dir / f"model.{fmt}").stat().st_size
+    for name in graph.layer_names:
+        policy.layers.setdefault(name, LayerPolicy())
+        policy.layers[name].w_bits = 8
+        policy.layers[name].a_bits = 8
+    compressed = apply_policy(graph, policy, calib)
+    files = write_artifacts(compressed, x, str(small_dir), policy=policy, calib=calib, report={"k": 2})
+    formats = {f["format"] for f in files}
+    assert formats == {"pt2", "onnx", "int8.onnx", "report"}
+    assert (small_dir / "model.int8.onnx").stat().st_size < 0.5 * (pruned_dir / "model.onnx").stat().st_size
+    loaded = torch.export.load(str(small_dir / "model.pt2")).module()
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), compressed(x), atol=1e-5)
+        assert loaded(torch.randn(5, 1, 8, 8)).shape == (5, 10)  # dynamic batch
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(small_dir / "model.int8.onnx"), providers=["CPUExecutionProvider"])
+    op_types = {n.op_type for n in __import__("onnx").load(str(small_dir / "model.int8.onnx")).graph.node}
+    assert "QuantizeLinear" in op_types and "DequantizeLinear" in op_types
+    out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    assert out.shape == (2, 10) and np.isfinite(out).all()
+    report = json.loads((small_dir / "report.json").read_text())
+    assert report["k"] == 2
+    assert report["bit_widths"]["conv1"] == {"w_bits": 8, "a_bits": 8}
+    assert Policy.from_dict(report["policy"]) == policy
+    with zipfile.ZipFile(small_dir / "model.pt2") as zf:
+        assert any(n.endswith("extra/compression.json") for n in zf.namelist())
+
+
+def test_load_model_specs_are_checked(tmp_path):
+    with pytest.raises(ModelError, match="unknown zoo model"):
+        load_model("zoo:resnet999")
+    with pytest.raises(ModelError, match="weights/pickle file"):
+        load_model(str(tmp_path / "weights.pth"))
+    with pytest.raises(ModelError, match="does not exist"):
+        load_model(str(tmp_path / "missing.pt2"))
+    with pytest.raises(ModelError, match="cannot tell"):
+        load_model(str(tmp_path / "model.h5"))
+    art = load_model("zoo:small_cnn", num_classes=4, input_shape=(1, 8, 8))
+    assert art.num_classes == 4 and art.input_shape == (1, 8, 8)
+    weights = tmp_path / "w.pth"
+    torch.save(art.module.state_dict(), weights)
+    again = load_model(f"zoo:small_cnn@{weights}")  # classes and channels come from the weights
+    assert again.num_classes == 4 and again.input_shape == (1, 32, 32)

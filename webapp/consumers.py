@@ -1,0 +1,134 @@
+"""The live stream of one run: history first, then increments, each episode exactly once.
+
+On connect the consumer joins the run's group, THEN reads the history from the database, so an episode
+written in between is either in the history or arrives as an increment; increments whose number is not
+above the last one already sent are dropped (they also occur when a resumed search recomputes episodes
+after its checkpoint). The browser drops any number it already has, so after a reconnect nothing is lost
+or drawn twice. The consumer computes nothing: it reads, filters by sequence number and forwards.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from django.conf import settings
+
+from webapp.models import Episode, Run, RunLog
+
+CLOSE_FORBIDDEN = 4403
+LOG_TAIL = 200
+
+
+def downsample_numbers(rows: list[tuple[int, float]], limit: int) -> tuple[list[int], bool]:
+    """Which episode numbers to send when a run has more than ``limit`` episodes.
+
+    ``rows`` are ``(number, reward)`` in episode order. Kept: the first and last episode, every episode that
+    raised the best reward so far (the best-so-far line stays exact), and an even sample of the rest up to
+    ``limit`` in total. Returns the sorted numbers and whether anything was dropped.
+    """
+    if len(rows) <= limit:
+        return [n for n, _ in rows], False
+    keep: set[int] = {rows[0][0], rows[-1][0]}
+    best = float("-inf")
+    for number, reward in rows:
+        if reward is not None and reward > best:
+            best = reward
+            keep.add(number)
+    room = max(0, limit - len(keep))
+    if room:
+        step = len(rows) / room
+        keep.update(rows[int(i * step)][0] for i in range(room))
+    return sorted(keep), True
+
+
+@database_sync_to_async
+def _load_run(run_id: int, user) -> Run | None:
+    """The run if ``user`` may watch it (owner or staff), else None."""
+    if not user or not user.is_authenticated:
+        return None
+    run = Run.objects.filter(pk=run_id).first()
+    if run is None or not (user.is_staff or run.owner_id == user.pk):
+        return None
+    return run
+
+
+@database_sync_to_async
+def _history(run_id: int) -> dict[str, Any]:
+    """The run's status, episodes (downsampled when long) and log tail, read in one go."""
+    run = Run.objects.get(pk=run_id)
+    rows = list(Episode.objects.filter(run_id=run_id).order_by("number").values_list("number", "reward"))
+    numbers, downsampled = downsample_numbers(rows, settings.STREAM_HISTORY_MAX)
+    if downsampled:
+        qs = Episode.objects.filter(run_id=run_id, number__in=numbers)
+    else:
+        qs = Episode.objects.filter(run_id=run_id)
+    episodes = [e.to_event() for e in qs.order_by("number")]
+    logs = list(RunLog.objects.filter(run_id=run_id).order_by("-seq")[:LOG_TAIL])
+    logs.reverse()
+    return {
+        "type": "history",
+        "episodes": episodes,
+        "downsampled": downsampled,
+        "total": len(rows),
+        "last_number": rows[-1][0] if rows else 0,
+        "run": run.status_event(),
+        "logs": [line.to_event() for line in logs],
+    }
+
+
+class RunConsumer(AsyncJsonWebsocketConsumer):
+    """``/ws/runs/<id>/``: the run's owner (or staff) receives history, then episodes, status and log lines."""
+
+    async def connect(self) -> None:
+        """Check access, join the group, send the history."""
+        self.run_id = int(self.scope["url_route"]["kwargs"]["run_id"])
+        self.group = None
+        self.last_number = 0
+        self.last_log_seq = 0
+        run = await _load_run(self.run_id, self.scope.get("user"))
+        # Accept before closing so browsers see the 4403 code (a close before accept is an HTTP 403 that
+        # JavaScript cannot tell apart from a network error).
+        await self.accept()
+        if run is None:
+            await self.close(code=CLOSE_FORBIDDEN)
+            return
+        self.group = run.group_name
+        await self.channel_layer.group_add(self.group, self.channel_name)
+        history = await _history(self.run_id)
+        self.last_number = history["last_number"]
+        if history["logs"]:
+            self.last_log_seq = history["logs"][-1]["seq"]
+        await self.send_json(history)
+
+    async def disconnect(self, code: int) -> None:
+        """Leave the group."""
+        if self.group:
+            await self.channel_layer.group_discard(self.group, self.channel_name)
+
+    async def receive_json(self, content: Any, **kwargs: Any) -> None:
+        """The stream is one-way; a ``ping`` is answered so clients can check liveness."""
+        if isinstance(content, dict) and content.get("type") == "ping":
+            await self.send_json({"type": "pong"})
+
+    async def run_episode(self, event: dict[str, Any]) -> None:
+        """Forward an episode unless the client already has its number."""
+        episode = event["episode"]
+        number = int(episode["number"])
+        if number <= self.last_number:
+            return
+        self.last_number = number
+        await self.send_json({"type": "episode", "episode": episode})
+
+    async def run_status(self, event: dict[str, Any]) -> None:
+        """Forward the run's status."""
+        await self.send_json({"type": "status", "run": event["run"]})
+
+    async def run_log(self, event: dict[str, Any]) -> None:
+        """Forward log lines the client has not seen."""
+        lines = [line for line in event["lines"] if int(line.get("seq", 0)) > self.last_log_seq]
+        if not lines:
+            return
+        self.last_log_seq = max(int(line["seq"]) for line in lines)
+        await self.send_json({"type": "log", "lines": lines})
