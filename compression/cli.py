@@ -311,6 +311,135 @@ def cmd_bench(args: argparse.Namespace) -> None:
     _emit(args, res, human)
 
 
+def cmd_search(args: argparse.Namespace) -> None:
+    from compression.search.loop import run_search
+    from compression.search.results import SearchCallback, SearchConfig
+
+    out_dir = args.resume or args.out
+    if not out_dir:
+        raise CompressionError("say where the run goes", "--out DIR for a new search, or --resume DIR")
+    cfg_path = os.path.join(out_dir, "config.json")
+    if args.resume:
+        if not os.path.exists(cfg_path):
+            raise CompressionError(
+                f"{out_dir} holds no search to resume (no config.json)", "check the directory"
+            )
+        with open(cfg_path, encoding="utf-8") as f:
+            config = SearchConfig.from_dict(json.load(f))
+    else:
+        try:
+            agent_config = json.loads(args.agent_config) if args.agent_config else {}
+        except json.JSONDecodeError as exc:
+            raise CompressionError(f"--agent-config is not valid JSON: {exc}") from exc
+        reward_params = {k: v for k, v in (("beta", args.beta), ("rho", args.rho)) if v is not None}
+        config = SearchConfig(
+            model=args.model,
+            dataset=args.dataset,
+            input_shape=_shape(args.input_shape),
+            agent=args.agent,
+            target=args.target,
+            objective=args.objective,
+            budget=args.budget,
+            reward=args.reward,
+            reward_params=reward_params,
+            episodes=args.episodes,
+            seed=args.seed,
+            val_samples=args.val_samples,
+            round_to=args.round_to,
+            agent_config=agent_config,
+            layout=args.layout,
+            top_k=args.top_k,
+            fine_tune_epochs=args.fine_tune_epochs,
+        )
+        config.validate()
+        if os.path.exists(os.path.join(out_dir, "checkpoint.pt")):
+            raise CompressionError(
+                f"{out_dir} already holds a search", f"--resume {out_dir}, or pick a new --out"
+            )
+        os.makedirs(out_dir, exist_ok=True)
+        with open(cfg_path, "w", encoding="utf-8") as f:
+            json.dump(config.to_dict(), f, indent=2)
+
+    class Progress(SearchCallback):
+        def __init__(self) -> None:
+            self.bar = None
+            self.best = None
+
+        def on_start(self, info):
+            if not args.quiet:
+                print(
+                    f"searching {config.model} on {info['target']}: {len(info['layers'])} layers, "
+                    f"original val accuracy {info['original_accuracy']:.2%}"
+                    + (
+                        f", resuming after episode {info['resumed_from']}" if info.get("resumed_from") else ""
+                    ),
+                    file=sys.stderr,
+                )
+
+        def on_episode(self, r):
+            if r.is_best or self.best is None:
+                self.best = max(self.best or r.reward, r.reward)
+            if args.quiet:
+                return
+            if self.bar is None:
+                from tqdm import tqdm
+
+                self.bar = tqdm(
+                    total=config.episodes,
+                    initial=r.episode - 1,
+                    desc="search",
+                    file=sys.stderr,
+                    dynamic_ncols=True,
+                    disable=not sys.stderr.isatty(),
+                )
+            self.bar.update(1)
+            self.bar.set_postfix(
+                reward=f"{r.reward:.4f}",
+                acc=f"{r.accuracy:.3f}",
+                cost=f"{r.cost_ratio:.2f}",
+                best=f"{self.best:.4f}",
+            )
+            if not sys.stderr.isatty():
+                print(
+                    f"episode {r.episode}: reward {r.reward:.4f} acc {r.accuracy:.3f} cost {r.cost_ratio:.3f}"
+                    + (" (best)" if r.is_best else ""),
+                    file=sys.stderr,
+                )
+
+        def on_phase(self, phase, info):
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+            if not args.quiet and phase != "search":
+                print(f"{phase}...", file=sys.stderr)
+
+    report = run_search(config, out_dir, [Progress()], resume=True)
+
+    def human(r):
+        if r["status"] != "finished":
+            print(
+                f"search {r['status']} after {r['episodes_done']} of {r['episodes_total']} episodes; "
+                f"continue with --resume {out_dir}"
+            )
+            return
+        a = r["accuracy"]
+        print(
+            f"best episode {r['best_episode']}: test top-1 {a['original_test']:.2%} -> {a['compressed_test']:.2%}"
+            + ("" if r["within_budget"] else " (no episode met the budget)")
+        )
+        _print_costs(r["costs"])
+        lat = r.get("latency") or {}
+        if lat.get("original"):
+            print(
+                f"latency on {r['target']['name']}: {lat['original']['median_ms']:.3f} ms -> "
+                f"{lat['compressed']['median_ms']:.3f} ms (x{lat['speedup']:.2f})"
+            )
+        for f in r["files"]:
+            print(f"wrote {f['path']} ({_si(f['bytes'])}B)")
+
+    _emit(args, report, human)
+
+
 # ---------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m compression", description=__doc__.split("\n")[0])
@@ -372,6 +501,29 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument(
                 "--no-distill", action="store_true", help="fine-tune without the original as teacher"
             )
+
+    sp = add("search", cmd_search, "search a per-layer compression policy with an RL agent, then export")
+    sp.add_argument("--model", help="zoo:NAME@weights.pth or a .pt2 file")
+    sp.add_argument("--dataset", default="digits")
+    sp.add_argument("--input-shape", help="CxHxW for zoo models")
+    sp.add_argument("--agent", default="amc", help="amc, haq, galen-pq, ajpq, two-stage, random, uniform")
+    sp.add_argument("--target", default="local-tvm")
+    sp.add_argument("--objective", default="latency", choices=["latency", "macs", "bops", "params", "bytes"])
+    sp.add_argument("--budget", type=float, default=0.5, help="allowed cost as a fraction of the original")
+    sp.add_argument("--reward", default="acc", choices=["acc", "acc-log-cost", "galen", "haq"])
+    sp.add_argument("--beta", type=float, help="galen reward: weight of the cost term (negative)")
+    sp.add_argument("--rho", type=float, help="galen reward: target cost ratio (default: the budget)")
+    sp.add_argument("--episodes", type=int, default=100)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--val-samples", type=int, default=500)
+    sp.add_argument("--round-to", type=int)
+    sp.add_argument("--layout", choices=["prune", "bits", "joint", "ajpq"], help="for random/uniform agents")
+    sp.add_argument("--agent-config", help="agent hyper-parameters as JSON")
+    sp.add_argument("--top-k", type=int, default=3)
+    sp.add_argument("--fine-tune-epochs", type=int, default=2)
+    sp.add_argument("--out", help="new run directory")
+    sp.add_argument("--resume", metavar="DIR", help="continue the search in DIR")
+    sp.add_argument("--quiet", action="store_true")
 
     sp = add("bench", cmd_bench, "measure a model's latency on a hardware target")
     sp.add_argument("--model", required=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import time
 from typing import Any
@@ -56,7 +57,7 @@ def export_onnx_int8(
 ) -> dict[str, Any]:
     """Static QDQ int8 quantization of an ONNX model with ONNX Runtime, calibrated on ``calib``."""
     import onnxruntime as ort
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import CalibrationDataReader
 
     input_name = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"]).get_inputs()[0].name
 
@@ -69,16 +70,29 @@ def export_onnx_int8(
         def get_next(self):
             return next(self._it, None)
 
+    # onnxruntime's quantizer logs advice on the root logger at WARNING; keep the user's logs clean
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        _quantize(onnx_path, out_path, Reader())
+    finally:
+        root.setLevel(level)
+    return {"path": out_path, "bytes": os.path.getsize(out_path)}
+
+
+def _quantize(onnx_path: str, out_path: str, reader) -> None:
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
     quantize_static(
         onnx_path,
         out_path,
-        Reader(),
+        reader,
         quant_format=QuantFormat.QDQ,
         per_channel=True,
         weight_type=QuantType.QInt8,
         activation_type=QuantType.QUInt8,
     )
-    return {"path": out_path, "bytes": os.path.getsize(out_path)}
 
 
 def write_artifacts(

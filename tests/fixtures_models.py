@@ -242,7 +242,9 @@ def make_model(name: str, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
-def export_to(model: nn.Module, path: str, *, batch: int = 1, dynamic_batch: bool = False, decompose: bool = False) -> str:
+def export_to(
+    model: nn.Module, path: str, *, batch: int = 1, dynamic_batch: bool = False, decompose: bool = False
+) -> str:
     """``torch.export`` the model on a random input and ``torch.export.save`` it to ``path``."""
     x = torch.randn(batch, *INPUT_SHAPE)
     dynamic = ({0: torch.export.Dim("batch", min=1, max=1024)},) if dynamic_batch else None

@@ -59,11 +59,13 @@ class Block(nn.Module):
 class SmallResNet(nn.Module):
     """Stem, two stages of two blocks, pooling, linear head; ``mids`` are the four blocks' inner widths."""
 
-    def __init__(self, mids: tuple[int, int, int, int] = (16, 16, 32, 32), width: int = 16) -> None:
+    def __init__(
+        self, mids: tuple[int, int, int, int] = (16, 16, 32, 32), width: int = 16, inplace: bool = True
+    ) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
-        self.relu = nn.ReLU(inplace=True)
+        self.relu = nn.ReLU(inplace=inplace)
         self.layer1 = nn.Sequential(Block(width, mids[0], width), Block(width, mids[1], width))
         self.layer2 = nn.Sequential(Block(width, mids[2], 2 * width, 2), Block(2 * width, mids[3], 2 * width))
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -140,10 +142,19 @@ def test_broken_tvm_does_not_break_other_targets(monkeypatch: pytest.MonkeyPatch
         ({"name": "x", "backend": "torch", "settings": [1, 2]}, "settings must be an object"),
         ({"name": "x", "backend": "torch", "round_to": 0}, "round_to=0 is out of range"),
         ({"name": "x", "backend": "torch", "round_to": 2.5}, "round_to must be an integer"),
-        ({"name": "x", "backend": "onnxruntime", "settings": {"optimization": "max"}}, "unknown optimization"),
+        (
+            {"name": "x", "backend": "onnxruntime", "settings": {"optimization": "max"}},
+            "unknown optimization",
+        ),
         ({"name": "x", "backend": "analytic", "settings": {"metric": "flops!"}}, "unknown analytic metric"),
-        ({"name": "x", "backend": "tvm", "settings": {"rpc": {"host": "h", "port": 9190}}}, "rpc is missing 'key'"),
-        ({"name": "x", "backend": "tvm", "settings": {"rpc": {"host": "h", "key": "rpi"}}}, "rpc is missing 'port'"),
+        (
+            {"name": "x", "backend": "tvm", "settings": {"rpc": {"host": "h", "port": 9190}}},
+            "rpc is missing 'key'",
+        ),
+        (
+            {"name": "x", "backend": "tvm", "settings": {"rpc": {"host": "h", "key": "rpi"}}},
+            "rpc is missing 'port'",
+        ),
         (
             {"name": "x", "backend": "tvm", "settings": {"rpc": {"host": "h", "port": 70000, "key": "k"}}},
             "rpc port=70000 is out of range",
@@ -178,7 +189,9 @@ def test_valid_remote_description_and_round_trip() -> None:
 def test_targets_file(tmp_path: Path) -> None:
     name = f"file-ort-{uuid.uuid4().hex[:6]}"
     good = tmp_path / "targets.json"
-    good.write_text(json.dumps({"targets": [{"name": name, "backend": "onnxruntime", "settings": {"threads": 1}}]}))
+    good.write_text(
+        json.dumps({"targets": [{"name": name, "backend": "onnxruntime", "settings": {"threads": 1}}]})
+    )
     specs = load_targets_file(good)
     assert [s.name for s in specs] == [name]
     assert get_target(name).settings == {"threads": 1}
@@ -255,8 +268,10 @@ def test_bits_plan_naming_unknown_layers_is_refused() -> None:
 def test_pt2_model_on_torch_and_ort(tmp_path: Path) -> None:
     from compression.models import load_model
 
-    model = SmallResNet()
-    ep = torch.export.export(model, (small_input(2),), dynamic_shapes=({0: torch.export.Dim("batch", max=64)},))
+    model = SmallResNet(inplace=False)  # the .pt2 lifter refuses an in-place ReLU after a batch norm
+    ep = torch.export.export(
+        model, (small_input(2),), dynamic_shapes=({0: torch.export.Dim("batch", max=64)},)
+    )
     torch.export.save(ep, tmp_path / "m.pt2")
     art = load_model(str(tmp_path / "m.pt2"))
     x = art.example_input()
@@ -296,7 +311,9 @@ def test_analytic_agrees_with_compression_costs() -> None:
     assert m.details["bops"] == costs.bops
     assert m.median_ms == pytest.approx(costs.bops / 1e9)
     assert m.runs == 0 and "not a time" in m.details["note"]
-    macs = bench_model(model, small_input(), {"name": "a-macs", "backend": "analytic", "settings": {"metric": "macs"}})
+    macs = bench_model(
+        model, small_input(), {"name": "a-macs", "backend": "analytic", "settings": {"metric": "macs"}}
+    )
     assert macs.details["unit"] == "MMACs" and macs.median_ms == pytest.approx(costs.macs / 1e6)
 
 
@@ -325,7 +342,9 @@ def test_workloads_fuse_bn_and_activation_and_keep_the_rest() -> None:
 def _lifted(model: nn.Module) -> nn.Module:
     from compression.models.pt2 import lift_exported_program
 
-    ep = torch.export.export(model, (small_input(2),), dynamic_shapes=({0: torch.export.Dim("batch", max=64)},))
+    ep = torch.export.export(
+        model, (small_input(2),), dynamic_shapes=({0: torch.export.Dim("batch", max=64)},)
+    )
     return lift_exported_program(ep)[0]
 
 
@@ -333,7 +352,7 @@ def _lifted(model: nn.Module) -> nn.Module:
 def test_export_onnx_matches_torch_with_a_dynamic_batch(kind: str, tmp_path: Path) -> None:
     import onnxruntime as ort
 
-    model = SmallResNet() if kind == "plain" else _lifted(SmallResNet())
+    model = SmallResNet() if kind == "plain" else _lifted(SmallResNet(inplace=False))
     res = export_onnx(model, small_input(), tmp_path / "m.onnx")
     assert res.exporter == "torchscript" and res.max_abs_diff is not None and res.max_abs_diff < 1e-4
     sess = ort.InferenceSession(str(res.path), providers=["CPUExecutionProvider"])
@@ -345,7 +364,9 @@ def test_export_onnx_matches_torch_with_a_dynamic_batch(kind: str, tmp_path: Pat
 
 @pytest.mark.slow
 def test_export_onnx_falls_back_to_dynamo_for_exported_program_modules(tmp_path: Path) -> None:
-    ep = torch.export.export(SmallResNet(), (small_input(2),), dynamic_shapes=({0: torch.export.Dim("batch", max=64)},))
+    ep = torch.export.export(
+        SmallResNet(), (small_input(2),), dynamic_shapes=({0: torch.export.Dim("batch", max=64)},)
+    )
     res = export_onnx(ep.module(), small_input(), tmp_path / "m.onnx")
     assert res.exporter == "dynamo" and res.attempts[0].startswith("torchscript:")
     assert res.max_abs_diff < 1e-4
@@ -393,9 +414,14 @@ def test_a_busy_device_is_a_clear_error() -> None:
 # ------------------------------------------------------------------------------------------ device lock
 _LOCK_CHILD = textwrap.dedent(
     """
-    import json, sys, time
+    import importlib.util, json, sys, time
     from pathlib import Path
-    from compression.targets.measure import measure_locked
+
+    # load the timing module on its own: the package would import torch, which is slow to start
+    spec = importlib.util.spec_from_file_location("measure", "compression/targets/measure.py")
+    measure = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(measure)
+    assert "torch" not in sys.modules
 
     ready, me, device, out = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
     (ready / me).touch()
@@ -412,7 +438,7 @@ _LOCK_CHILD = textwrap.dedent(
 
         return run, {}
 
-    stats, _, _ = measure_locked(prepare, what="test", device=device, warmup=5, repeats=80, timeout_s=60)
+    stats, _, _ = measure.measure_locked(prepare, what="test", device=device, warmup=5, repeats=80, timeout_s=60)
     Path(out).write_text(json.dumps({"start": stamps[0], "end": stamps[-1], "waited": stats["lock_wait_s"]}))
     """
 )

@@ -455,7 +455,9 @@ class RunForm(OwnedForm):
     model = forms.ModelChoiceField(
         queryset=UploadedModel.objects.none(), help_text="models that are inspected"
     )
-    dataset = forms.ModelChoiceField(queryset=Dataset.objects.none())
+    dataset = forms.ModelChoiceField(
+        queryset=Dataset.objects.none(), required=False, help_text="blank: the built-in digits"
+    )
     target = forms.ModelChoiceField(queryset=Target.objects.none(), to_field_name="name")
     agent = forms.ChoiceField(choices=())
     objective = forms.ChoiceField(choices=[(o, o) for o in OBJECTIVES], initial=_SEARCH_DEFAULTS.objective)
@@ -545,7 +547,6 @@ class RunForm(OwnedForm):
         self.fields["layout"].choices = [("", "agent default")] + [
             (x, x) for x in catalog.catalog()["layouts"]
         ]
-        self.fields["dataset"].initial = Dataset.objects.filter(kind="builtin", name="digits").first()
         self.fields["target"].initial = _SEARCH_DEFAULTS.target
         self.agent_fields: dict[str, list[str]] = {}
         for a in agents:
@@ -559,6 +560,14 @@ class RunForm(OwnedForm):
     def agent_groups(self) -> list[tuple[dict[str, Any], list[forms.BoundField]]]:
         """(agent info, its bound fields) per agent, for rendering one fieldset per agent."""
         return [(a, [self[f] for f in self.agent_fields[a["name"]]]) for a in catalog.catalog()["agents"]]
+
+    def clean_dataset(self) -> Dataset | None:
+        ds = self.cleaned_data.get("dataset")
+        if ds is None:
+            ds = Dataset.objects.filter(kind="builtin", name="digits").first()
+            if ds is None:
+                raise forms.ValidationError("choose a dataset")
+        return ds
 
     def clean(self) -> dict[str, Any]:
         d = super().clean()

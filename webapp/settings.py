@@ -196,6 +196,9 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
     # connection-bound delivery like AMQP). Searches run far longer than this; the per-run lease in
     # workers/lease.py stops a second copy from running while the first worker is alive.
     "visibility_timeout": env_int("CELERY_VISIBILITY_TIMEOUT_S", 3600),
+    # How often a worker looks for such messages (kombu scans every interval x throttle seconds).
+    "unacked_restore_interval": env_int("CELERY_UNACKED_RESTORE_INTERVAL_S", 10),
+    "unacked_restore_throttle": env_int("CELERY_UNACKED_RESTORE_THROTTLE", 10),
 }
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True

@@ -187,7 +187,7 @@ def unsupported_ops(module: nn.Module) -> list[dict[str, str]]:
             continue
         if any(a in downstream for a in node.all_input_nodes):
             downstream.add(node)
-        verdict = _classify(node, downstream, layer_modules)
+        verdict = _classify(node, downstream, layer_modules, module)
         if verdict is not None:
             why, action = verdict
             out.append({"name": node.name, "op": _op_name(node.target), "why": why, "action": action})
@@ -826,7 +826,9 @@ _RANDOM = {
 }  # fmt: skip
 
 
-def _classify(node: fx.Node, downstream: set[fx.Node], layer_modules: set[str]) -> tuple[str, str] | None:
+def _classify(
+    node: fx.Node, downstream: set[fx.Node], layer_modules: set[str], module: fx.GraphModule
+) -> tuple[str, str] | None:
     target = node.target
     name = _op_name(target).split(".")[0] if isinstance(target, torch._ops.OpOverload) else ""
     if target in (operator.getitem, aten.sym_size.int) or not isinstance(target, torch._ops.OpOverload):
@@ -847,7 +849,7 @@ def _classify(node: fx.Node, downstream: set[fx.Node], layer_modules: set[str]) 
         return None
     rank = _rank(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
     if name in _ELEMENTWISE:
-        per_channel = _per_channel_attr(node)
+        per_channel = _per_channel_buffer(node, module)
         if per_channel:
             return (
                 f"combines the channels with the tensor {per_channel}, which has one value per channel",
@@ -912,21 +914,33 @@ def _classify(node: fx.Node, downstream: set[fx.Node], layer_modules: set[str]) 
     return (f"is not known to keep channels independent ({name})", KEPT_UNPRUNED)
 
 
-def _per_channel_attr(node: fx.Node) -> str | None:
+def _per_channel_buffer(node: fx.Node, module: fx.GraphModule) -> str | None:
+    """A buffer/constant operand with one value per channel: torch-pruning prunes parameters it finds
+    outside layers (such as a learnable per-channel scale) but never buffers, so those pin the channels."""
     out_rank = _rank(node)
+    if not out_rank or out_rank < 2:
+        return None
     for a in node.all_input_nodes:
         if a.op != "get_attr":
             continue
-        val = a.meta.get("val")
-        shape = tuple(val.shape) if isinstance(val, torch.Tensor) else None
-        if shape is None:
+        try:
+            tensor = _fetch_attr(module, a.target)
+        except AttributeError:
             continue
-        # Broadcasting aligns trailing dims: the channel dim of a rank-r output is -(r-1) from the end.
-        if out_rank and len(shape) >= out_rank - 1 and out_rank >= 2:
-            c = shape[len(shape) - (out_rank - 1)]
-            if c > 1:
-                return str(a.target)
+        if not isinstance(tensor, torch.Tensor) or isinstance(tensor, nn.Parameter):
+            continue
+        shape = tuple(tensor.shape)
+        # Broadcasting aligns trailing dims: the channel dim of a rank-r result is r-1 places from the end.
+        if len(shape) >= out_rank - 1 and shape[len(shape) - (out_rank - 1)] > 1:
+            return str(a.target)
     return None
+
+
+def _fetch_attr(module: nn.Module, target: str) -> Any:
+    obj: Any = module
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 # --------------------------------------------------------------------------------------------------

@@ -78,6 +78,7 @@ _FOREIGN_DIRS = ("data/executorch/", "data/mtia", "xl_model_weights/")
 _PAYLOAD_NAME = re.compile(r"[A-Za-z0-9_.-]{1,200}")
 _SYMBOL_NAME = re.compile(r"[a-z]{1,8}[0-9]{1,9}")
 
+STATE_DICT_HINT = "save model.state_dict(), not the model object: torch.save(model.state_dict(), path)"
 REEXPORT_HINT = (
     "export the model with torch.export.export(model.eval(), (x,)) and torch.export.save(ep, 'model.pt2')"
 )
@@ -139,7 +140,7 @@ def load_state_dict_file(
     data = _read_capped(path, max_bytes, what=name)
     if not data:
         raise ModelError(f"{name} is empty", "save the weights with torch.save(model.state_dict(), path)")
-    obj = safe_torch_load(data, what=name, max_bytes=max_bytes)
+    obj = safe_torch_load(data, what=name, max_bytes=max_bytes, hint=STATE_DICT_HINT)
     state = _extract_state_dict(obj, name)
     keys = list(state)
     if keys and all(k.startswith("module.") for k in keys):
@@ -148,7 +149,7 @@ def load_state_dict_file(
 
 
 def _extract_state_dict(obj: Any, name: str) -> dict[str, torch.Tensor]:
-    hint = "save model.state_dict(), not the model object: torch.save(model.state_dict(), path)"
+    hint = STATE_DICT_HINT
     if isinstance(obj, dict):
         if _is_flat_tensor_dict(obj):
             if not obj:
@@ -176,28 +177,29 @@ def _is_flat_tensor_dict(d: dict) -> bool:
 # checking one pickled payload
 
 
-def safe_torch_load(data: bytes, *, what: str, max_bytes: int = DEFAULT_MAX_TOTAL_BYTES) -> Any:
+def safe_torch_load(
+    data: bytes, *, what: str, max_bytes: int = DEFAULT_MAX_TOTAL_BYTES, hint: str = REEXPORT_HINT
+) -> Any:
     """Load a ``torch.save`` payload with torch's ``weights_only`` unpickler, after checking it statically.
 
     Three layers, each able to refuse on its own: the payload's zip container is vetted (size caps,
     paths, CRCs), every pickle stream in it is scanned opcode by opcode and refused if it names a global
     that is not on torch's ``weights_only`` allow-list or instantiates classes the old way (``INST``,
     ``OBJ``, extension codes), and only then ``torch.load(weights_only=True)`` runs. Raises
-    ``UnsafeFileError`` naming ``what``.
+    ``UnsafeFileError`` naming ``what``, with ``hint`` as the advice.
     """
-    for stream_name, stream in _pickle_streams(data, what=what, max_bytes=max_bytes):
-        scan_pickle(stream, what=f"{what}:{stream_name}")
+    for stream_name, stream in _pickle_streams(data, what=what, max_bytes=max_bytes, hint=hint):
+        scan_pickle(stream, what=f"{what} ({stream_name})", hint=hint)
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # the weights_only unpickler raises UnpicklingError and others; all mean "refuse"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UnsafeFileError(
-            f"{what} holds objects that torch's safe (weights_only) loader refuses: {first[:300]}",
-            "only tensors and plain containers are accepted; save model.state_dict(), not the model object",
+            f"{what} holds objects that torch's safe (weights_only) loader refuses: {first[:300]}", hint
         ) from None
 
 
-def _pickle_streams(data: bytes, *, what: str, max_bytes: int) -> Iterator[tuple[str, bytes]]:
+def _pickle_streams(data: bytes, *, what: str, max_bytes: int, hint: str) -> Iterator[tuple[str, bytes]]:
     """The pickle streams ``torch.load`` reads from a ``torch.save`` zip (its ``data.pkl``).
 
     Bare pickle streams (legacy ``torch.save`` before torch 1.6, ``pickle.dump``) are refused: nothing
@@ -209,11 +211,11 @@ def _pickle_streams(data: bytes, *, what: str, max_bytes: int) -> Iterator[tuple
                 f"{what} is a bare pickle stream, not a torch.save zip; it is not read",
                 "re-save with a current torch: torch.save(model.state_dict(), path)",
             )
-        raise ModelError(f"{what} is not a file written by torch.save", REEXPORT_HINT)
+        raise ModelError(f"{what} is not a file written by torch.save", hint)
     zf, infos = _open_zip(data, what=what, max_total_bytes=max_bytes, max_members=DEFAULT_MAX_MEMBERS)
     pkls = [i for i in infos if i.filename.endswith(".pkl")]
     if not any(i.filename.endswith("/data.pkl") for i in pkls):
-        raise UnsafeFileError(f"{what} is a zip without the data.pkl a torch.save file has", REEXPORT_HINT)
+        raise UnsafeFileError(f"{what} is a zip without the data.pkl a torch.save file has", hint)
     for info in pkls:
         yield info.filename, zf.read(info)
 
@@ -244,7 +246,7 @@ _STRING_OPCODES = {
 }
 
 
-def scan_pickle(stream: bytes, *, what: str) -> list[str]:
+def scan_pickle(stream: bytes, *, what: str, hint: str = REEXPORT_HINT) -> list[str]:
     """Scan one pickle stream without executing it; return the globals it imports.
 
     Refuses (``UnsafeFileError``) a stream that imports any global outside torch's ``weights_only``
@@ -266,14 +268,14 @@ def scan_pickle(stream: bytes, *, what: str) -> list[str]:
                 )
             if name == "GLOBAL":
                 module, _, attr = str(arg).partition(" ")
-                found.append(_check_global(f"{module}.{attr}", allowed, what))
+                found.append(_check_global(f"{module}.{attr}", allowed, what, hint))
                 recent.append(None)
             elif name == "STACK_GLOBAL":
                 if len(recent) < 2 or not isinstance(recent[-1], str) or not isinstance(recent[-2], str):
                     raise UnsafeFileError(
                         f"{what} imports a global whose name cannot be read statically", REEXPORT_HINT
                     )
-                found.append(_check_global(f"{recent[-2]}.{recent[-1]}", allowed, what))
+                found.append(_check_global(f"{recent[-2]}.{recent[-1]}", allowed, what, hint))
                 del recent[-2:]
                 recent.append(None)
             elif name in _STRING_OPCODES:
@@ -295,11 +297,12 @@ def scan_pickle(stream: bytes, *, what: str) -> list[str]:
     return found
 
 
-def _check_global(dotted: str, allowed: set[str], what: str) -> str:
+def _check_global(dotted: str, allowed: set[str], what: str, hint: str) -> str:
     if dotted not in allowed:
         raise UnsafeFileError(
-            f"{what} imports {dotted}, which is not on torch's weights_only allow-list (it could run code)",
-            "only tensors and plain containers are accepted",
+            f"{what} imports {dotted}, which is not on torch's weights_only allow-list: "
+            "loading it could run arbitrary code",
+            hint,
         )
     return dotted
 

@@ -147,6 +147,23 @@ class CompressionEnvironment:
         )
         self._static = self._static_features()
         self.reset()
+        self.min_cost_ratio = self._min_cost_ratio()
+        if s.enforce_budget and self.min_cost_ratio > s.budget * (1 + 1e-9):
+            what = "latency on this target" if s.objective == "latency" else s.objective
+            raise SearchError(
+                f"a budget of {s.budget:.0%} of the original {what} cannot be reached: the most compressed policy "
+                f"this search may produce still costs {self.min_cost_ratio:.1%}",
+                "raise the budget above that, lower min_keep / min_bits, or (for latency) use a larger model or "
+                "input: the target's fixed per-call overhead does not shrink with the model",
+            )
+
+    def _min_cost_ratio(self) -> float:
+        """Cost of the most compressed policy the action space allows, over the original cost."""
+        most = Policy(layers=dict(self.base_policy.layers))
+        for name in self.steps:
+            most.layers[name] = self._most_compressed(name)
+        cost, _ = self.cost_of(most)
+        return cost / self._reference_cost if self._reference_cost else 1.0
 
     # ------------------------------------------------------------------ costs
     def base_policy_costs(self, policy: Policy | None) -> Costs:

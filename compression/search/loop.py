@@ -181,7 +181,9 @@ class SearchRun:
         self.target = get_target(config.target)
         self.round_to = int(config.round_to or getattr(self.target, "round_to", 1) or 1)
         t0 = time.perf_counter()
-        self.ws = open_workspace(config.model, config.dataset, seed=config.seed)
+        self.ws = open_workspace(
+            config.model, config.dataset, seed=config.seed, input_shape=config.input_shape
+        )
         self.val = _val_subset(self.ws.data.val, config.val_samples, config.seed)
         self.calib = self.ws.calibration_batch(config.calib_samples, seed=config.seed)
         self.latency = build_latency_model(

@@ -21,6 +21,7 @@ class SearchConfig:
     """Everything that defines a search run (plain data; stored with the run, JSON round-trip).
 
     model / dataset: specs as the CLI takes them (``zoo:resnet20@w.pth`` or a ``.pt2``; ``digits`` or a file).
+    input_shape: (C, H, W) for zoo models (a ``.pt2`` carries its own).
     agent: a name from ``compression.agents.AGENTS`` (amc, haq, galen-pq, ajpq, two-stage, random, uniform, ...).
     target: a hardware target name or description (see ``compression.targets``).
     objective: the cost the budget applies to: latency, macs, bops, params or bytes.
@@ -43,6 +44,7 @@ class SearchConfig:
 
     model: str
     dataset: str = "digits"
+    input_shape: tuple[int, int, int] | None = None
     agent: str = "amc"
     target: str = "local-tvm"
     objective: str = "latency"
@@ -102,6 +104,7 @@ class SearchConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["export_formats"] = list(self.export_formats)
+        d["input_shape"] = list(self.input_shape) if self.input_shape else None
         return d
 
     @classmethod
@@ -113,6 +116,8 @@ class SearchConfig:
         d = dict(d)
         if "export_formats" in d:
             d["export_formats"] = tuple(d["export_formats"])
+        if d.get("input_shape"):
+            d["input_shape"] = tuple(int(v) for v in d["input_shape"])
         cfg = cls(**d)
         cfg.validate()
         return cfg

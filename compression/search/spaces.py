@@ -272,8 +272,10 @@ def check_env(env: CompressionEnv, episodes: int = 2, seed: int = 0) -> None:
 
     def check_obs(obs: Any, where: str) -> None:
         if not isinstance(obs, np.ndarray) or obs.dtype != np.float32 or obs.shape != (spec.obs_dim,):
-            fail(f"{where} returned {type(obs).__name__} {getattr(obs, 'dtype', '')} "
-                 f"{getattr(obs, 'shape', '')}, expected float32 ({spec.obs_dim},)")
+            fail(
+                f"{where} returned {type(obs).__name__} {getattr(obs, 'dtype', '')} "
+                f"{getattr(obs, 'shape', '')}, expected float32 ({spec.obs_dim},)"
+            )
         if not np.all(np.isfinite(obs)):
             fail(f"{where} returned a non-finite observation")
 

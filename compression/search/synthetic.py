@@ -138,11 +138,15 @@ class SyntheticCompressionEnv:
         if num_layers < 2:
             raise SearchError(f"num_layers must be at least 2, got {num_layers}")
         if not 0.0 < budget <= 1.0:
-            raise SearchError(f"budget {budget} is out of range", "use a fraction of the original cost in (0, 1]")
+            raise SearchError(
+                f"budget {budget} is out of range", "use a fraction of the original cost in (0, 1]"
+            )
         if not 0.0 < min_keep < 1.0:
             raise SearchError(f"min_keep {min_keep} is out of range", "use a value in (0, 1)")
         if not 1 <= min_bits < max_bits <= 8:
-            raise SearchError(f"bit range {min_bits}..{max_bits} is invalid", "use 1 <= min_bits < max_bits <= 8")
+            raise SearchError(
+                f"bit range {min_bits}..{max_bits} is invalid", "use 1 <= min_bits < max_bits <= 8"
+            )
         if pin_first_last_bits is not None:
             if layout not in ("bits", "joint"):
                 raise SearchError(
@@ -275,7 +279,9 @@ class SyntheticCompressionEnv:
             kept = vals > 0
             cost = layer.macs * (share * vals / self.max_bits).sum(axis=1)
             pruned_importance = (m * ~kept).sum(axis=1)
-            quant = (m * kept * np.where(kept, self._quant_error(np.maximum(vals, self.min_bits)), 0.0)).sum(1)
+            quant = (m * kept * np.where(kept, self._quant_error(np.maximum(vals, self.min_bits)), 0.0)).sum(
+                1
+            )
             drop = layer.prune_sens * pruned_importance**layer.prune_exp + layer.w_sens * quant
             norm = vals / self.max_bits
         else:
@@ -296,7 +302,15 @@ class SyntheticCompressionEnv:
                 norm_cols += [(w - self.min_bits) / span_bits, (a - self.min_bits) / span_bits]
             norm = np.stack(norm_cols, axis=1)
         lookup = {tuple(int(v) for v in row): i for i, row in enumerate(vals)}
-        return {"vals": vals, "cost": cost, "drop": drop, "norm": norm, "lookup": lookup, "n": n, "n_min": n_min}
+        return {
+            "vals": vals,
+            "cost": cost,
+            "drop": drop,
+            "norm": norm,
+            "lookup": lookup,
+            "n": n,
+            "n_min": n_min,
+        }
 
     def _values_of(self, index: int, action: np.ndarray, pin: bool = True) -> tuple[int, ...]:
         """The decision an action stands for, before any budget cap (with ``pin``, pins applied)."""
@@ -464,7 +478,9 @@ class SyntheticCompressionEnv:
         if candidates.size == 0:
             # Cannot happen while the budget is above the minimum (checked in __init__): the all-minimum
             # decision is dominated by every decision and always fits. Kept as a guard against bugs.
-            raise SearchError(f"no decision of layer {self.layers[t].name} fits the budget", "raise the budget")
+            raise SearchError(
+                f"no decision of layer {self.layers[t].name} fits the budget", "raise the budget"
+            )
         best_cost = cost[candidates].max()
         top = candidates[cost[candidates] >= best_cost - 1e-12 * self.original_cost]
         want = table["norm"][table["lookup"][desired]]

@@ -34,10 +34,12 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from compression.errors import TargetError
-from compression.targets.base import Measurement, TargetSpec
+
+if TYPE_CHECKING:
+    from compression.targets.base import Measurement, TargetSpec
 
 T = TypeVar("T")
 
@@ -322,6 +324,9 @@ def make_measurement(
     batch: int,
 ) -> Measurement:
     """A ``Measurement`` from ``measure_locked``'s statistics (the extra statistics go to ``details``)."""
+    # imported here so this module stays free of torch (base imports it) for light measuring processes
+    from compression.targets.base import Measurement
+
     details = dict(details)
     for k in ("p10_ms", "p90_ms", "mad_ms", "outliers", "lock_wait_s"):
         if k in stats:

@@ -12,10 +12,17 @@ measures the empty model (identity) for each input shape it meets, subtracts tha
 the overhead of the model's own input once:
 ``predicted = overhead(model input) + sum(max(0, entry - overhead(entry input)))``.
 
-**What the table cannot see** (and why ``confirm`` exists): fusions the runtime makes across workloads
-(ONNX Runtime folds residual additions and ReLUs into the preceding convolution; int8 models keep
-activations quantized between layers instead of converting at every layer boundary), cache effects
-between consecutive layers, and thread-pool wake-ups. ``docs/targets.md`` reports the errors measured.
+**What the table cannot see**: fusions the runtime makes across workloads (ONNX Runtime folds residual
+additions and ReLUs into the preceding convolution and keeps the whole graph in its blocked NCHWc layout,
+while a one-layer model pays the layout conversion at its boundaries; int8 models keep activations
+quantized between layers), cache effects between consecutive layers, thread-pool wake-ups. Hence:
+
+- ``calibrate(reference)`` measures one model end to end and stores the factor that makes the table's
+  per-workload sum match it, for that model's *structure* (operations, kernels, strides, fusions,
+  resolution; not channel counts or bits). Predictions of every pruned/quantized variant of it use the
+  factor: one end-to-end measurement per model, not per candidate;
+- ``confirm(candidate)`` measures a candidate end to end and records both errors (calibrated and raw);
+  ``error_report`` summarises them. ``docs/targets.md`` reports the errors measured.
 
 **Storage.** One SQLite file (WAL mode), safe for concurrent processes; entries are keyed by (target name,
 backend fingerprint, workload key). The fingerprint hashes what a latency depends on (backend, its
@@ -85,8 +92,20 @@ CREATE TABLE IF NOT EXISTS confirmations (
     predicted_ms REAL NOT NULL,
     measured_ms REAL NOT NULL,
     rel_error REAL NOT NULL,
+    raw_rel_error REAL NOT NULL,
+    calibrated INTEGER NOT NULL,
     at REAL NOT NULL,
     details TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS calibrations (
+    target TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    structure TEXT NOT NULL,
+    scale REAL NOT NULL,
+    predicted_ms REAL NOT NULL,
+    measured_ms REAL NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (target, fingerprint, structure)
 );
 """
 
@@ -241,6 +260,16 @@ class LatencyTable:
         """The model's workloads as this target runs them (no overhead entries)."""
         return [self.normalize(w) for w in extract_workloads(module, example_input, bits)]
 
+    def required(
+        self, module: nn.Module, example_input: torch.Tensor | tuple[torch.Tensor, ...], bits: Any = None
+    ) -> list[LayerWorkload]:
+        """Every distinct entry a prediction for this model needs: its workloads and the per-shape overheads."""
+        ws = self.workloads(module, example_input, bits)
+        unique: dict[str, LayerWorkload] = {}
+        for w in self._overheads(ws, example_input) + ws:
+            unique.setdefault(w.key, w)
+        return list(unique.values())
+
     def _overheads(self, workloads: list[LayerWorkload], example_input: Any) -> list[LayerWorkload]:
         shapes = [overhead_workload(example_input)]
         shapes += [overhead_workload(torch.empty(w.in_shape)) for w in workloads]
@@ -298,8 +327,7 @@ class LatencyTable:
         self, module: nn.Module, example_input: torch.Tensor | tuple[torch.Tensor, ...], bits: Any = None
     ) -> int:
         """Measure every missing workload of the model (and the overheads); returns how many were measured."""
-        ws = self.workloads(module, example_input, bits)
-        return self.fill_workloads(self._overheads(ws, example_input) + ws)
+        return self.fill_workloads(self.required(module, example_input, bits))
 
     # ------------------------------------------------------------------ prediction
     def predict(
@@ -309,17 +337,20 @@ class LatencyTable:
         bits: Any = None,
         *,
         measure_missing: bool = False,
+        calibrated: bool = True,
     ) -> tuple[float, list[dict[str, Any]], list[LayerWorkload]]:
         """Predicted latency of the model: ``(total_ms, per_layer, missing)``.
 
-        ``per_layer`` lists every workload occurrence in execution order (``name``, ``kind``, ``op``, ``ms``
-        after the overhead correction, ``fused``, the bits run, ``key``), plus a final ``overhead`` row.
-        ``missing`` holds the (unique) workloads without an entry; they count as 0 in the total unless
-        ``measure_missing`` measures them first. For the analytic target the values are in ``self.unit``.
+        ``per_layer`` lists every workload occurrence in execution order (``name``, ``kind``, ``op``, ``ms``,
+        ``raw_ms`` before calibration, ``fused``, the bits run, ``key``), plus a final ``overhead`` row; the
+        rows sum to ``total_ms``. When the model's structure was calibrated (``calibrate``) and
+        ``calibrated`` is true, the workload rows are scaled by the stored factor. ``missing`` holds the
+        (unique) workloads without an entry; they count as 0 unless ``measure_missing`` measures them first.
+        For the analytic target the values are in ``self.unit``.
         """
         ws = self.workloads(module, example_input, bits)
         if self.analytic:
-            rows = [self._row(w, self.backend.workload_value(w)) for w in ws]  # type: ignore[attr-defined]
+            rows = [self._row(w, self.backend.workload_value(w), 1.0) for w in ws]  # type: ignore[attr-defined]
             return sum(r["ms"] for r in rows), rows, []
         overheads = self._overheads(ws, example_input)
         if measure_missing:
@@ -332,34 +363,96 @@ class LatencyTable:
                 missing.setdefault(o.key, o)
             else:
                 over[o.key] = v
+        scale = self._calibration(structure_key(ws)) if calibrated else None
+        factor = 1.0 if scale is None else scale
         rows: list[dict[str, Any]] = []
         for w in ws:
             v = self.lookup(w)
             if v is None:
                 self.misses += 1
                 missing.setdefault(w.key, w)
-                rows.append(self._row(w, None))
+                rows.append(self._row(w, None, factor))
                 continue
             self.hits += 1
             o = over.get(overhead_workload(torch.empty(w.in_shape)).key, 0.0)
-            rows.append(self._row(w, max(0.0, v - o)))
+            rows.append(self._row(w, max(0.0, v - o), factor))
         base = over.get(overhead_workload(example_input).key, 0.0)
-        rows.append({"name": "overhead", "kind": "overhead", "op": "identity", "ms": base, "fused": [], "key": ""})
+        rows.append(
+            {"name": "overhead", "kind": "overhead", "op": "identity", "ms": base, "raw_ms": base, "fused": [], "key": ""}
+        )
         total = sum(r["ms"] for r in rows if r["ms"] is not None)
         return total, rows, list(missing.values())
 
     @staticmethod
-    def _row(w: LayerWorkload, ms: float | None) -> dict[str, Any]:
+    def _row(w: LayerWorkload, raw_ms: float | None, factor: float) -> dict[str, Any]:
         return {
             "name": w.name,
             "kind": w.kind,
             "op": w.op,
-            "ms": ms,
+            "ms": None if raw_ms is None else raw_ms * factor,
+            "raw_ms": raw_ms,
             "fused": list(w.fused),
             "w_bits": w.w_bits,
             "a_bits": w.a_bits,
             "key": w.key,
         }
+
+    def _calibration(self, structure: str) -> float | None:
+        with closing(self._connect()) as db:
+            row = db.execute(
+                "SELECT scale FROM calibrations WHERE target=? AND fingerprint=? AND structure=?",
+                (self.spec.name, self.fingerprint, structure),
+            ).fetchone()
+        return None if row is None else float(row[0])
+
+    def _measure_model(
+        self, module: nn.Module, example_input: Any, plan: dict[str, tuple[int, int]], warmup: int | None,
+        repeats: int | None, timeout_s: float | None,
+    ) -> tuple[Measurement, float]:
+        kwargs: dict[str, Any] = {
+            "warmup": self.warmup if warmup is None else warmup,
+            "repeats": self.repeats if repeats is None else repeats,
+            "timeout_s": self.timeout_s if timeout_s is None else timeout_s,
+        }
+        if plan and self._measure_takes_bits:
+            kwargs["bits"] = plan
+        m = self.backend.measure(module, example_input, **kwargs)
+        return m, {"median": m.median_ms, "min": m.min_ms, "mean": m.mean_ms}[self.statistic]
+
+    def calibrate(
+        self,
+        module: nn.Module,
+        example_input: torch.Tensor | tuple[torch.Tensor, ...],
+        bits: Any = None,
+        *,
+        warmup: int | None = None,
+        repeats: int | None = None,
+        timeout_s: float | None = None,
+    ) -> dict[str, Any]:
+        """Measure a reference model end to end and store the factor that makes the table match it.
+
+        The factor applies to every model of the same *structure* (the same sequence of operations, kernels,
+        strides, fusions and input resolution, whatever the channel counts and bits): i.e. to the pruned
+        and quantized variants a search tries. It absorbs what per-workload timing cannot see (runtime
+        fusions, per-layer boundary costs); ``confirm`` on other variants measures how well it transfers.
+        Returns ``scale``, ``raw_predicted_ms`` and ``measured_ms``.
+        """
+        if self.analytic:
+            return {"scale": 1.0, "raw_predicted_ms": None, "measured_ms": None}
+        plan = normalize_bits(bits)
+        raw, rows, _ = self.predict(module, example_input, plan, measure_missing=True, calibrated=False)
+        m, measured = self._measure_model(module, example_input, plan, warmup, repeats, timeout_s)
+        base = rows[-1]["ms"]
+        layers = raw - base
+        scale = (measured - base) / layers if layers > 0 else 1.0
+        scale = max(scale, 1e-3)  # a non-positive factor would mean noise swamped the measurement
+        structure = structure_key(self.workloads(module, example_input, plan))
+        with closing(self._connect()) as db:
+            db.execute(
+                "INSERT OR REPLACE INTO calibrations VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (self.spec.name, self.fingerprint, structure, scale, raw, measured, time.time()),
+            )
+        return {"scale": scale, "raw_predicted_ms": raw, "measured_ms": measured, "measurement": m}
 
     def confirm(
         self,
@@ -374,37 +467,36 @@ class LatencyTable:
     ) -> dict[str, Any]:
         """Measure the model end to end, compare with the table's prediction, and record the error.
 
-        Missing entries are measured first so the prediction is complete. Returns ``predicted_ms``,
-        ``measured_ms`` (the same statistic as the table), ``rel_error`` = (predicted - measured) / measured,
-        the end-to-end ``measurement`` and the per-layer prediction.
+        Missing entries are measured first so the prediction is complete. Returns ``predicted_ms`` (with
+        the structure's calibration when there is one), ``raw_predicted_ms`` (without), ``measured_ms`` (the
+        table's statistic), ``rel_error`` = (predicted - measured) / measured, ``raw_rel_error``,
+        ``calibrated``, the end-to-end ``measurement`` and the per-layer rows.
         """
         plan = normalize_bits(bits)
         predicted, rows, missing = self.predict(module, example_input, plan, measure_missing=True)
-        kwargs: dict[str, Any] = {
-            "warmup": self.warmup if warmup is None else warmup,
-            "repeats": self.repeats if repeats is None else repeats,
-            "timeout_s": self.timeout_s if timeout_s is None else timeout_s,
-        }
-        if plan and self._measure_takes_bits:
-            kwargs["bits"] = plan
-        m = self.backend.measure(module, example_input, **kwargs)
-        measured = {"median": m.median_ms, "min": m.min_ms, "mean": m.mean_ms}[self.statistic]
+        raw = sum(r["raw_ms"] for r in rows if r["raw_ms"] is not None)
+        calibrated = any(r["ms"] != r["raw_ms"] for r in rows)
+        m, measured = self._measure_model(module, example_input, plan, warmup, repeats, timeout_s)
         rel = (predicted - measured) / measured if measured > 0 else 0.0
+        raw_rel = (raw - measured) / measured if measured > 0 else 0.0
         model_sig = label or hashlib.sha256("|".join(r["key"] for r in rows).encode()).hexdigest()[:16]
         if not self.analytic:
             with closing(self._connect()) as db:
                 db.execute(
-                    "INSERT INTO confirmations (target, fingerprint, model, predicted_ms, measured_ms, rel_error, at, details) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO confirmations (target, fingerprint, model, predicted_ms, measured_ms, rel_error, "
+                    "raw_rel_error, calibrated, at, details) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
-                        self.spec.name, self.fingerprint, model_sig, predicted, measured, rel, time.time(),
-                        json.dumps({"statistic": self.statistic, "cv": m.cv, "missing": len(missing)}),
+                        self.spec.name, self.fingerprint, model_sig, predicted, measured, rel, raw_rel, int(calibrated),
+                        time.time(), json.dumps({"statistic": self.statistic, "cv": m.cv, "missing": len(missing)}),
                     ),
                 )
         return {
             "predicted_ms": predicted,
+            "raw_predicted_ms": raw,
             "measured_ms": measured,
             "rel_error": rel,
+            "raw_rel_error": raw_rel,
+            "calibrated": calibrated,
             "measurement": m,
             "per_layer": rows,
             "missing": missing,
@@ -412,28 +504,56 @@ class LatencyTable:
         }
 
     def error_report(self) -> dict[str, Any]:
-        """The table's recorded errors against end-to-end measurements on this target (all ``confirm`` calls)."""
+        """The table's recorded errors against end-to-end measurements on this target (all ``confirm`` calls).
+
+        ``rel_error`` statistics are those of the predictions as made (calibrated where a calibration
+        existed); ``raw_*`` of the uncalibrated sums.
+        """
         if self.analytic:
             return {"n": 0}
         with closing(self._connect()) as db:
-            errs = [
-                r[0]
-                for r in db.execute(
-                    "SELECT rel_error FROM confirmations WHERE target=? AND fingerprint=?",
-                    (self.spec.name, self.fingerprint),
-                ).fetchall()
-            ]
-        if not errs:
+            rows = db.execute(
+                "SELECT rel_error, raw_rel_error, calibrated FROM confirmations WHERE target=? AND fingerprint=?",
+                (self.spec.name, self.fingerprint),
+            ).fetchall()
+        if not rows:
             return {"n": 0}
-        abs_errs = sorted(abs(e) for e in errs)
+
+        def summary(errs: list[float], prefix: str) -> dict[str, float]:
+            abs_errs = sorted(abs(e) for e in errs)
+            return {
+                f"{prefix}mean_abs_rel_error": sum(abs_errs) / len(errs),
+                f"{prefix}median_abs_rel_error": abs_errs[len(errs) // 2],
+                f"{prefix}max_abs_rel_error": abs_errs[-1],
+                f"{prefix}mean_rel_error": sum(errs) / len(errs),
+            }
+
         return {
-            "n": len(errs),
-            "mean_abs_rel_error": sum(abs_errs) / len(errs),
-            "median_abs_rel_error": abs_errs[len(errs) // 2],
-            "max_abs_rel_error": abs_errs[-1],
-            "mean_rel_error": sum(errs) / len(errs),
+            "n": len(rows),
+            "calibrated": sum(r[2] for r in rows),
+            **summary([r[0] for r in rows], ""),
+            **summary([r[1] for r in rows], "raw_"),
         }
 
     def stats(self) -> dict[str, Any]:
         """Counters of this object: hits, misses, entries measured, seconds spent measuring."""
         return {"hits": self.hits, "misses": self.misses, "measured": self.measured, "measure_s": self.measure_s}
+
+
+def structure_key(workloads: list[LayerWorkload]) -> str:
+    """A hash of a model's structure that pruning and quantization leave unchanged.
+
+    Operations, kernels, strides, paddings, dilations, fusions, depthwise-ness, batch and spatial sizes are
+    kept; channel counts and bits are dropped, so every pruned/quantized variant of a model shares it.
+    """
+    items = []
+    for w in workloads:
+        spatial = list(w.in_shape[2:]) if len(w.in_shape) > 2 else []
+        items.append(
+            [
+                w.kind, w.op, list(w.kernel), list(w.stride), w.padding if isinstance(w.padding, str) else list(w.padding),
+                list(w.dilation), list(w.fused), w.groups > 1 and w.groups == w.in_channels, w.groups > 1,
+                w.batch, spatial, len(w.in_shape),
+            ]
+        )
+    return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]

@@ -87,11 +87,13 @@ def _finite(x: Any) -> bool:
 
 def overview_episodes(run: Run, limit: int = OVERVIEW_MAX) -> tuple[list[dict[str, Any]], bool, int]:
     """The run's episodes for an overview, downsampled like the live stream does; (episodes, downsampled, total)."""
-    rows = list(Episode.objects.filter(run=run).order_by("number").values_list("number", "reward"))
-    numbers, downsampled = downsample_numbers(rows, limit)
+    rows = list(Episode.objects.filter(run=run).order_by("number").values_list("number", "reward", "is_best"))
+    numbers, downsampled = downsample_numbers([(n, r) for n, r, _ in rows], limit)
     qs = Episode.objects.filter(run=run)
     if downsampled:
-        qs = qs.filter(number__in=numbers)
+        # Every "best so far" episode (within budget) stays, so the best-so-far line and policy are exact.
+        keep = set(numbers) | {n for n, _, best in rows if best}
+        qs = qs.filter(number__in=keep)
     return [e.to_event() for e in qs.order_by("number")], downsampled, len(rows)
 
 

@@ -15,7 +15,7 @@ from django.views.decorators.http import require_POST
 
 from webapp import catalog
 from webapp.forms import REWARD_HELP, RunForm
-from webapp.models import Episode, Run, UploadedModel
+from webapp.models import Dataset, Episode, Run, UploadedModel
 from webapp.permissions import can_change, get_visible_or_404, visible
 from webapp.views import runinfo
 
@@ -60,7 +60,8 @@ def run_new(request: HttpRequest) -> HttpResponse:
 
 def _initial(request: HttpRequest) -> dict[str, Any]:
     """Initial values from the query string: a model to preselect, or a run whose settings to copy."""
-    initial: dict[str, Any] = {}
+    builtin = Dataset.objects.filter(kind="builtin", name="digits").first()
+    initial: dict[str, Any] = {"dataset": builtin.pk if builtin else None}
     if request.GET.get("model", "").isdigit():
         initial["model"] = int(request.GET["model"])
     if request.GET.get("from", "").isdigit():
@@ -102,6 +103,9 @@ def run_detail(request: HttpRequest, pk: int) -> HttpResponse:
         "budget": (run.config or {}).get("budget"),
         "has_latency": run.target.backend != "analytic",
         "run": run.status_event(),
+        "channels": {
+            r["name"]: r.get("out_channels") for r in (run.model.inspection or {}).get("layers") or [] if r.get("name")
+        },
     }
     context = {
         "run": run,

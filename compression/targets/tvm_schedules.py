@@ -1,0 +1,265 @@
+"""Default CPU schedules for TVM: good code for conv/linear layers in milliseconds of compile time, no tuning.
+
+TVM 0.27's llvm pipeline lowers every operator to naive loop nests (no parallelism, no vectorization, no
+register blocking): ResNet-20 runs 10-30x slower than PyTorch. MetaSchedule fixes that, but costs tens of
+seconds to minutes per new workload. ``dlight`` (``tvm.s_tir.dlight.cpu``) only has GEMV and
+normalisation/softmax rules for CPUs, nothing for convolutions.
+
+These rules fill the gap with one template that generalises across shapes (see ``docs/targets-tvm.md`` for
+what they cost and give next to MetaSchedule, ONNX Runtime and PyTorch):
+
+- ``AnchorTiling``: a fused function with one reduction block (conv2d, dense/matmul, pooling, mean) whose
+  other blocks are injective (the padding before it, batch norm / bias / residual / ReLU after it). The
+  reduction's spatial loops are tiled so that a small output tile (``reg`` output channels x ``rows`` rows x
+  one vector of output columns) stays in registers while the reduction loops run around it; the tile loop
+  nest is fused and run in parallel; the epilogue is computed per tile while the tile is hot in cache.
+- ``InjectiveFallback``: anything else (reshapes, pads, elementwise functions, functions with several
+  reductions): each block gets its leading spatial loops in parallel and, for injective blocks, a vectorized
+  inner loop. It schedules every function the normaliser accepts, so no function is left as naive code
+  silently: ``schedule_module`` reports how many functions each source scheduled.
+
+Vector width comes from the target (``llvm_get_vector_width``), so the same rules serve x86 (AVX2, AVX-512)
+and ARM (NEON) targets, including cross-compiled RPC devices.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import tvm
+from tvm import s_tir, tirx
+from tvm.s_tir import dlight as dl
+from tvm.s_tir.dlight.analysis import normalize_prim_func
+from tvm.target import Target
+
+log = logging.getLogger(__name__)
+
+SCHEDULED_ATTR = "tirx.is_scheduled"
+# which rule scheduled a function (kept on the function so the backend can count sources)
+SOURCE_ATTR = "compression.schedule"
+
+
+def _divisor_at_most(n: int, cap: int) -> int:
+    """The largest divisor of ``n`` that is <= ``cap`` (tiles divide loops exactly: no tail predicates)."""
+    for d in range(min(n, cap), 0, -1):
+        if n % d == 0:
+            return d
+    return 1
+
+
+def vector_lanes(target: Target, bits: int = 32) -> int:
+    """How many ``bits``-wide elements one SIMD register of ``target`` holds (at least 4)."""
+    try:
+        from tvm.target.codegen import llvm_get_vector_width
+
+        width = int(llvm_get_vector_width(target))
+    except Exception:  # not an llvm target, or an LLVM without this query: assume 128-bit SIMD
+        width = 128
+    return max(width // bits, 4)
+
+
+def _leading_spatial(kinds: str) -> int:
+    return len(kinds) - len(kinds.lstrip("S"))
+
+
+def _static_dom(info: Any) -> list[int] | None:
+    try:
+        return [int(d) for d in info.dom()]
+    except TypeError:  # a symbolic extent: these rules only handle static shapes
+        return None
+
+
+class AnchorTiling(dl.ScheduleRule):
+    """Register-tiled, parallel schedule for a function built around one reduction (conv, dense, pool).
+
+    reg: the most output channels (for 4-D outputs; rows of the output for 2-D) accumulated per tile.
+    rows: the most output rows per tile (4-D outputs only).
+    """
+
+    def __init__(self, reg: int = 8, rows: int = 2) -> None:
+        self.reg = reg
+        self.rows = rows
+
+    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
+        """Schedule ``func`` or return None when it does not have the one-reduction shape."""
+        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
+            return None
+        try:
+            return self._apply(func, target)
+        except (tvm.TVMError, ValueError, TypeError) as exc:  # a ScheduleError is a TVMError
+            log.debug("AnchorTiling does not apply: %s", str(exc).splitlines()[0] if str(exc) else exc)
+            return None
+
+    def _apply(self, func: tirx.PrimFunc, target: Target) -> s_tir.Schedule | None:
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if infos is None:
+            return None
+        reductions = [i for i, b in enumerate(infos) if b.is_reduction()]
+        if len(reductions) != 1:
+            return None
+        k = reductions[0]
+        anchor = infos[k]
+        kinds = anchor.dom_kind()
+        ns = _leading_spatial(kinds)
+        if ns == 0 or ns == len(kinds) or "S" in kinds[ns:] or "O" in kinds:
+            return None
+        prologue, epilogue = infos[:k], infos[k + 1 :]
+        if not all(b.is_injective() for b in prologue + epilogue):
+            return None
+        dom = _static_dom(anchor)
+        if dom is None:
+            return None
+
+        lanes = vector_lanes(target)
+        loops = sch.get_loops(anchor.block_rv)
+        spatial, reduce = loops[:ns], loops[ns:]
+        # the innermost spatial axis is the vector axis; for NCHW-style outputs the channel axis (1) is
+        # the register-blocking axis (the input vector is reused across it), for 2-D outputs the row axis
+        reg_axis = 1 if ns >= 4 else (ns - 2 if ns >= 2 else -1)
+        row_axis = ns - 2 if ns >= 4 else -1
+        factors = {ns - 1: _divisor_at_most(dom[ns - 1], lanes)}
+        if reg_axis >= 0 and dom[reg_axis] > 1:
+            factors[reg_axis] = _divisor_at_most(dom[reg_axis], self.reg)
+        if row_axis >= 0 and dom[row_axis] > 1:
+            factors[row_axis] = _divisor_at_most(dom[row_axis], self.rows)
+        outer, inner = [], []
+        for axis, loop in enumerate(spatial):
+            if axis in factors:
+                o, i = sch.split(loop, [None, factors[axis]])
+                outer.append(o)
+                inner.append(i)
+            else:
+                outer.append(loop)
+        sch.reorder(*outer, *reduce, *inner)
+
+        # epilogue: fold the elementwise chain into its last block, computed per output tile
+        if epilogue:
+            for b in epilogue[:-1]:
+                sch.compute_inline(b.block_rv)
+            last = epilogue[-1].block_rv
+        else:
+            last = sch.cache_write(anchor.block_rv, 0, "global")
+        sch.reverse_compute_at(last, outer[-1], preserve_unit_loops=True)
+
+        parallel = sch.fuse(*outer[:-1]) if len(outer) > 2 else outer[0]
+        sch.parallel(parallel)
+        for loop in inner[:-1]:
+            sch.unroll(loop)
+        sch.vectorize(inner[-1])
+        init = sch.decompose_reduction(anchor.block_rv, reduce[0])
+        sch.vectorize(sch.get_loops(init)[-1])
+        self._vectorize_tail(sch, last, lanes)
+
+        # the prologue (padding) is cheap but big enough to be worth running in parallel
+        for b in prologue:
+            ploops = sch.get_loops(b.block_rv)
+            if len(ploops) >= 2:
+                sch.parallel(sch.fuse(*ploops[:2]))
+            elif ploops:
+                sch.parallel(ploops[0])
+        return sch
+
+    @staticmethod
+    def _vectorize_tail(sch: s_tir.Schedule, block: Any, lanes: int) -> None:
+        loops = sch.get_loops(block)
+        extent = sch.get(loops[-1]).extent
+        if isinstance(extent, tirx.IntImm) and int(extent) <= 4 * lanes:
+            sch.vectorize(loops[-1])
+
+
+class InjectiveFallback(dl.ScheduleRule):
+    """Parallel (and, for injective blocks, vectorized) loops for any function of static shape."""
+
+    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
+        """Schedule every block of ``func`` simply; None when the function cannot be normalised."""
+        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
+            return None
+        try:
+            return self._apply(func, target)
+        except (tvm.TVMError, ValueError, TypeError) as exc:
+            log.debug("InjectiveFallback does not apply: %s", str(exc).splitlines()[0] if str(exc) else exc)
+            return None
+
+    @staticmethod
+    def _apply(func: tirx.PrimFunc, target: Target) -> s_tir.Schedule | None:
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if infos is None:
+            return None
+        lanes = vector_lanes(target)
+        for b in infos:
+            dom = _static_dom(b)
+            if dom is None:
+                return None
+            ns = _leading_spatial(b.dom_kind())
+            if ns == 0:
+                continue
+            loops = sch.get_loops(b.block_rv)
+            if b.is_injective():
+                fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+                total = 1
+                for d in dom:
+                    total *= d
+                vec = _divisor_at_most(total, lanes)
+                outer, inner = sch.split(fused, [None, vec])
+                # a parallel loop over a handful of elements costs more in thread wake-ups than it saves
+                if total // vec >= 4:
+                    sch.parallel(outer)
+                sch.vectorize(inner)
+            else:
+                spatial = loops[:ns]
+                fused = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
+                if _prod(dom[:ns]) >= 4:
+                    sch.parallel(fused)
+        return sch
+
+
+def _prod(xs: list[int]) -> int:
+    out = 1
+    for x in xs:
+        out *= x
+    return out
+
+
+def default_rules() -> tuple[dl.ScheduleRule, ...]:
+    """The default CPU rules in the order they are tried."""
+    return (AnchorTiling(), InjectiveFallback())
+
+
+def _is_scheduled(func: Any) -> bool:
+    return isinstance(func, tirx.PrimFunc) and bool(func.attrs and func.attrs.get(SCHEDULED_ATTR, False))
+
+
+def count_scheduled(mod: tvm.IRModule) -> tuple[int, int]:
+    """(scheduled, total) PrimFuncs of ``mod``."""
+    funcs = [f for _, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)]
+    return sum(1 for f in funcs if _is_scheduled(f)), len(funcs)
+
+
+def schedule_module(mod: tvm.IRModule, target: Target) -> tuple[tvm.IRModule, dict[str, int]]:
+    """Apply the default rules to every PrimFunc of ``mod`` not scheduled yet (e.g. by a tuning database).
+
+    Returns the module and how many functions each rule scheduled (``"unscheduled"`` counts functions no
+    rule could handle: they run as naive loops).
+    """
+    counts: dict[str, int] = {"anchor": 0, "fallback": 0, "unscheduled": 0}
+    updates = {}
+    names = {AnchorTiling: "anchor", InjectiveFallback: "fallback"}
+    rules = default_rules()
+    with target:
+        for gv, func in mod.functions_items():
+            if not isinstance(func, tirx.PrimFunc) or _is_scheduled(func):
+                continue
+            for rule in rules:
+                sch = rule.apply(func, target, False)
+                if sch is not None:
+                    updates[gv] = sch.mod["main"].with_attr(SCHEDULED_ATTR, True)
+                    counts[names[type(rule)]] += 1
+                    break
+            else:
+                counts["unscheduled"] += 1
+    for gv, func in updates.items():
+        mod[gv] = func
+    return mod, counts
