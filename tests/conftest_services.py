@@ -83,11 +83,11 @@ def _keep_off_the_machines_redis():
         return
     from django.test.utils import override_settings
 
-    from workers.celery_app import app
+    from workers.celery_app import app, use_broker
 
     memory = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
     with override_settings(CHANNEL_LAYERS=memory, CELERY_BROKER_URL=NO_REDIS, REDIS_URL=NO_REDIS):
-        app.close()
-        app.conf.broker_url = NO_REDIS
+        options = dict(app.conf.broker_transport_options or {})
+        use_broker(NO_REDIS)
         yield
-        app.close()
+        use_broker(NO_REDIS, options)

@@ -244,12 +244,12 @@ def make_model(name: str, seed: int = 0) -> nn.Module:
 
 def export_to(
     model: nn.Module, path: str, *, batch: int = 1, dynamic_batch: bool = False, decompose: bool = False
-) -> str:
-    """``torch.export`` the model on a random input and ``torch.export.save`` it to ``path``."""
+) -> torch.export.ExportedProgram:
+    """``torch.export`` the model on a random input, ``torch.export.save`` it to ``path``; return the program."""
     x = torch.randn(batch, *INPUT_SHAPE)
     dynamic = ({0: torch.export.Dim("batch", min=1, max=1024)},) if dynamic_batch else None
     ep = torch.export.export(model, (x,), dynamic_shapes=dynamic)
     if decompose:
         ep = ep.run_decompositions()
     torch.export.save(ep, path)
-    return path
+    return ep

@@ -304,10 +304,10 @@ def make_services(tmp: Path, settings) -> Services:
     """Start a Redis and point this test process's settings (channel layer, Celery broker, directories,
     heartbeat timings) and the environment of future subprocesses at it. ``settings`` is pytest-django's
     fixture (changes are undone after the test)."""
-    from workers.celery_app import app
+    from workers.celery_app import use_broker
 
     redis = RedisServer(tmp / "redis").start()
-    dirs = {name: tmp / name for name in ("runs", "media", "logs", "var", "locks")}
+    dirs = {name: tmp / name for name in ("runs", "media", "logs", "var", "locks", "cache")}
     for d in dirs.values():
         d.mkdir(parents=True, exist_ok=True)
     settings.REDIS_URL = redis.url
@@ -321,9 +321,7 @@ def make_services(tmp: Path, settings) -> Services:
     settings.RUN_HEARTBEAT_S = TEST_HEARTBEAT_S
     settings.RUN_STALE_S = TEST_STALE_S
     # The Celery app read its configuration when first used: point it at this Redis.
-    app.close()
-    app.conf.broker_url = redis.url
-    app.conf.broker_transport_options = {"visibility_timeout": TEST_VISIBILITY_TIMEOUT_S}
+    use_broker(redis.url, {"visibility_timeout": TEST_VISIBILITY_TIMEOUT_S})
     env = {
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "webapp.settings",
@@ -343,6 +341,7 @@ def make_services(tmp: Path, settings) -> Services:
         "CELERY_UNACKED_RESTORE_INTERVAL_S": "1",
         "CELERY_UNACKED_RESTORE_THROTTLE": "1",
         "COMPRESSION_LOCK_DIR": str(dirs["locks"]),
+        "COMPRESSION_CACHE_DIR": str(dirs["cache"]),
         "OMP_NUM_THREADS": "1",
         "DEBUG": "0",
     }
@@ -351,8 +350,10 @@ def make_services(tmp: Path, settings) -> Services:
 
 def close_services(services: Services) -> None:
     """Stop the processes and Redis, and drop the Celery app's connections to it."""
-    from workers.celery_app import app
+    from django.conf import settings
+
+    from workers.celery_app import use_broker
 
     services.stop_all()
     services.redis.stop(signal.SIGKILL)
-    app.close()
+    use_broker(settings.CELERY_BROKER_URL)

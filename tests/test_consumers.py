@@ -66,9 +66,9 @@ def users(db):
     ensure_builtin_rows()
     User = get_user_model()
     return (
-        User.objects.create_user("owner", password="pw-owner-1234"),
-        User.objects.create_user("other", password="pw-other-1234"),
-        User.objects.create_user("staff", password="pw-staff-1234", is_staff=True),
+        User.objects.create_user("owner", password=None),
+        User.objects.create_user("other", password=None),
+        User.objects.create_user("staff", password=None, is_staff=True),
     )
 
 
@@ -223,8 +223,8 @@ def test_live_daphne_websocket_with_session_login(live_stack):
 
     ensure_builtin_rows()
     User = get_user_model()
-    owner = User.objects.create_user("owner", password="pw-owner-1234")
-    other = User.objects.create_user("other", password="pw-other-1234")
+    owner = User.objects.create_user("owner", password=None)
+    other = User.objects.create_user("other", password=None)
     run = make_run(owner)
     add_episode(run, 1, 0.3, True)
 

@@ -137,7 +137,9 @@ def test_prediction_error_against_end_to_end(target: dict, tmp_path: Path) -> No
     report = table.error_report()
     assert report["n"] == len(PRUNED) - 1 and report["calibrated"] == report["n"]
     assert report["max_abs_rel_error"] == pytest.approx(max(abs(c["rel_error"]) for _, c in results))
-    print(f"\n{target['backend']}: reference {cal['measured_ms']:.3f} ms, calibration factor {cal['scale']:.2f}")
+    print(
+        f"\n{target['backend']}: reference {cal['measured_ms']:.3f} ms, calibration factor {cal['scale']:.2f}"
+    )
     for mids, c in results:
         print(
             f"  mids={mids}: measured {c['measured_ms']:.3f} ms, predicted {c['predicted_ms']:.3f} ms "

@@ -188,7 +188,7 @@ def test_artifact_paths_stay_inside_the_run_dir(user, media):
     assert art.abspath == (run.out_path / "model.onnx").resolve() and art.filename == "model.onnx"
     evil = RunArtifact.objects.create(run=run, kind="other", path="../../secret", bytes=0)
     with pytest.raises(ValueError, match="leaves the run directory"):
-        evil.abspath
+        _ = evil.abspath
 
 
 def test_ensure_first_user_once(db, settings, tmp_path):

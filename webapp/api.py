@@ -57,6 +57,8 @@ def _bind(form_cls: type[Form], request: HttpRequest, data: Any, **kwargs: Any) 
     probe = form_cls(user=request.user, **kwargs)
     merged: dict[str, Any] = {}
     for name, field in probe.fields.items():
+        if "__" in name:  # the page's per-agent fields: the API sends agent_config instead
+            continue
         initial = probe.get_initial_for_field(field, name)
         if initial is not None and not (isinstance(initial, (list, tuple)) and not initial):
             merged[name] = getattr(initial, "pk", initial)

@@ -689,7 +689,8 @@ class RunForm(OwnedForm):
 
 def _param_field(p: dict[str, Any]) -> forms.Field:
     """A form field for one agent hyper-parameter from its JSON schema."""
-    common = {"required": False, "initial": p["default"], "help_text": p.get("help", ""), "label": p["name"]}
+    label = p["name"].replace("_", " ")
+    common = {"required": False, "initial": p["default"], "help_text": p.get("help", ""), "label": label}
     kind = p["type"]
     if kind == "bool":
         return forms.BooleanField(**common)

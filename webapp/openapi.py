@@ -67,7 +67,8 @@ def _field_schema(field: forms.Field) -> dict[str, Any]:
     if isinstance(field, forms.JSONField):
         return {"type": "object"}
     if isinstance(field, (forms.IntegerField, forms.FloatField)):
-        prop: dict[str, Any] = {"type": "integer" if isinstance(field, forms.IntegerField) else "number"}
+        # FloatField subclasses IntegerField in Django: test for it first.
+        prop: dict[str, Any] = {"type": "number" if isinstance(field, forms.FloatField) else "integer"}
         if field.min_value is not None:
             prop["minimum"] = field.min_value
         if field.max_value is not None:

@@ -61,3 +61,21 @@ def _on_worker_ready(sender=None, **kwargs) -> None:
         threading.Thread(
             target=follow_target_queues, args=(app, hostname), name="follow-targets", daemon=True
         ).start()
+
+
+def use_broker(url: str, transport_options: dict | None = None) -> None:
+    """Point this process's Celery app at another broker, dropping pooled connections to the old one
+    (tests start their own Redis; ``Celery.close`` would also unregister the app)."""
+    pool = app._pool
+    if pool is not None:
+        try:
+            pool.force_close_all()
+        except Exception:  # connections to a Redis that is already gone
+            pass
+    app._pool = None
+    amqp = app.__dict__.get("amqp")
+    if amqp is not None:
+        amqp._producer_pool = None
+    app.conf.broker_url = url
+    if transport_options is not None:
+        app.conf.broker_transport_options = transport_options

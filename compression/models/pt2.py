@@ -151,8 +151,6 @@ def lift_exported_program(
     lifter = _Lifter(ep, source)
     gm = lifter.run()
     facts = lifter.facts
-    _check_batch_independence(gm, facts, source)
-    _check_against_program(ep, gm, facts, source)
     report = unsupported_ops(gm)
     refused = [r for r in report if r["action"] == REFUSED]
     if refused:
@@ -161,6 +159,8 @@ def lift_exported_program(
             f"{source} cannot be compressed: {listing}", "remove these ops from forward() and export again"
         )
     facts["unsupported_ops"] = report
+    _check_batch_independence(gm, facts, source)
+    _check_against_program(ep, gm, facts, source)
     return gm, facts
 
 

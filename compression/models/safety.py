@@ -642,7 +642,7 @@ def vet_pt2_bytes(
 def _parse_json(raw: bytes, what: str) -> Any:
     try:
         return json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: JSON errors, 4300-digit ints
         raise ModelError(f"{what} is not valid JSON ({e})", REEXPORT_HINT) from None
 
 
@@ -703,7 +703,7 @@ _SYMPY_CALLABLES = {
     "ToFloat", "OpaqueUnaryFn_sqrt", "BitwiseFn_bitwise_and", "BitwiseFn_bitwise_or", "Identity",
 }  # fmt: skip
 _POW_CALLABLES = {"Pow", "PowByNatural", "FloatPow"}
-_SYMPY_NAMES = {"True", "False", "oo", "zoo", "nan", "S", "pi", "E"}
+_SYMPY_NAMES = {"True", "False", "oo", "zoo", "nan"}
 _ASSUMPTIONS = {
     "positive", "negative", "integer", "nonnegative", "nonpositive", "real", "finite", "nonzero", "zero",
     "commutative", "even", "odd", "extended_real", "rational", "infinite", "prime", "composite",

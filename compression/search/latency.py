@@ -119,5 +119,6 @@ def build_latency_model(
         return None
     from compression.targets import LatencyTable
 
-    table = LatencyTable(target, table_path())
+    # fewer repeats than a benchmark: an entry is measured once and reused by every later run
+    table = LatencyTable(target, table_path(), warmup=5, repeats=40)
     return TableLatency(table, graph, artifact.example_input(1))

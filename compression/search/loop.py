@@ -365,8 +365,8 @@ def run_search(
             if emit.should_stop():
                 cancelled = True
                 break
-            result = _play(env, agent, done + 1, stage.name)
-            if result.meets_budget and (best_reward is None or result.reward > best_reward):
+            result, stage_ok = _play(env, agent, done + 1, stage.name, config.budget)
+            if stage_ok and (best_reward is None or result.reward > best_reward):
                 best_reward = result.reward
                 result.is_best = True
             episodes.append(result)
@@ -380,8 +380,10 @@ def run_search(
         if cancelled:
             break
         # next stage: the best policy of this one is its base (two-stage: prune, then quantize)
-        stage_eps = [e for e in episodes if e.stage == stage.name]
-        best = _best(stage_eps)
+        stage_eps = [
+            e for e in episodes if e.stage == stage.name and e.cost_ratio <= stage.budget * (1 + 1e-6)
+        ]
+        best = max(stage_eps, key=lambda e: e.reward) if stage_eps else None
         stage_base = Policy.from_dict(best.policy) if best is not None else stage_base
         stage_idx += 1
         offset = stage_end
@@ -425,13 +427,14 @@ def _state(config: SearchConfig, stage: int, done: int, agent, base: Policy | No
     }
 
 
-def _best(episodes: list[EpisodeResult]) -> EpisodeResult | None:
-    ok = [e for e in episodes if e.meets_budget]
-    return max(ok, key=lambda e: e.reward) if ok else None
+def _play(
+    env: CompressionEnvironment, agent, number: int, stage: str, budget: float
+) -> tuple[EpisodeResult, bool]:
+    """One episode of the agent in the environment, timed; also whether it met its stage's budget.
 
-
-def _play(env: CompressionEnvironment, agent, number: int, stage: str) -> EpisodeResult:
-    """One episode of the agent in the environment, timed."""
+    ``meets_budget`` of the result is against the run's budget (a two-stage run's pruning stage has a
+    looser budget of its own).
+    """
     t0 = time.perf_counter()
     t_agent = 0.0
     obs = env.reset()
@@ -454,7 +457,7 @@ def _play(env: CompressionEnvironment, agent, number: int, stage: str) -> Episod
     timings = dict(m["timings"])
     timings["agent_s"] = t_agent
     timings["env_s"] = wall - t_agent - sum(v for k, v in m["timings"].items())
-    return EpisodeResult(
+    result = EpisodeResult(
         episode=number,
         reward=float(reward),
         accuracy=float(m["accuracy"]),
@@ -464,7 +467,7 @@ def _play(env: CompressionEnvironment, agent, number: int, stage: str) -> Episod
         params=int(m["params"]),
         bytes=float(m["bytes"]),
         cost_ratio=float(m["cost_ratio"]),
-        meets_budget=bool(m["meets_budget"]),
+        meets_budget=bool(m["cost_ratio"] <= budget * (1 + 1e-6)),
         policy=info["policy"].to_dict(),
         raw_actions=info["raw_actions"],
         enforced_actions=info["enforced_actions"],
@@ -472,3 +475,4 @@ def _play(env: CompressionEnvironment, agent, number: int, stage: str) -> Episod
         timings=timings,
         stage=stage,
     )
+    return result, bool(m["meets_budget"])

@@ -207,7 +207,8 @@ class SyntheticCompressionEnv:
         n_conv = n - 1
         for i in range(n):
             if i == n - 1:
-                kind, out_ch, kernel, stride, in_size, in_ch = "linear", 10, 1, 1, 1, in_ch
+                # After global pooling: a 1x1 "feature map" of in_ch features.
+                kind, out_ch, kernel, stride, in_size = "linear", 10, 1, 1, 1
             else:
                 stage = (3 * i) // n_conv
                 first_of_stage = i > 0 and stage != (3 * (i - 1)) // n_conv

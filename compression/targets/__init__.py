@@ -80,5 +80,7 @@ def bench_model(
     m = backend.measure(module, example_input, **kwargs)
     if bits is not None and not takes_bits:
         m.details.setdefault("bits_run", "float")
-        m.details.setdefault("note", f"the {spec.backend} backend runs float; bits affect the analytic cost only")
+        m.details.setdefault(
+            "note", f"the {spec.backend} backend runs float; bits affect the analytic cost only"
+        )
     return m

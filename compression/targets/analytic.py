@@ -101,7 +101,10 @@ class AnalyticBackend:
         self.spec = spec
         self.metric = str(spec.settings.get("metric", "bops"))
         if self.metric not in METRICS:
-            raise TargetError(f"target {spec.name}: unknown analytic metric {self.metric!r}", f"use one of {', '.join(METRICS)}")
+            raise TargetError(
+                f"target {spec.name}: unknown analytic metric {self.metric!r}",
+                f"use one of {', '.join(METRICS)}",
+            )
         self.unit, self.scale = METRICS[self.metric]
 
     def bits_run(self, w_bits: int, a_bits: int) -> tuple[int, int]:

@@ -119,7 +119,9 @@ def time_runs(
     deadline fails at once rather than at the deadline. ``timeout_s`` only words the error message.
     """
     if warmup < 0 or repeats < 1:
-        raise TargetError(f"bad timing protocol: warmup={warmup}, repeats={repeats}", "use warmup >= 0, repeats >= 1")
+        raise TargetError(
+            f"bad timing protocol: warmup={warmup}, repeats={repeats}", "use warmup >= 0, repeats >= 1"
+        )
 
     def check(done: int, total: int) -> None:
         if cancel is not None and cancel.is_set():
@@ -305,7 +307,9 @@ def measure_locked(
                 run, details = prepare()
                 compile_s = time.perf_counter() - t0
                 if cancel.is_set() or time.monotonic() > deadline:
-                    raise DeadlineExceeded(f"{what}: preparing took longer than the timeout of {timeout_s:g} s")
+                    raise DeadlineExceeded(
+                        f"{what}: preparing took longer than the timeout of {timeout_s:g} s"
+                    )
                 times = time_runs(
                     run, warmup=warmup, repeats=repeats, deadline=deadline, cancel=cancel, timeout_s=timeout_s
                 )
@@ -320,7 +324,12 @@ def measure_locked(
 
 
 def make_measurement(
-    spec: TargetSpec, stats: dict[str, float], compile_s: float, details: dict[str, Any], warmup: int, repeats: int,
+    spec: TargetSpec,
+    stats: dict[str, float],
+    compile_s: float,
+    details: dict[str, Any],
+    warmup: int,
+    repeats: int,
     batch: int,
 ) -> Measurement:
     """A ``Measurement`` from ``measure_locked``'s statistics (the extra statistics go to ``details``)."""

@@ -58,12 +58,16 @@ class OnnxExport:
         return d
 
 
-def as_inputs(example_input: torch.Tensor | tuple[torch.Tensor, ...] | list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+def as_inputs(
+    example_input: torch.Tensor | tuple[torch.Tensor, ...] | list[torch.Tensor],
+) -> tuple[torch.Tensor, ...]:
     """Normalise an example input (one tensor or a sequence of tensors) to a tuple of tensors."""
     if isinstance(example_input, torch.Tensor):
         return (example_input,)
-    if isinstance(example_input, (tuple, list)) and example_input and all(
-        isinstance(t, torch.Tensor) for t in example_input
+    if (
+        isinstance(example_input, (tuple, list))
+        and example_input
+        and all(isinstance(t, torch.Tensor) for t in example_input)
     ):
         return tuple(example_input)
     raise ModelError(
@@ -109,7 +113,11 @@ def _eval_mode(module: nn.Module) -> Any:
 
 
 def _export_torchscript(
-    module: nn.Module, inputs: tuple[torch.Tensor, ...], path: Path, opset: int, names: tuple[list[str], list[str]],
+    module: nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    path: Path,
+    opset: int,
+    names: tuple[list[str], list[str]],
     dynamic_batch: bool,
 ) -> None:
     in_names, out_names = names
@@ -128,7 +136,11 @@ def _export_torchscript(
 
 
 def _export_dynamo(
-    module: nn.Module, inputs: tuple[torch.Tensor, ...], path: Path, opset: int, names: tuple[list[str], list[str]],
+    module: nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    path: Path,
+    opset: int,
+    names: tuple[list[str], list[str]],
     dynamic_batch: bool,
 ) -> None:
     in_names, out_names = names
@@ -166,6 +178,7 @@ def verify_onnx(
     *,
     atol: float = 1e-4,
     second_batch: int | None = None,
+    input_names: list[str] | None = None,
 ) -> float:
     """Run ``path`` in ONNX Runtime and compare with ``module``; returns the largest absolute difference.
 
@@ -180,7 +193,8 @@ def verify_onnx(
         sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types
         raise ModelError(f"ONNX Runtime cannot load the exported model: {exc}") from exc
-    names = [i.name for i in sess.get_inputs()]
+    names = {i.name for i in sess.get_inputs()}
+    in_names = input_names or _input_names(len(inputs))
     batches = [inputs]
     if second_batch:
         g = torch.Generator().manual_seed(1)
@@ -196,12 +210,16 @@ def verify_onnx(
     for xs in batches:
         ref = _run_torch(module, xs)
         try:
-            got = sess.run(None, {n: t.detach().cpu().numpy() for n, t in zip(names, xs)})
+            got = sess.run(
+                None, {n: t.detach().cpu().numpy() for n, t in zip(in_names, xs, strict=True) if n in names}
+            )
         except Exception as exc:
-            raise ModelError(f"ONNX Runtime cannot run the exported model at batch {xs[0].shape[0]}: {exc}") from exc
+            raise ModelError(
+                f"ONNX Runtime cannot run the exported model at batch {xs[0].shape[0]}: {exc}"
+            ) from exc
         if len(got) != len(ref):
             raise ModelError(f"the exported model has {len(got)} outputs, PyTorch gives {len(ref)}")
-        for r, o in zip(ref, got):
+        for r, o in zip(ref, got, strict=True):
             if r.shape != o.shape:
                 raise ModelError(f"exported output shape {o.shape} differs from PyTorch's {r.shape}")
             if r.size == 0:
@@ -239,11 +257,13 @@ def export_onnx(
     if exporter not in EXPORTERS:
         raise ModelError(f"unknown ONNX exporter {exporter!r}", f"use one of {', '.join(EXPORTERS)}")
     if not isinstance(opset, int) or opset < 13:
-        raise ModelError(f"ONNX opset {opset!r} is not supported", f"use an opset >= 13 (default {DEFAULT_OPSET})")
+        raise ModelError(
+            f"ONNX opset {opset!r} is not supported", f"use an opset >= 13 (default {DEFAULT_OPSET})"
+        )
     inputs = tuple(t.detach() for t in as_inputs(example_input))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    in_names = ["input"] if len(inputs) == 1 else [f"input_{i}" for i in range(len(inputs))]
+    in_names = _input_names(len(inputs))
     with _eval_mode(module):
         n_out = len(_flatten_outputs(_run_torch_outputs(module, inputs)))
         out_names = ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
@@ -259,14 +279,22 @@ def export_onnx(
                 diff = None
                 if verify:
                     second = (inputs[0].shape[0] % 3) + 2 if dynamic_batch else None
-                    diff = verify_onnx(path, module, inputs, atol=atol, second_batch=second)
+                    diff = verify_onnx(
+                        path, module, inputs, atol=atol, second_batch=second, input_names=in_names
+                    )
             except Exception as exc:  # each exporter fails in its own ways; keep every reason
                 first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 attempts.append(f"{name}: {type(exc).__name__}: {first_line[:300]}")
                 continue
             attempts.append(f"{name}: ok")
             return OnnxExport(path, name, opset, in_names, out_names, dynamic_batch, export_s, diff, attempts)
-    raise ModelError("the model cannot be exported to ONNX: " + "; ".join(attempts), "see docs/targets.md, ONNX export")
+    raise ModelError(
+        "the model cannot be exported to ONNX: " + "; ".join(attempts), "see docs/targets.md, ONNX export"
+    )
+
+
+def _input_names(n: int) -> list[str]:
+    return ["input"] if n == 1 else [f"input_{i}" for i in range(n)]
 
 
 def _run_torch_outputs(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Any:

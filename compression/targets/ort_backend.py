@@ -39,7 +39,9 @@ from compression.targets.torch_backend import cpu_model
 from compression.targets.workloads import FLOAT_BITS, LayerWorkload, extract_workloads, normalize_bits
 
 OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
-INT8_NOTE = "ONNX Runtime has no kernels below 8 bits: layers with <= 8-bit weights and activations run as int8"
+INT8_NOTE = (
+    "ONNX Runtime has no kernels below 8 bits: layers with <= 8-bit weights and activations run as int8"
+)
 _ACTIVATION_OPS = {"Relu", "Clip", "HardSwish", "HardSigmoid"}
 _INT8_OPS_PREFIX = ("QLinear", "QGemm", "NhwcQLinear")
 _INT8_OPS = {"ConvInteger", "MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul"}
@@ -115,7 +117,11 @@ def map_layers_to_nodes(model: Any, workloads: list[LayerWorkload]) -> dict[str,
             want = [wl.out_channels, wl.in_channels]
         order = list(range(pos, len(candidates))) + list(range(0, pos))
         hit = next(
-            (i for i in order if i not in used and candidates[i][0].op_type in want_op and candidates[i][1] == want),
+            (
+                i
+                for i in order
+                if i not in used and candidates[i][0].op_type in want_op and candidates[i][1] == want
+            ),
             None,
         )
         if hit is None:
@@ -182,7 +188,7 @@ def _quantize(
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.it = iter([{n: t.numpy() for n, t in zip(in_names, b)} for b in batches])
+            self.it = iter([{n: t.numpy() for n, t in zip(in_names, b, strict=True)} for b in batches])
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self.it, None)
@@ -191,7 +197,9 @@ def _quantize(
     root = logging.getLogger()
     levels = (quant_logger.level, root.level)
     quant_logger.setLevel(logging.ERROR)
-    root.setLevel(max(root.level, logging.ERROR))  # the quantizer logs pre-processing advice on the root logger
+    root.setLevel(
+        max(root.level, logging.ERROR)
+    )  # the quantizer logs pre-processing advice on the root logger
     cwd = os.getcwd()
     try:
         os.chdir(tmp)  # calibration writes augmented models to the working directory in some versions
@@ -320,12 +328,20 @@ class OrtBackend:
             except Exception as exc:
                 raise TargetError(f"ONNX Runtime cannot load the model: {exc}") from exc
             if int8_layers:
-                ops = collections.Counter(n.op_type for n in onnx.load(str(tmp / "optimized.onnx")).graph.node)
+                ops = collections.Counter(
+                    n.op_type for n in onnx.load(str(tmp / "optimized.onnx")).graph.node
+                )
                 details["int8_kernels"] = sum(
                     c for op, c in ops.items() if op.startswith(_INT8_OPS_PREFIX) or op in _INT8_OPS
                 )
                 details["optimized_ops"] = dict(sorted(ops.items()))
-            feeds = {i.name: t.detach().cpu().numpy() for i, t in zip(sess.get_inputs(), inputs)}
+            # an exporter may drop an input the graph does not use: feed by name
+            wanted = {i.name for i in sess.get_inputs()}
+            feeds = {
+                n: t.detach().cpu().numpy()
+                for n, t in zip(exported.input_names, inputs, strict=True)
+                if n in wanted
+            }
             sess.run(None, feeds)
 
             def run() -> None:

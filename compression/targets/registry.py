@@ -45,18 +45,31 @@ _user_targets: dict[str, TargetSpec] = {}
 def _builtin(name: str) -> TargetSpec | None:
     if name == "local-ort":
         return TargetSpec(
-            "local-ort", "onnxruntime", {"threads": 2}, description="ONNX Runtime on this machine's CPU, 2 threads"
+            "local-ort",
+            "onnxruntime",
+            {"threads": 2},
+            description="ONNX Runtime on this machine's CPU, 2 threads",
         )
     if name == "local-torch":
-        return TargetSpec("local-torch", "torch", {"threads": 2}, description="PyTorch eager on this machine's CPU, 2 threads")
+        return TargetSpec(
+            "local-torch",
+            "torch",
+            {"threads": 2},
+            description="PyTorch eager on this machine's CPU, 2 threads",
+        )
     if name == "analytic":
         return TargetSpec(
-            "analytic", "analytic", {"metric": "bops"}, description="BOPs from shapes and bit-widths (no hardware, not a time)"
+            "analytic",
+            "analytic",
+            {"metric": "bops"},
+            description="BOPs from shapes and bit-widths (no hardware, not a time)",
         )
     if name == "local-tvm":
         tvm_backend = _tvm_module()
         target = tvm_backend.default_local_target()
-        return TargetSpec("local-tvm", "tvm", {"target": target}, description="TVM (llvm) on this machine's CPU")
+        return TargetSpec(
+            "local-tvm", "tvm", {"target": target}, description="TVM (llvm) on this machine's CPU"
+        )
     return None
 
 
@@ -84,7 +97,12 @@ def _check_int(label: str, value: Any, lo: int, hi: int | None, hint: str) -> in
 
 
 def _check_seconds(label: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
         raise TargetError(f"{label} must be a positive number of seconds, got {value!r}")
     return float(value)
 
@@ -109,17 +127,22 @@ def _check_tvm(name: str, settings: dict[str, Any]) -> None:
         elif isinstance(target, Mapping):
             if not isinstance(target.get("kind"), str) or not target["kind"]:
                 raise TargetError(
-                    f"target {name}: the TVM target dict needs a \"kind\"", 'e.g. {"kind": "llvm", "num-cores": 2}'
+                    f'target {name}: the TVM target dict needs a "kind"',
+                    'e.g. {"kind": "llvm", "num-cores": 2}',
                 )
         else:
-            raise TargetError(f"target {name}: the TVM target must be a dict or a string, got {type(target).__name__}")
+            raise TargetError(
+                f"target {name}: the TVM target must be a dict or a string, got {type(target).__name__}"
+            )
     rpc = settings.get("rpc")
     if rpc is not None:
         if not isinstance(rpc, Mapping):
             raise TargetError(f"target {name}: rpc must be an object with host, port and key")
         unknown = sorted(set(rpc) - _TVM_RPC_FIELDS)
         if unknown:
-            raise TargetError(f"target {name}: unknown rpc fields {unknown}", f"allowed: {sorted(_TVM_RPC_FIELDS)}")
+            raise TargetError(
+                f"target {name}: unknown rpc fields {unknown}", f"allowed: {sorted(_TVM_RPC_FIELDS)}"
+            )
         for required in ("host", "port", "key"):
             if required not in rpc:
                 raise TargetError(
@@ -130,7 +153,9 @@ def _check_tvm(name: str, settings: dict[str, Any]) -> None:
             raise TargetError(f"target {name}: rpc host must be a host name or address, got {rpc['host']!r}")
         _check_int(f"target {name}: rpc port", rpc["port"], 1, 65535, "the TVM RPC tracker's port, e.g. 9190")
         if not isinstance(rpc["key"], str) or not rpc["key"].strip():
-            raise TargetError(f"target {name}: rpc key must be the device key, got {rpc['key']!r}", "e.g. rpi4")
+            raise TargetError(
+                f"target {name}: rpc key must be the device key, got {rpc['key']!r}", "e.g. rpi4"
+            )
         for t in ("timeout_s", "session_timeout_s"):
             if t in rpc:
                 _check_seconds(f"target {name}: rpc {t}", rpc[t])
@@ -159,7 +184,8 @@ def validate_target(d: Mapping[str, Any]) -> TargetSpec:
     name = d.get("name")
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise TargetError(
-            f"invalid target name {name!r}", "use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+            f"invalid target name {name!r}",
+            "use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit",
         )
     backend = d.get("backend")
     if backend not in BACKENDS:
@@ -168,7 +194,9 @@ def validate_target(d: Mapping[str, Any]) -> TargetSpec:
     if not isinstance(settings, Mapping):
         raise TargetError(f"target {name}: settings must be an object, got {type(settings).__name__}")
     settings = json.loads(json.dumps(settings))  # plain data only (also copies it)
-    round_to = _check_int(f"target {name}: round_to", d.get("round_to", 1), 1, 1024, "channels are kept in multiples of it")
+    round_to = _check_int(
+        f"target {name}: round_to", d.get("round_to", 1), 1, 1024, "channels are kept in multiples of it"
+    )
     description = d.get("description", "")
     if not isinstance(description, str):
         raise TargetError(f"target {name}: description must be text")
@@ -178,7 +206,9 @@ def validate_target(d: Mapping[str, Any]) -> TargetSpec:
         allowed = _SETTINGS[backend]
         extra = sorted(set(settings) - allowed)
         if extra:
-            raise TargetError(f"target {name}: unknown {backend} settings {extra}", f"allowed: {sorted(allowed)}")
+            raise TargetError(
+                f"target {name}: unknown {backend} settings {extra}", f"allowed: {sorted(allowed)}"
+            )
         if backend in ("torch", "onnxruntime"):
             _check_local(name, settings)
         if backend == "onnxruntime":
@@ -196,9 +226,12 @@ def validate_target(d: Mapping[str, Any]) -> TargetSpec:
 
             if settings.get("metric", "bops") not in METRICS:
                 raise TargetError(
-                    f"target {name}: unknown analytic metric {settings['metric']!r}", f"use one of {', '.join(METRICS)}"
+                    f"target {name}: unknown analytic metric {settings['metric']!r}",
+                    f"use one of {', '.join(METRICS)}",
                 )
-    return TargetSpec(name=name, backend=backend, settings=dict(settings), round_to=round_to, description=description)
+    return TargetSpec(
+        name=name, backend=backend, settings=dict(settings), round_to=round_to, description=description
+    )
 
 
 def register_target(d: Mapping[str, Any] | TargetSpec, *, replace: bool = False) -> TargetSpec:
@@ -207,7 +240,9 @@ def register_target(d: Mapping[str, Any] | TargetSpec, *, replace: bool = False)
     if spec.name in BUILTIN_NAMES:
         raise TargetError(f"target name {spec.name!r} is built in", "choose another name")
     if spec.name in _user_targets and not replace and _user_targets[spec.name] != spec:
-        raise TargetError(f"target {spec.name!r} is already defined differently", "rename it, or pass replace=True")
+        raise TargetError(
+            f"target {spec.name!r} is already defined differently", "rename it, or pass replace=True"
+        )
     _user_targets[spec.name] = spec
     return spec
 
@@ -227,7 +262,9 @@ def load_targets_file(path: str | Path) -> list[TargetSpec]:
         try:
             import yaml
         except ImportError as exc:
-            raise TargetError(f"{p} is YAML but PyYAML is not installed", "write the targets as JSON") from exc
+            raise TargetError(
+                f"{p} is YAML but PyYAML is not installed", "write the targets as JSON"
+            ) from exc
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
@@ -240,7 +277,7 @@ def load_targets_file(path: str | Path) -> list[TargetSpec]:
     if isinstance(data, Mapping) and set(data) == {"targets"}:
         data = data["targets"]
     if not isinstance(data, list):
-        raise TargetError(f"{p} must hold a list of targets or {{\"targets\": [...]}}")
+        raise TargetError(f'{p} must hold a list of targets or {{"targets": [...]}}')
     specs = []
     for i, d in enumerate(data):
         try:
@@ -282,7 +319,9 @@ def get_target(target: str | Mapping[str, Any] | TargetSpec) -> TargetSpec:
     spec = _builtin(target)
     if spec is None:
         known = list(BUILTIN_NAMES) + sorted(_user_targets)
-        raise TargetError(f"unknown target {target!r}", f"known targets: {', '.join(known)}; or add one (docs/targets.md)")
+        raise TargetError(
+            f"unknown target {target!r}", f"known targets: {', '.join(known)}; or add one (docs/targets.md)"
+        )
     return spec
 
 

@@ -64,6 +64,7 @@ from compression.targets.workloads import (
 log = logging.getLogger(__name__)
 
 STATISTICS = ("median", "min", "mean")
+NOISY_CV = 0.3  # std/mean above which an end-to-end measurement is flagged as too noisy to calibrate on
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
@@ -186,7 +187,9 @@ class LatencyTable:
             db = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
             db.execute("PRAGMA journal_mode=WAL")
         except sqlite3.Error as exc:
-            raise TargetError(f"cannot open latency table {self.path}: {exc}", "check the path and its permissions") from exc
+            raise TargetError(
+                f"cannot open latency table {self.path}: {exc}", "check the path and its permissions"
+            ) from exc
         return db
 
     def _load(self, keys: list[str] | None = None) -> None:
@@ -198,7 +201,9 @@ class LatencyTable:
                 rows = []
                 for i in range(0, len(keys), 500):
                     chunk = keys[i : i + 500]
-                    rows += db.execute(q + f" AND key IN ({','.join('?' * len(chunk))})", params + chunk).fetchall()
+                    rows += db.execute(
+                        q + f" AND key IN ({','.join('?' * len(chunk))})", params + chunk
+                    ).fetchall()
             else:
                 rows = db.execute(q, params).fetchall()
         for key, med, mean, mn in rows:
@@ -210,8 +215,17 @@ class LatencyTable:
             db.execute(
                 "INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
-                    self.spec.name, self.fingerprint, w.key, w.kind, m.median_ms, m.mean_ms, m.min_ms, m.std_ms,
-                    m.runs, json.dumps(m.details, default=str), time.time(),
+                    self.spec.name,
+                    self.fingerprint,
+                    w.key,
+                    w.kind,
+                    m.median_ms,
+                    m.mean_ms,
+                    m.min_ms,
+                    m.std_ms,
+                    m.runs,
+                    json.dumps(m.details, default=str),
+                    time.time(),
                 ),
             )
         self._cache[w.key] = _Entry(m.median_ms, m.mean_ms, m.min_ms)
@@ -221,7 +235,8 @@ class LatencyTable:
             return 0
         with closing(self._connect()) as db:
             (n,) = db.execute(
-                "SELECT COUNT(*) FROM entries WHERE target=? AND fingerprint=?", (self.spec.name, self.fingerprint)
+                "SELECT COUNT(*) FROM entries WHERE target=? AND fingerprint=?",
+                (self.spec.name, self.fingerprint),
             ).fetchone()
         return int(n)
 
@@ -238,7 +253,7 @@ class LatencyTable:
         cols = ("key", "kind", "median_ms", "mean_ms", "min_ms", "std_ms", "runs", "details", "measured_at")
         out = []
         for r in rows:
-            d = dict(zip(cols, r))
+            d = dict(zip(cols, r, strict=True))
             d["details"] = json.loads(d["details"])
             out.append(d)
         return out
@@ -300,7 +315,10 @@ class LatencyTable:
         try:
             m = self.backend.measure(module, inputs if len(inputs) > 1 else inputs[0], **kwargs)
         except TargetError as exc:
-            raise TargetError(f"measuring workload {w.name or w.kind} ({w.op}, input {list(w.in_shape)}): {exc.what}", exc.hint) from exc
+            raise TargetError(
+                f"measuring workload {w.name or w.kind} ({w.op}, input {list(w.in_shape)}): {exc.what}",
+                exc.hint,
+            ) from exc
         self.measure_s += time.perf_counter() - t0
         self.measured += 1
         self._store(w, m)
@@ -378,7 +396,15 @@ class LatencyTable:
             rows.append(self._row(w, max(0.0, v - o), factor))
         base = over.get(overhead_workload(example_input).key, 0.0)
         rows.append(
-            {"name": "overhead", "kind": "overhead", "op": "identity", "ms": base, "raw_ms": base, "fused": [], "key": ""}
+            {
+                "name": "overhead",
+                "kind": "overhead",
+                "op": "identity",
+                "ms": base,
+                "raw_ms": base,
+                "fused": [],
+                "key": "",
+            }
         )
         total = sum(r["ms"] for r in rows if r["ms"] is not None)
         return total, rows, list(missing.values())
@@ -406,8 +432,13 @@ class LatencyTable:
         return None if row is None else float(row[0])
 
     def _measure_model(
-        self, module: nn.Module, example_input: Any, plan: dict[str, tuple[int, int]], warmup: int | None,
-        repeats: int | None, timeout_s: float | None,
+        self,
+        module: nn.Module,
+        example_input: Any,
+        plan: dict[str, tuple[int, int]],
+        warmup: int | None,
+        repeats: int | None,
+        timeout_s: float | None,
     ) -> tuple[Measurement, float]:
         kwargs: dict[str, Any] = {
             "warmup": self.warmup if warmup is None else warmup,
@@ -452,7 +483,15 @@ class LatencyTable:
                 "INSERT OR REPLACE INTO calibrations VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (self.spec.name, self.fingerprint, structure, scale, raw, measured, time.time()),
             )
-        return {"scale": scale, "raw_predicted_ms": raw, "measured_ms": measured, "measurement": m}
+        result = {"scale": scale, "raw_predicted_ms": raw, "measured_ms": measured, "measurement": m}
+        if m.cv > NOISY_CV:
+            # a calibration from a noisy measurement skews every variant's prediction: say so
+            result["warning"] = (
+                f"the reference measurement was noisy (cv {m.cv:.0%}); the factor {scale:.2f} may be off: "
+                "calibrate again on a quieter device"
+            )
+            log.warning("%s: %s", self.spec.name, result["warning"])
+        return result
 
     def confirm(
         self,
@@ -486,8 +525,16 @@ class LatencyTable:
                     "INSERT INTO confirmations (target, fingerprint, model, predicted_ms, measured_ms, rel_error, "
                     "raw_rel_error, calibrated, at, details) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
-                        self.spec.name, self.fingerprint, model_sig, predicted, measured, rel, raw_rel, int(calibrated),
-                        time.time(), json.dumps({"statistic": self.statistic, "cv": m.cv, "missing": len(missing)}),
+                        self.spec.name,
+                        self.fingerprint,
+                        model_sig,
+                        predicted,
+                        measured,
+                        rel,
+                        raw_rel,
+                        int(calibrated),
+                        time.time(),
+                        json.dumps({"statistic": self.statistic, "cv": m.cv, "missing": len(missing)}),
                     ),
                 )
         return {
@@ -537,7 +584,12 @@ class LatencyTable:
 
     def stats(self) -> dict[str, Any]:
         """Counters of this object: hits, misses, entries measured, seconds spent measuring."""
-        return {"hits": self.hits, "misses": self.misses, "measured": self.measured, "measure_s": self.measure_s}
+        return {
+            "hits": self.hits,
+            "misses": self.misses,
+            "measured": self.measured,
+            "measure_s": self.measure_s,
+        }
 
 
 def structure_key(workloads: list[LayerWorkload]) -> str:
@@ -551,9 +603,18 @@ def structure_key(workloads: list[LayerWorkload]) -> str:
         spatial = list(w.in_shape[2:]) if len(w.in_shape) > 2 else []
         items.append(
             [
-                w.kind, w.op, list(w.kernel), list(w.stride), w.padding if isinstance(w.padding, str) else list(w.padding),
-                list(w.dilation), list(w.fused), w.groups > 1 and w.groups == w.in_channels, w.groups > 1,
-                w.batch, spatial, len(w.in_shape),
+                w.kind,
+                w.op,
+                list(w.kernel),
+                list(w.stride),
+                w.padding if isinstance(w.padding, str) else list(w.padding),
+                list(w.dilation),
+                list(w.fused),
+                w.groups > 1 and w.groups == w.in_channels,
+                w.groups > 1,
+                w.batch,
+                spatial,
+                len(w.in_shape),
             ]
         )
     return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]

@@ -129,4 +129,3 @@ class TorchBackend:
             if restore:
                 module.train(True)
         return make_measurement(self.spec, stats, compile_s, details, warmup, repeats, inputs[0].shape[0])
-

@@ -37,7 +37,12 @@ from compression.errors import PolicyError, TargetError
 
 FLOAT_BITS = 32
 
-_CONV_OPS = {"aten.conv2d.default", "aten.conv2d.padding", "aten.convolution.default", "aten._convolution.default"}
+_CONV_OPS = {
+    "aten.conv2d.default",
+    "aten.conv2d.padding",
+    "aten.convolution.default",
+    "aten._convolution.default",
+}
 _LINEAR_OPS = {"aten.linear.default", "aten.addmm.default", "aten.mm.default", "aten.matmul.default"}
 _BN_OPS = {
     "aten.batch_norm.default",
@@ -114,7 +119,9 @@ class LayerWorkload:
         if self.kind == "conv2d":
             kh, kw = self.kernel
             oh, ow = self.out_shape[-2], self.out_shape[-1]
-            return self.batch * self.out_channels * oh * ow * (self.in_channels // max(1, self.groups)) * kh * kw
+            return (
+                self.batch * self.out_channels * oh * ow * (self.in_channels // max(1, self.groups)) * kh * kw
+            )
         if self.kind == "linear":
             rows = 1
             for d in self.in_shape[:-1]:
@@ -181,7 +188,9 @@ def normalize_bits(bits: Any) -> dict[str, tuple[int, int]]:
             raise PolicyError(f"bits for layer {name!r} are not integers: {v!r}") from exc
         for label, b in (("w_bits", w), ("a_bits", a)):
             if not (1 <= b <= 8 or b == FLOAT_BITS):
-                raise PolicyError(f"layer {name!r}: {label}={b} is not supported", "use 1..8, or 32 for float")
+                raise PolicyError(
+                    f"layer {name!r}: {label}={b} is not supported", "use 1..8, or 32 for float"
+                )
         out[str(name)] = (w, a)
     return out
 
@@ -214,6 +223,12 @@ class _Recorder(TorchDispatchMode):
         self.dtype: dict[int, torch.dtype] = {}
         self.keep: list[torch.Tensor] = []  # keeps ids unique while recording
         self.next_id = 0
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # torch would wrap __torch_dispatch__ in dynamo.disable, importing torch._dynamo (2-8 s) on the first
+        # recording; the recorder only ever runs eager models, so there is nothing for dynamo to skip
+        return False
 
     def new_value(self, t: torch.Tensor, act: bool, origin: str = "") -> int:
         vid = self.next_id
@@ -262,11 +277,22 @@ class _Recorder(TorchDispatchMode):
         consts = [v for v in in_vids if not self.is_act[v]]
         origin = next((self.origin[v] for v in consts if v in self.origin), "")
         flat_out, _ = tree_flatten(out)
-        out_vids = [self.new_value(t, act=bool(acts), origin="" if acts else origin) for t in flat_out if isinstance(t, torch.Tensor)]
+        out_vids = [
+            self.new_value(t, act=bool(acts), origin="" if acts else origin)
+            for t in flat_out
+            if isinstance(t, torch.Tensor)
+        ]
         if acts:
             self.ops.append(
                 _Op(
-                    len(self.ops), name, func, targs, tkwargs, acts, consts, out_vids,
+                    len(self.ops),
+                    name,
+                    func,
+                    targs,
+                    tkwargs,
+                    acts,
+                    consts,
+                    out_vids,
                     [self.shape[v] for v in out_vids],
                 )
             )
@@ -345,7 +371,9 @@ def _functional_name(name: str) -> str:
     return name
 
 
-def record_ops(module: nn.Module, example_input: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[_Recorder, Any]:
+def record_ops(
+    module: nn.Module, example_input: torch.Tensor | tuple[torch.Tensor, ...]
+) -> tuple[_Recorder, Any]:
     """Run ``module`` once in inference mode and return the recorder (aten ops) and the output."""
     from compression.targets.onnx_io import as_inputs
 
@@ -357,7 +385,9 @@ def record_ops(module: nn.Module, example_input: torch.Tensor | tuple[torch.Tens
         with torch.inference_mode(), rec:
             out = module(*inputs)
     except Exception as exc:
-        raise TargetError(f"the model failed to run on the example input: {type(exc).__name__}: {exc}") from exc
+        raise TargetError(
+            f"the model failed to run on the example input: {type(exc).__name__}: {exc}"
+        ) from exc
     return rec, out
 
 
@@ -419,7 +449,9 @@ def extract_workloads(
         seen_layers.add(layer.name)
         w_bits, a_bits = plan.get(layer.name, (FLOAT_BITS, FLOAT_BITS))
         result.append(
-            replace(layer, fused=tuple(fused), out_shape=rec.shape[v], w_bits=w_bits, a_bits=a_bits, name=name)
+            replace(
+                layer, fused=tuple(fused), out_shape=rec.shape[v], w_bits=w_bits, a_bits=a_bits, name=name
+            )
         )
     unknown = sorted(set(plan) - seen_layers)
     if unknown:
@@ -439,7 +471,11 @@ def _layer_workload(op: _Op, rec: _Recorder) -> LayerWorkload | None:
         if op.name == "aten.convolution.default" or op.name == "aten._convolution.default":
             if bool(_arg(op, 6, "transposed", False)):
                 return None
-            stride, padding, dilation = _arg(op, 3, "stride", 1), _arg(op, 4, "padding", 0), _arg(op, 5, "dilation", 1)
+            stride, padding, dilation = (
+                _arg(op, 3, "stride", 1),
+                _arg(op, 4, "padding", 0),
+                _arg(op, 5, "dilation", 1),
+            )
             groups = int(_arg(op, 8, "groups", 1))
         else:
             stride, padding = _arg(op, 3, "stride", 1), _arg(op, 4, "padding", 0)
@@ -502,7 +538,11 @@ def _layer_name(rec: _Recorder, weight_vid: int, op: _Op) -> str:
 
 def _op_workload(op: _Op, rec: _Recorder) -> LayerWorkload:
     name = _functional_name(op.name)
-    sig = json.dumps({"args": _encode(op.args, rec), "kwargs": _encode(op.kwargs, rec)}, sort_keys=True, separators=(",", ":"))
+    sig = json.dumps(
+        {"args": _encode(op.args, rec), "kwargs": _encode(op.kwargs, rec)},
+        sort_keys=True,
+        separators=(",", ":"),
+    )
     short = name.split(".")[1] if name.count(".") >= 2 else name
     return LayerWorkload(
         kind="op",
@@ -534,7 +574,14 @@ class FusedLayer(nn.Module):
         g = torch.Generator().manual_seed(0)
         if w.kind == "conv2d":
             self.op = nn.Conv2d(
-                w.in_channels, w.out_channels, w.kernel, w.stride, w.padding, w.dilation, w.groups, bias=w.bias
+                w.in_channels,
+                w.out_channels,
+                w.kernel,
+                w.stride,
+                w.padding,
+                w.dilation,
+                w.groups,
+                bias=w.bias,
             )
             bn: nn.Module = nn.BatchNorm2d(w.out_channels)
         elif w.kind == "linear":
@@ -604,9 +651,11 @@ class OpModule(nn.Module):
                 self.register_buffer(name, t)
                 return ("buffer", name)
             if isinstance(x, dict) and "unsupported" in x:
-                raise TargetError(f"workload {w.op} has an argument of type {x['unsupported']} that cannot be rebuilt")
+                raise TargetError(
+                    f"workload {w.op} has an argument of type {x['unsupported']} that cannot be rebuilt"
+                )
             if isinstance(x, dict) and len(x) == 1:
-                (k, v), = x.items()
+                ((k, v),) = x.items()
                 if k == "dtype":
                     return _decode_dtype(v)
                 if k == "device":
@@ -653,7 +702,9 @@ class OverheadModule(nn.Module):
         return x
 
 
-def build_workload_module(w: LayerWorkload) -> tuple[nn.Module, tuple[torch.Tensor, ...], dict[str, tuple[int, int]]]:
+def build_workload_module(
+    w: LayerWorkload,
+) -> tuple[nn.Module, tuple[torch.Tensor, ...], dict[str, tuple[int, int]]]:
     """The module a table measures for ``w``, its inputs, and the bits plan for it.
 
     Conv/linear workloads give a ``FusedLayer`` whose layer is named ``op`` (the plan is ``{"op": (w, a)}``
@@ -662,7 +713,9 @@ def build_workload_module(w: LayerWorkload) -> tuple[nn.Module, tuple[torch.Tens
     g = torch.Generator().manual_seed(1)
     if w.is_layer:
         module: nn.Module = FusedLayer(w)
-        plan = {} if (w.w_bits, w.a_bits) == (FLOAT_BITS, FLOAT_BITS) else {WORKLOAD_LAYER: (w.w_bits, w.a_bits)}
+        plan = (
+            {} if (w.w_bits, w.a_bits) == (FLOAT_BITS, FLOAT_BITS) else {WORKLOAD_LAYER: (w.w_bits, w.a_bits)}
+        )
         return module, (torch.randn(w.in_shape, generator=g),), plan
     if w.kind == "op":
         om = OpModule(w)

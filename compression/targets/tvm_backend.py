@@ -1,0 +1,952 @@
+"""The ``tvm`` backend: compile a model with TVM (Relax) for a target and time it, locally or on a remote device.
+
+Settings (all optional; ``registry.validate_target`` calls ``validate_settings``):
+
+- ``target``: the TVM target, a dict such as ``{"kind": "llvm", "mcpu": "cortex-a72", "mtriple":
+  "aarch64-linux-gnu", "num-cores": 4}`` (default: ``default_local_target()``, this machine's CPU).
+- ``rpc``: ``{"host", "port", "key", "timeout_s", "priority", "session_timeout_s"}``: measure on a device
+  registered under ``key`` at a TVM RPC tracker. The model is cross-compiled here, exported as a shared
+  library (``cc`` links it), uploaded, loaded and timed on the device. Without ``rpc`` it runs on this CPU.
+- ``cc``: the compiler that links the library for an RPC device (default: the system ``g++``; e.g.
+  ``aarch64-linux-gnu-g++`` for a Raspberry Pi).
+- ``tuning``: ``{"mode", "trials_per_task", "db_dir", "builder_timeout_s", "runner_timeout_s"}``, where
+  ``mode`` is one of
+    - ``default`` (the default): this package's CPU schedules (``tvm_schedules``), compiled in seconds,
+      no tuning;
+    - ``database``: like ``default``, but workloads with MetaSchedule records in the target's database use
+      them (nothing is tuned);
+    - ``metaschedule``: workloads without records are tuned first (``trials_per_task`` trials each, default
+      64), the records are saved in the database, and every later measurement in any process reuses them;
+    - ``untuned``: TVM's naive lowering, for comparison only: ``details["representative"]`` is false.
+  ``db_dir`` defaults to ``~/.cache/compression/tvm/<target fingerprint>`` (``$COMPRESSION_TVM_DB_ROOT``
+  replaces ``~/.cache/compression/tvm``).
+- ``threads`` (TVM runtime threads on this CPU; default the target's ``num-cores``), ``lock`` / ``wait_s``
+  (the local device lock shared with the other local backends, see ``measure.py``), ``min_run_ms`` (each
+  timed run averages enough calls to last this long, default 1 ms, so microsecond layers are not timer
+  noise).
+
+A measurement: ``torch.export`` -> ``from_exported_program`` -> batch-norm decomposition, legalization and
+operator fusion -> schedules (database records, then default rules) -> ``tvm.compile`` -> a Relax
+``VirtualMachine`` -> ``time_evaluator`` (C++ timing loop). The output is checked against PyTorch once
+(``details["max_abs_diff"]``). ``details["tuning"]`` says how the code was scheduled; a measurement of
+naive code is never passed off as the device's speed. TVM here compiles float32 kernels only: a bits plan
+is recorded as run in float32 (``details["bits_run"]``).
+
+Numbers, costs of each tuning mode and the recommendation: ``docs/targets-tvm.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from compression.errors import ModelError, TargetError
+from compression.targets.base import Measurement, TargetSpec
+from compression.targets.measure import (
+    DEFAULT_DEVICE,
+    DEFAULT_WAIT_S,
+    DeadlineExceeded,
+    device_lock,
+    make_measurement,
+    run_with_deadline,
+    summarize,
+)
+from compression.targets.onnx_io import as_inputs
+from compression.targets.workloads import FLOAT_BITS, normalize_bits
+
+log = logging.getLogger(__name__)
+
+TUNING_MODES = ("default", "database", "metaschedule", "untuned")
+DEFAULT_TRIALS_PER_TASK = 64
+DB_ROOT_ENV = "COMPRESSION_TVM_DB_ROOT"
+FLOAT_NOTE = "TVM compiles float32 kernels here; the bits plan affects the analytic cost only"
+
+_SETTINGS = {"target", "rpc", "tuning", "threads", "lock", "wait_s", "min_run_ms", "cc"}
+_RPC_FIELDS = {"host", "port", "key", "timeout_s", "priority", "session_timeout_s"}
+_TUNING_FIELDS = {"mode", "trials_per_task", "db_dir", "builder_timeout_s", "runner_timeout_s"}
+# the TVM output must match PyTorch to this (relative to the output's magnitude) or the measurement is refused
+_OUTPUT_RTOL = 1e-3
+
+
+# ------------------------------------------------------------------------------------------ targets
+def host_cpu_name() -> str | None:
+    """The CPU name LLVM uses for this machine (e.g. ``skylake-avx512``), or None if LLVM cannot tell."""
+    try:
+        from tvm.target import codegen
+
+        name = str(codegen.llvm_get_system_cpu())
+    except Exception:  # an LLVM-less TVM build, or an old TVM without the query
+        return None
+    return name if name and name != "generic" else None
+
+
+def default_local_target() -> dict[str, Any]:
+    """The TVM target dict for this machine's CPU: ``{"kind": "llvm", "mcpu": <host cpu>, "num-cores": 2}``.
+
+    ``mcpu`` is LLVM's name for the host CPU (so vector units such as AVX-512 are used); it is left out
+    when LLVM cannot detect it. ``num-cores`` is what MetaSchedule tunes parallel loops for; it is 2 (the
+    machines this project runs on) or fewer on a smaller machine.
+    """
+    target: dict[str, Any] = {"kind": "llvm"}
+    cpu = host_cpu_name()
+    if cpu:
+        target["mcpu"] = cpu
+    target["num-cores"] = max(1, min(2, os.cpu_count() or 1))
+    return target
+
+
+def tvm_target(target: Mapping[str, Any] | str, name: str = "tvm") -> Any:
+    """A ``tvm.target.Target`` from a dict (or string); ``TargetError`` naming the problem when TVM refuses it."""
+    import tvm
+
+    try:
+        return tvm.target.Target(dict(target) if isinstance(target, Mapping) else target)
+    except Exception as exc:  # TVM raises ValueError/TVMError with a long C++ trace; keep one line
+        raise TargetError(
+            f"target {name}: TVM does not accept the target {json.dumps(target, default=str)}: {_first_line(exc)}",
+            'use a dict like {"kind": "llvm", "mcpu": "cortex-a72", "mtriple": "aarch64-linux-gnu", "num-cores": 4}',
+        ) from exc
+
+
+def _target_json(target: Any) -> dict[str, Any]:
+    return json.loads(json.dumps(target.export(), default=str))
+
+
+def target_fingerprint(target: Mapping[str, Any] | str) -> str:
+    """A directory-safe name for a target and this TVM version, e.g. ``llvm-skylake-avx512-2c-1a2b3c4d5e6f``.
+
+    Tuning records are valid only for the exact target and TVM version they were tuned with, so both are
+    hashed.
+    """
+    import tvm
+
+    t = tvm_target(target)
+    data = _target_json(t)
+    digest = hashlib.sha256(
+        json.dumps({"target": data, "tvm": tvm.__version__}, sort_keys=True).encode()
+    ).hexdigest()[:12]
+    parts = [t.kind.name]
+    for attr in ("mtriple", "mcpu"):
+        v = data.get(attr)
+        if v:
+            parts.append(str(v).split("-")[0] if attr == "mtriple" else str(v))
+    if data.get("num-cores"):
+        parts.append(f"{data['num-cores']}c")
+    safe = "-".join("".join(ch if ch.isalnum() or ch in "._" else "_" for ch in p) for p in parts)
+    return f"{safe}-{digest}"
+
+
+def default_db_dir(target: Mapping[str, Any] | str) -> Path:
+    """Where the MetaSchedule database of ``target`` lives unless ``tuning.db_dir`` says otherwise."""
+    root = os.environ.get(DB_ROOT_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "compression", "tvm")
+    return Path(root) / target_fingerprint(target)
+
+
+# ------------------------------------------------------------------------------------------ settings
+def _positive(label: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise TargetError(f"{label} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _positive_int(label: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise TargetError(f"{label} must be an integer >= 1, got {value!r}")
+    return value
+
+
+def validate_settings(name: str, settings: Mapping[str, Any]) -> None:
+    """Check a ``tvm`` target's settings; raise ``TargetError`` saying what is wrong and how to fix it."""
+    unknown = sorted(set(settings) - _SETTINGS)
+    if unknown:
+        raise TargetError(f"target {name}: unknown tvm settings {unknown}", f"allowed: {sorted(_SETTINGS)}")
+    target = settings.get("target")
+    if target is not None:
+        if not isinstance(target, (Mapping, str)):
+            raise TargetError(f"target {name}: the TVM target must be a dict, got {type(target).__name__}")
+        t = tvm_target(target, name)
+        if t.kind.name not in ("llvm", "c") and "rpc" not in settings:
+            # a GPU target would need a local GPU; this backend times on CPU devices or through RPC
+            raise TargetError(
+                f"target {name}: TVM target kind {t.kind.name!r} cannot run on this machine",
+                "use kind llvm for CPUs, or add rpc settings for a remote device of that kind",
+            )
+    rpc = settings.get("rpc")
+    if rpc is not None:
+        if not isinstance(rpc, Mapping):
+            raise TargetError(f"target {name}: rpc must be an object with host, port and key")
+        unknown = sorted(set(rpc) - _RPC_FIELDS)
+        if unknown:
+            raise TargetError(f"target {name}: unknown rpc fields {unknown}", f"allowed: {sorted(_RPC_FIELDS)}")
+        for required in ("host", "port", "key"):
+            if required not in rpc:
+                raise TargetError(f"target {name}: rpc is missing {required!r}", "give the tracker host, port and device key")
+        if isinstance(rpc["port"], bool) or not isinstance(rpc["port"], int) or not 1 <= rpc["port"] <= 65535:
+            raise TargetError(f"target {name}: rpc port must be an integer in 1..65535, got {rpc['port']!r}")
+        for t_field in ("timeout_s", "session_timeout_s"):
+            if t_field in rpc:
+                _positive(f"target {name}: rpc {t_field}", rpc[t_field])
+    tuning = settings.get("tuning")
+    if tuning is not None:
+        if not isinstance(tuning, Mapping):
+            raise TargetError(f"target {name}: tuning must be an object", f"fields: {sorted(_TUNING_FIELDS)}")
+        unknown = sorted(set(tuning) - _TUNING_FIELDS)
+        if unknown:
+            raise TargetError(f"target {name}: unknown tuning fields {unknown}", f"allowed: {sorted(_TUNING_FIELDS)}")
+        mode = tuning.get("mode", "default")
+        if mode not in TUNING_MODES:
+            raise TargetError(f"target {name}: unknown tuning mode {mode!r}", f"use one of {', '.join(TUNING_MODES)}")
+        if "trials_per_task" in tuning:
+            _positive_int(f"target {name}: tuning trials_per_task", tuning["trials_per_task"])
+        for t_field in ("builder_timeout_s", "runner_timeout_s"):
+            if t_field in tuning:
+                _positive(f"target {name}: tuning {t_field}", tuning[t_field])
+        if "db_dir" in tuning and not (isinstance(tuning["db_dir"], str) and tuning["db_dir"].strip()):
+            raise TargetError(f"target {name}: tuning db_dir must be a directory path")
+    if "threads" in settings:
+        _positive_int(f"target {name}: threads", settings["threads"])
+    if "min_run_ms" in settings:
+        _positive(f"target {name}: min_run_ms", settings["min_run_ms"])
+    if "cc" in settings and not (isinstance(settings["cc"], str) and settings["cc"].strip()):
+        raise TargetError(f"target {name}: cc must be a compiler command, e.g. aarch64-linux-gnu-g++")
+
+
+def make_backend(spec: TargetSpec) -> TvmBackend:
+    """The TVM backend for ``spec`` (settings are validated first)."""
+    validate_settings(spec.name, spec.settings)
+    return TvmBackend(spec)
+
+
+# ------------------------------------------------------------------------------------------ compiling
+def _first_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    return (lines[-1] if lines else type(exc).__name__)[:300]
+
+
+def export_program(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Any:
+    """``torch.export`` of ``module`` in eval mode (its training flag is restored afterwards)."""
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            return torch.export.export(module, tuple(t.detach().cpu() for t in inputs))
+    except Exception as exc:
+        raise ModelError(
+            f"torch.export cannot export the model for TVM: {type(exc).__name__}: {_first_line(exc)}",
+            "TVM imports models through torch.export; remove data-dependent Python control flow from forward()",
+        ) from exc
+    finally:
+        module.train(was_training)
+
+
+def import_relax(exported: Any) -> Any:
+    """A Relax IRModule (weights bound as constants) from an ``ExportedProgram``."""
+    from tvm.relax.frontend.torch import from_exported_program
+
+    try:
+        return from_exported_program(exported, keep_params_as_input=False)
+    except Exception as exc:
+        raise TargetError(
+            f"TVM cannot import the model: {type(exc).__name__}: {_first_line(exc)}",
+            "an operator is not supported by TVM's PyTorch frontend; measure this model with local-ort or local-torch",
+        ) from exc
+
+
+def fuse(mod: Any, target: Any) -> Any:
+    """Legalize to TIR and fuse operators (the form tuning tasks and database records are keyed by)."""
+    import tvm
+    from tvm import relax
+
+    seq = [
+        relax.transform.DecomposeOpsForInference(),
+        relax.transform.CanonicalizeBindings(),
+        *relax.pipeline.library_dispatch_passes(target),
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+    ]
+    with target, tvm.transform.PassContext(opt_level=3):
+        return tvm.transform.Sequential(seq)(mod)
+
+
+def build(mod: Any, target: Any) -> Any:
+    """Compile a fused, scheduled Relax module to a VM executable (no further fusion: schedules stay)."""
+    import tvm
+    from tvm import relax
+
+    try:
+        lower = relax.pipeline.dataflow_lower_passes(target) + relax.pipeline.finalize_passes(target)
+    except AttributeError:
+        # TVM 0.27 does not export cpu_generic.dataflow_lower_passes (relax.pipeline looks for it there)
+        from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
+
+        lower = cpu_pipeline.dataflow_lower_passes(target) + cpu_pipeline.finalize_passes(target)
+    with target, tvm.transform.PassContext(opt_level=3):
+        return tvm.compile(mod, target=target, relax_pipeline=tvm.transform.Sequential(lower))
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+class TuningDatabase:
+    """A target's persistent MetaSchedule database (JSON files) plus the list of workloads already tuned.
+
+    MetaSchedule keys records by the structural hash of each fused TIR function, so a workload tuned for
+    one model is found for every other model (and process) that has the same layer at the same shape.
+    ``attempted.json`` remembers workloads that were tuned even when no schedule built (so a workload is
+    never tuned twice). Every access holds ``db_dir/.lock``: concurrent tuners wait for each other and then
+    see each other's records instead of tuning the same workload twice.
+    """
+
+    def __init__(self, db_dir: str | Path) -> None:
+        self.dir = Path(db_dir).expanduser()
+        self.lock_path = self.dir / ".lock"
+        self.attempted_path = self.dir / "attempted.json"
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[Any]:
+        """Hold the database exclusively; yields a ``JSONDatabase`` loaded under the lock."""
+        from tvm.s_tir import meta_schedule as ms
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with _file_lock(self.lock_path):
+            yield ms.database.JSONDatabase(work_dir=str(self.dir), module_equality="structural")
+
+    def attempted(self) -> dict[str, Any]:
+        """Workloads tuned before: structural hash -> {name, trials, seconds, at}."""
+        try:
+            return json.loads(self.attempted_path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def mark_attempted(self, entries: dict[str, Any]) -> None:
+        """Record tuned workloads (called under ``locked``)."""
+        data = self.attempted()
+        data.update(entries)
+        tmp = self.attempted_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        os.replace(tmp, self.attempted_path)
+
+    def n_records(self) -> int:
+        """How many tuning records the database holds."""
+        p = self.dir / "database_tuning_record.json"
+        try:
+            with open(p) as f:
+                return sum(1 for line in f if line.strip())
+        except OSError:
+            return 0
+
+
+def workload_hash(prim_func_mod: Any) -> str:
+    """The structural hash MetaSchedule's database uses for a tuning task's module, as text."""
+    import tvm
+
+    return str(tvm.ir.structural_hash(prim_func_mod))
+
+
+@dataclass
+class Compiled:
+    """A compiled model and what it took: the executable, seconds, and how it was scheduled."""
+
+    executable: Any
+    compile_s: float
+    tuning_s: float
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------ backend
+class TvmBackend:
+    """Measures latency of models compiled by TVM, on this CPU or on an RPC device (see module docstring)."""
+
+    def __init__(self, spec: TargetSpec) -> None:
+        self.spec = spec
+        s = spec.settings
+        self.rpc: dict[str, Any] | None = dict(s["rpc"]) if s.get("rpc") else None
+        self.target_dict: dict[str, Any] | str = s.get("target") or default_local_target()
+        self.target = tvm_target(self.target_dict, spec.name)
+        tuning = dict(s.get("tuning") or {})
+        self.mode: str = tuning.get("mode", "default")
+        self.trials_per_task = int(tuning.get("trials_per_task", DEFAULT_TRIALS_PER_TASK))
+        self.builder_timeout_s = float(tuning.get("builder_timeout_s", 120.0))
+        self.runner_timeout_s = float(tuning.get("runner_timeout_s", 60.0))
+        self.db_dir = Path(tuning["db_dir"]).expanduser() if tuning.get("db_dir") else default_db_dir(self.target_dict)
+        cores = self.target.attrs.get("num-cores")
+        self.threads = int(s.get("threads") or (int(cores) if cores else 2))
+        self.device = str(s.get("lock", DEFAULT_DEVICE))
+        self.wait_s = float(s.get("wait_s", DEFAULT_WAIT_S))
+        self.min_run_ms = float(s.get("min_run_ms", 1.0))
+        self.cc: str | None = s.get("cc")
+        if self.rpc is None and self.mode == "metaschedule" and self.target.kind.name != "llvm":
+            raise TargetError(f"target {spec.name}: MetaSchedule tuning here needs an llvm target or an RPC device")
+
+    # ---------------------------------------------------------------------------------- facts
+    @property
+    def remote(self) -> bool:
+        """True when measurements go through an RPC tracker."""
+        return self.rpc is not None
+
+    def bits_run(self, w_bits: int, a_bits: int) -> tuple[int, int]:
+        """The bit-widths TVM really runs for a request here: always float32."""
+        return (FLOAT_BITS, FLOAT_BITS)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What a latency measured here depends on (keys a latency table)."""
+        import tvm
+
+        from compression.targets.torch_backend import cpu_model
+
+        fp: dict[str, Any] = {
+            "backend": "tvm",
+            "tvm": tvm.__version__,
+            "target": _target_json(self.target),
+            "tuning": self.mode,
+            "schedules": "tvm_schedules-1",
+        }
+        if self.mode == "metaschedule":
+            fp["trials_per_task"] = self.trials_per_task
+        if self.rpc:
+            fp["device"] = f"rpc:{self.rpc['key']}"
+        else:
+            fp["device"] = f"local:{cpu_model()}"
+            fp["threads"] = self.threads
+        return fp
+
+    def check(self) -> dict[str, Any]:
+        """Health: local CPU facts, or the tracker's queue for the key after a short device request."""
+        import tvm
+
+        info: dict[str, Any] = {
+            "backend": "tvm",
+            "tvm": tvm.__version__,
+            "target": _target_json(self.target),
+            "tuning": self.mode,
+        }
+        if self.rpc is None:
+            from tvm.target import codegen
+
+            from compression.targets.torch_backend import cpu_model
+
+            self._check_local_target()
+            dev = tvm.cpu(0)
+            if not dev.exist:
+                raise TargetError(f"target {self.spec.name}: TVM sees no CPU device")
+            info.update(
+                reachable=True,
+                device="local",
+                cpu=cpu_model(),
+                llvm_cpu=host_cpu_name(),
+                llvm_version=int(codegen.llvm_version_major()),
+                threads=self.threads,
+                db_dir=str(self.db_dir),
+                db_records=TuningDatabase(self.db_dir).n_records(),
+            )
+            return info
+        from compression.targets import tvm_rpc
+
+        host, port, key = self.rpc["host"], int(self.rpc["port"]), self.rpc["key"]
+        timeout = min(float(self.rpc.get("timeout_s", tvm_rpc.DEFAULT_TIMEOUT_S)), 10.0)
+        summary = tvm_rpc.tracker_summary(host, port, timeout_s=timeout)
+
+        def probe(sess: Any) -> dict[str, Any]:
+            dev = sess.cpu(0)
+            return {"device_cpu_exists": bool(dev.exist)}
+
+        probed = tvm_rpc.run_on_device(self.rpc, probe, timeout_s=timeout, what="health check")
+        q = summary.get("queue_info", {}).get(key, {})
+        info.update(
+            reachable=True,
+            device=f"rpc://{host}:{port}/{key}",
+            servers=tvm_rpc.servers_for_key(summary, key),
+            free=q.get("free"),
+            pending=q.get("pending"),
+            **probed,
+        )
+        return info
+
+    def _check_local_target(self) -> None:
+        from tvm.target import codegen
+
+        if self.target.kind.name != "llvm":
+            raise TargetError(f"target {self.spec.name}: kind {self.target.kind.name!r} cannot run on this CPU")
+        triple = self.target.attrs.get("mtriple")
+        if triple:
+            host_arch = str(codegen.llvm_get_system_triple()).split("-")[0]
+            if str(triple).split("-")[0] != host_arch:
+                raise TargetError(
+                    f"target {self.spec.name}: compiles for {triple} but has no rpc device; this machine is {host_arch}",
+                    "add rpc settings (tracker host, port, device key) to measure on that device",
+                )
+
+    # ---------------------------------------------------------------------------------- compile
+    def _import(self, module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Any:
+        return fuse(import_relax(export_program(module, inputs)), self.target)
+
+    def tune(self, module: nn.Module, example_input: torch.Tensor | tuple[torch.Tensor, ...]) -> dict[str, Any]:
+        """Tune the model's workloads that the database has not seen (MetaSchedule); a report.
+
+        Runs in any tuning mode (it is how a database is filled ahead of time). Tuning on this CPU holds
+        the local device lock: it measures candidates, and must not time alongside other measurements.
+        """
+        inputs = as_inputs(example_input)
+        mod = self._import(module, inputs)
+        return self._tune_fused(mod)
+
+    def _tune_fused(self, mod: Any) -> dict[str, Any]:
+        from tvm.s_tir import meta_schedule as ms
+
+        db = TuningDatabase(self.db_dir)
+        lock = contextlib.nullcontext(0.0) if self.rpc else device_lock(self.device, self.wait_s)
+        t0 = time.perf_counter()
+        with lock, db.locked() as jdb:
+            tasks = ms.relax_integration.extract_tasks(mod, self.target)
+            attempted = db.attempted()
+            missing = []
+            for task in tasks:
+                wl = task.dispatched[0]
+                h = workload_hash(wl)
+                if h in attempted or jdb.query_tuning_record(wl, self.target, task.task_name) is not None:
+                    continue
+                missing.append((h, task))
+            report: dict[str, Any] = {"tasks": len(tasks), "tuned": len(missing), "db_dir": str(self.db_dir)}
+            if missing:
+                t_tune = time.perf_counter()
+                self._run_metaschedule([t for _, t in missing], jdb)
+                spent = time.perf_counter() - t_tune
+                stamp = time.time()
+                db.mark_attempted(
+                    {
+                        h: {"name": t.task_name, "trials": self.trials_per_task, "seconds": spent / len(missing), "at": stamp}
+                        for h, t in missing
+                    }
+                )
+        report["seconds"] = time.perf_counter() - t0
+        return report
+
+    def _run_metaschedule(self, tasks: list[Any], jdb: Any) -> None:
+        from tvm.s_tir import meta_schedule as ms
+
+        work_dir = str(self.db_dir / "logs")
+        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+            tasks, work_dir=work_dir, num_threads=max(1, os.cpu_count() or 1)
+        )
+        builder = ms.builder.LocalBuilder(timeout_sec=self.builder_timeout_s, max_workers=max(1, os.cpu_count() or 1))
+        if self.rpc:
+            from compression.targets import tvm_rpc
+
+            runner: Any = ms.runner.RPCRunner(
+                rpc_config=ms.runner.RPCConfig(
+                    tracker_host=self.rpc["host"],
+                    tracker_port=int(self.rpc["port"]),
+                    tracker_key=self.rpc["key"],
+                    session_timeout_sec=int(self.rpc.get("timeout_s", tvm_rpc.DEFAULT_TIMEOUT_S)),
+                ),
+                timeout_sec=self.runner_timeout_s,
+            )
+        else:
+            runner = ms.runner.LocalRunner(timeout_sec=self.runner_timeout_s)
+        trials = self.trials_per_task
+        try:
+            ms.tune.tune_tasks(
+                tasks=contexts,
+                task_weights=weights,
+                work_dir=work_dir,
+                max_trials_global=trials * len(contexts),
+                max_trials_per_task=trials,
+                num_trials_per_iter=min(trials, 64),
+                builder=builder,
+                runner=runner,
+                database=jdb,
+                cost_model="xgb",
+            )
+        except Exception as exc:
+            raise TargetError(
+                f"target {self.spec.name}: MetaSchedule tuning failed: {type(exc).__name__}: {_first_line(exc)}",
+                "check the versions pinned in docs/targets-tvm.md (apache-tvm-ffi 0.1.15 segfaults while saving records)",
+            ) from exc
+
+    def _schedule(self, mod: Any) -> tuple[Any, dict[str, Any]]:
+        """Apply database records (modes database/metaschedule) and default schedules; report the counts."""
+        from compression.targets.tvm_schedules import count_scheduled, schedule_module
+
+        total = count_scheduled(mod)[1]
+        info: dict[str, Any] = {"functions": total}
+        if self.mode == "untuned":
+            info.update(tuning="untuned", representative=False, from_database=0, default_schedules=0, unscheduled=total)
+            return mod, info
+        from_db = 0
+        if self.mode in ("database", "metaschedule") and (self.db_dir / "database_tuning_record.json").exists():
+            import tvm
+            from tvm import relax
+
+            with TuningDatabase(self.db_dir).locked() as jdb, self.target, jdb, tvm.transform.PassContext(opt_level=3):
+                mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+            from_db = count_scheduled(mod)[0]
+            info["db_dir"] = str(self.db_dir)
+        mod, counts = schedule_module(mod, self.target)
+        unscheduled = counts["unscheduled"]
+        default = counts["anchor"] + counts["fallback"]
+        if from_db and default == 0 and unscheduled == 0:
+            state = f"tuned ({from_db} records, from database)"
+        elif from_db:
+            state = f"tuned ({from_db} records, from database) + default schedules ({default})"
+        else:
+            state = "default schedules"
+        if unscheduled:
+            state += f"; {unscheduled} of {total} functions untuned"
+        info.update(
+            tuning=state,
+            representative=unscheduled == 0,
+            from_database=from_db,
+            default_schedules=default,
+            unscheduled=unscheduled,
+        )
+        return mod, info
+
+    def compile(
+        self, module: nn.Module, example_input: torch.Tensor | tuple[torch.Tensor, ...], *, fused: Any = None
+    ) -> Compiled:
+        """Compile ``module`` for the target (tuning first in ``metaschedule`` mode); the executable and facts."""
+        inputs = as_inputs(example_input)
+        tuning_s = 0.0
+        t0 = time.perf_counter()
+        mod = fused if fused is not None else self._import(module, inputs)
+        import_s = time.perf_counter() - t0 if fused is None else 0.0
+        details: dict[str, Any] = {}
+        if self.mode == "metaschedule" and fused is None:
+            report = self._tune_fused(mod)
+            tuning_s = report["seconds"]
+            details["tuning_report"] = report
+        t1 = time.perf_counter()
+        mod, info = self._schedule(mod)
+        try:
+            ex = build(mod, self.target)
+        except Exception as exc:
+            raise TargetError(
+                f"target {self.spec.name}: TVM failed to compile the model: {type(exc).__name__}: {_first_line(exc)}"
+            ) from exc
+        details.update(info)
+        return Compiled(ex, import_s + time.perf_counter() - t1, tuning_s, details)
+
+    # ---------------------------------------------------------------------------------- measure
+    def measure(
+        self,
+        module: nn.Module,
+        example_input: torch.Tensor | tuple[torch.Tensor, ...],
+        *,
+        warmup: int = 10,
+        repeats: int = 50,
+        timeout_s: float = 120.0,
+        bits: Any = None,
+    ) -> Measurement:
+        """Compile ``module`` for the target and time it there (see the module docstring).
+
+        ``timeout_s`` bounds compiling and timing (and, for an RPC device, waiting for it in the tracker's
+        queue); MetaSchedule tuning of new workloads (mode ``metaschedule``) happens before and is bounded by
+        its trial budget instead. Raises ``TargetError`` when the target fails or does not answer in time.
+        """
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+            raise TargetError(f"warmup must be an integer >= 0, got {warmup!r}")
+        if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+            raise TargetError(f"repeats must be an integer >= 1, got {repeats!r}")
+        _positive("timeout_s", timeout_s)
+        inputs = as_inputs(example_input)
+        plan = normalize_bits(bits)
+        bits_details: dict[str, Any] = {}
+        if plan:
+            bits_details["bits_run"] = {
+                n: "float32" for n, (w, a) in plan.items() if (w, a) != (FLOAT_BITS, FLOAT_BITS)
+            }
+            bits_details["note"] = FLOAT_NOTE
+        with torch.no_grad():
+            was_training = module.training
+            module.eval()
+            try:
+                reference = [o.detach().cpu().numpy() for o in _flatten(module(*inputs))]
+            finally:
+                module.train(was_training)
+
+        fused = None
+        tuning_details: dict[str, Any] = {}
+        tuning_s = 0.0
+        if self.mode == "metaschedule":
+            # tuning is bounded by its trial budget, not by the measurement's timeout
+            t0 = time.perf_counter()
+            fused = self._import(module, inputs)
+            import_s = time.perf_counter() - t0
+            report = self._tune_fused(fused)
+            tuning_s = report["seconds"]
+            tuning_details["tuning_report"] = report
+        else:
+            import_s = 0.0
+
+        if self.rpc:
+            stats, compile_s, details = self._measure_remote(
+                module, inputs, fused, warmup, repeats, timeout_s, reference
+            )
+        else:
+            stats, compile_s, details = self._measure_local(
+                module, inputs, fused, warmup, repeats, timeout_s, reference
+            )
+        details.update(tuning_details)
+        details.update(bits_details)
+        details["tuning_s"] = tuning_s
+        details["dtype"] = "float32"
+        details["target_fingerprint"] = target_fingerprint(self.target_dict)
+        return make_measurement(self.spec, stats, compile_s + import_s, details, warmup, repeats, inputs[0].shape[0])
+
+    def _measure_local(
+        self,
+        module: nn.Module,
+        inputs: tuple[torch.Tensor, ...],
+        fused: Any,
+        warmup: int,
+        repeats: int,
+        timeout_s: float,
+        reference: list[np.ndarray],
+    ) -> tuple[dict[str, float], float, dict[str, Any]]:
+        import tvm
+        from tvm import relax
+
+        self._check_local_target()
+        started = threading.Event()
+        what = f"target {self.spec.name}"
+
+        def job(cancel: threading.Event) -> tuple[dict[str, float], float, dict[str, Any]]:
+            with device_lock(self.device, self.wait_s) as waited:
+                started.set()
+                deadline = time.monotonic() + timeout_s
+                compiled = self.compile(module, inputs, fused=fused)
+                if cancel.is_set() or time.monotonic() > deadline:
+                    raise DeadlineExceeded(f"{what}: compiling took longer than the timeout of {timeout_s:g} s")
+                _config_threads(self.threads)
+                dev = tvm.cpu(0)
+                vm = relax.VirtualMachine(compiled.executable, dev)
+                args = [tvm.runtime.tensor(t.detach().cpu().numpy(), dev) for t in inputs]
+                diff = _check_output(vm, args, reference, what)
+                times, number = _time_vm(
+                    vm, dev, args, warmup, repeats, self.min_run_ms, deadline, cancel, timeout_s
+                )
+                stats = summarize(times)
+                stats["lock_wait_s"] = waited
+                details = dict(compiled.details)
+                details.update(
+                    device="local",
+                    threads=self.threads,
+                    calls_per_run=number,
+                    max_abs_diff=diff,
+                    timer="tvm time_evaluator",
+                )
+                return stats, compiled.compile_s, details
+
+        return run_with_deadline(job, timeout_s, what, started=started, wait_s=self.wait_s)
+
+    def _export_library(self, executable: Any, path: Path) -> None:
+        kwargs: dict[str, Any] = {}
+        if self.cc:
+            from tvm.contrib import cc as tvm_cc
+
+            kwargs["fcompile"] = tvm_cc.cross_compiler(self.cc)
+        try:
+            executable.export_library(str(path), **kwargs)
+        except Exception as exc:
+            raise TargetError(
+                f"target {self.spec.name}: exporting the compiled library failed: {_first_line(exc)}",
+                "set the target's cc to a compiler that links for the device, e.g. aarch64-linux-gnu-g++",
+            ) from exc
+
+    def _measure_remote(
+        self,
+        module: nn.Module,
+        inputs: tuple[torch.Tensor, ...],
+        fused: Any,
+        warmup: int,
+        repeats: int,
+        timeout_s: float,
+        reference: list[np.ndarray],
+    ) -> tuple[dict[str, float], float, dict[str, Any]]:
+        import tvm
+        from tvm import relax
+
+        from compression.targets import tvm_rpc
+
+        assert self.rpc is not None
+        what = f"target {self.spec.name}"
+        deadline = time.monotonic() + timeout_s
+        compiled = self.compile(module, inputs, fused=fused)
+        with tempfile.TemporaryDirectory(prefix="compression-tvm-") as tmp:
+            lib_path = Path(tmp) / "model.so"
+            self._export_library(compiled.executable, lib_path)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TargetError(f"{what}: compiling took longer than the timeout of {timeout_s:g} s")
+
+            def remote_job(sess: Any) -> tuple[list[float], int, float]:
+                sess.upload(str(lib_path))
+                lib = sess.load_module(lib_path.name)
+                dev = sess.cpu(0)
+                vm = relax.VirtualMachine(lib, dev)
+                args = [tvm.runtime.tensor(t.detach().cpu().numpy(), dev) for t in inputs]
+                diff = _check_output(vm, args, reference, what)
+                times, number = _time_vm(
+                    vm, dev, args, warmup, repeats, self.min_run_ms, deadline, None, timeout_s
+                )
+                return times, number, diff
+
+            t_wait = time.monotonic()
+            times, number, diff = tvm_rpc.run_on_device(self.rpc, remote_job, timeout_s=remaining, what=what)
+            session_s = time.monotonic() - t_wait
+        stats = summarize(times)
+        details = dict(compiled.details)
+        details.update(
+            device=f"rpc://{self.rpc['host']}:{self.rpc['port']}/{self.rpc['key']}",
+            calls_per_run=number,
+            max_abs_diff=diff,
+            session_s=session_s,
+            timer="tvm time_evaluator (on the device)",
+        )
+        return stats, compiled.compile_s, details
+
+    # ---------------------------------------------------------------------------------- deploy
+    def export_library(
+        self, module: nn.Module, example_input: torch.Tensor | tuple[torch.Tensor, ...], path: str | Path
+    ) -> dict[str, Any]:
+        """Compile ``module`` for the target and write the deployable library to ``path``; what was built.
+
+        Load it with ``relax.VirtualMachine(tvm.runtime.load_module(path), dev)["main"](x)``.
+        """
+        inputs = as_inputs(example_input)
+        compiled = self.compile(module, inputs)
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        self._export_library(compiled.executable, p)
+        return {"target": _target_json(self.target), **{k: compiled.details[k] for k in ("tuning",) if k in compiled.details}}
+
+
+def export_library(
+    module: nn.Module, example_input: torch.Tensor | tuple[torch.Tensor, ...], target: TargetSpec, path: str | Path
+) -> str:
+    """Compile ``module`` for the TVM ``target`` and write its library to ``path``; a one-line description."""
+    info = make_backend(target).export_library(module, example_input, path)
+    return f"{json.dumps(info['target'], sort_keys=True)}, {info.get('tuning', '')}".rstrip(", ")
+
+
+# ------------------------------------------------------------------------------------------ timing
+def _flatten(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _flatten(o)]
+    if isinstance(out, Mapping):
+        return [t for o in out.values() for t in _flatten(o)]
+    return []
+
+
+def _tvm_outputs(out: Any) -> list[np.ndarray]:
+    if isinstance(out, (tuple, list)):
+        return [a for o in out for a in _tvm_outputs(o)]
+    return [out.numpy()] if hasattr(out, "numpy") else []
+
+
+def _config_threads(threads: int) -> None:
+    import tvm
+
+    # affinity mode 0 = default: the pool is resized for the calling thread (the measuring thread)
+    tvm.get_global_func("runtime.config_threadpool")(0, int(threads))
+
+
+def _check_output(vm: Any, args: list[Any], reference: list[np.ndarray], what: str) -> float:
+    """Run once and compare with PyTorch; the largest absolute difference (TargetError when wrong)."""
+    # the stateful API is the one that works over RPC too (a remote call cannot return a tuple object)
+    vm.set_input("main", *args)
+    vm.invoke_stateful("main")
+    outs = _tvm_outputs(vm.get_outputs("main"))
+    if len(outs) != len(reference):
+        raise TargetError(f"{what}: TVM returned {len(outs)} outputs, PyTorch {len(reference)}")
+    worst = 0.0
+    for got, want in zip(outs, reference):
+        if got.shape != want.shape:
+            raise TargetError(f"{what}: TVM output shape {got.shape} differs from PyTorch's {want.shape}")
+        if want.size == 0:
+            continue
+        diff = float(np.max(np.abs(got.astype(np.float64) - want.astype(np.float64))))
+        scale = float(np.max(np.abs(want))) + 1e-6
+        if not np.isfinite(diff) or diff > _OUTPUT_RTOL * scale + 1e-5:
+            raise TargetError(
+                f"{what}: TVM's output differs from PyTorch's by {diff:.3g} (output scale {scale:.3g})",
+                "this is a compiler or schedule bug; report it, and measure with local-ort meanwhile",
+            )
+        worst = max(worst, diff)
+    return worst
+
+
+def _time_vm(
+    vm: Any,
+    dev: Any,
+    args: list[Any],
+    warmup: int,
+    repeats: int,
+    min_run_ms: float,
+    deadline: float,
+    cancel: threading.Event | None,
+    timeout_s: float,
+) -> tuple[list[float], int]:
+    """Warm up, then time ``repeats`` runs with TVM's C++ timer; (times in ms, calls averaged per run).
+
+    Each run averages ``number`` calls, enough to last ``min_run_ms``: one call of a small layer takes a few
+    microseconds, where a single-call timing would mostly measure the timer.
+    """
+    vm.save_function("main", "compression_timed", *args, include_return=False)
+    calib = max(1, warmup)
+    # warm-up through the same timer: its results give the per-call time that sizes ``number``
+    first = vm.time_evaluator("compression_timed", dev, number=1, repeat=calib)()
+    per_call_ms = float(np.median(first.results)) * 1e3
+    number = max(1, math.ceil(min_run_ms / max(per_call_ms, 1e-6)))
+    remaining = deadline - time.monotonic()
+    if per_call_ms * number * repeats / 1e3 > remaining:
+        raise DeadlineExceeded(
+            f"timing would take about {per_call_ms * number * repeats / 1e3:.1f} s ({per_call_ms:.2f} ms per call), "
+            f"more than the {max(0.0, remaining):.1f} s left of the timeout of {timeout_s:g} s",
+            "raise the target's timeout, use fewer repeats, or a smaller model",
+        )
+    # time in chunks so a cancelled or overrunning measurement stops between chunks
+    chunk = max(1, min(repeats, int(max(1.0, 200.0 / max(per_call_ms * number, 1e-3)))))
+    times: list[float] = []
+    evaluators: dict[int, Any] = {}
+    while len(times) < repeats:
+        if (cancel is not None and cancel.is_set()) or time.monotonic() > deadline:
+            raise DeadlineExceeded(
+                f"timing exceeded the timeout of {timeout_s:g} s after {len(times)} of {repeats} runs",
+                "raise the target's timeout or use fewer repeats",
+            )
+        n = min(chunk, repeats - len(times))
+        if n not in evaluators:
+            evaluators[n] = vm.time_evaluator("compression_timed", dev, number=number, repeat=n)
+        times.extend(float(r) * 1e3 for r in evaluators[n]().results)
+    return times, number

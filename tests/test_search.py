@@ -1,0 +1,219 @@
+"""The search: the real environment, every agent end to end, budgets, checkpoint and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from compression.errors import SearchError
+from compression.pipeline import open_workspace
+from compression.search.env import CompressionEnvironment, EnvSettings
+from compression.search.loop import run_search
+from compression.search.results import SearchCallback, SearchConfig
+from compression.search.spaces import check_env
+from compression.training import subset
+
+
+@pytest.fixture(scope="module")
+def workspace(trained_small_cnn):
+    return open_workspace(trained_small_cnn["weights_spec"], "digits", input_shape=(1, 8, 8))
+
+
+@pytest.mark.parametrize("layout", ["prune", "bits", "joint", "ajpq"])
+def test_real_environment_follows_the_protocol_and_meets_budgets(workspace, layout):
+    ws = workspace
+    objective = "macs" if layout == "prune" else "bops"
+    env = CompressionEnvironment(
+        ws.graph,
+        subset(ws.data.val, 100),
+        ws.calibration_batch(64),
+        EnvSettings(layout=layout, objective=objective, budget=0.3),
+    )
+    check_env(env, episodes=1)
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        env.reset()
+        done = False
+        while not done:
+            # an agent that asks for no compression at all: the cap must still bring the model within budget
+            _, reward, done, info = env.step(np.ones(env.spec.action_spec.dim) * rng.uniform(0.9, 1.0))
+        assert info["metrics"]["meets_budget"], info["metrics"]["cost_ratio"]
+        assert info["metrics"]["cost_ratio"] <= 0.3 + 1e-6
+        assert info["raw_actions"] != info["enforced_actions"]  # the cap changed what the agent asked for
+        assert 0.0 <= reward <= 1.0
+
+
+def test_haq_repair_mode_lowers_bits_from_the_last_layer(workspace):
+    ws = workspace
+    env = CompressionEnvironment(
+        ws.graph,
+        subset(ws.data.val, 100),
+        ws.calibration_batch(64),
+        EnvSettings(layout="bits", objective="bops", budget=0.2, budget_mode="repair"),
+    )
+    env.reset()
+    done = False
+    while not done:
+        _, _, done, info = env.step(np.ones(2))  # 8 bits everywhere: over budget until repaired
+    policy = info["policy"]
+    bits = [policy[n].w_bits for n in env.steps]
+    assert info["metrics"]["meets_budget"]
+    assert bits[-1] <= bits[0]  # lowered from the back first
+
+
+def test_unreachable_budget_is_refused_with_a_reason(workspace):
+    ws = workspace
+    with pytest.raises(SearchError, match="cannot be reached"):
+        CompressionEnvironment(
+            ws.graph,
+            subset(ws.data.val, 50),
+            ws.calibration_batch(32),
+            EnvSettings(layout="prune", objective="macs", budget=0.001),
+        )
+
+
+def _config(spec, agent, **kw):
+    base = dict(
+        model=spec,
+        input_shape=(1, 8, 8),
+        agent=agent,
+        target="analytic",
+        objective="bops",
+        budget=0.25,
+        episodes=6,
+        seed=3,
+        val_samples=100,
+        calib_samples=64,
+        fine_tune_epochs=0,
+        top_k=1,
+        checkpoint_every=2,
+        export_formats=("pt2",),
+    )
+    if agent in ("amc", "haq", "galen", "ajpq"):
+        base["agent_config"] = {"warmup_episodes": 3, "batch_size": 16}
+    base.update(kw)
+    return SearchConfig(**base)
+
+
+class Record(SearchCallback):
+    def __init__(self, stop_after: int | None = None) -> None:
+        self.episodes = []
+        self.phases = []
+        self.stop_after = stop_after
+
+    def on_episode(self, result):
+        self.episodes.append(result)
+
+    def on_phase(self, phase, info):
+        self.phases.append(phase)
+
+    def should_stop(self):
+        return self.stop_after is not None and len(self.episodes) >= self.stop_after
+
+
+@pytest.mark.parametrize("agent", ["amc", "haq", "galen-pq", "ajpq", "two-stage", "random", "uniform"])
+def test_every_agent_runs_end_to_end(trained_small_cnn, tmp_path, agent):
+    objective = "macs" if agent == "amc" else "bops"
+    cfg = _config(trained_small_cnn["weights_spec"], agent, objective=objective)
+    rec = Record()
+    report = run_search(cfg, str(tmp_path), [rec])
+    assert report["status"] == "finished"
+    assert [e.episode for e in rec.episodes] == list(range(1, 7))
+    # (a two-stage run's pruning stage works to a looser budget of its own; the quantization stage meets the run's)
+    assert all(e.meets_budget for e in rec.episodes if e.stage != "prune")
+    assert rec.phases[0] == "search" and "finalize" in rec.phases and "export" in rec.phases
+    loaded = torch.export.load(str(tmp_path / "model.pt2")).module()
+    assert loaded(torch.randn(3, 1, 8, 8)).shape == (3, 10)
+    lines = (tmp_path / "episodes.jsonl").read_text().splitlines()
+    assert len(lines) == 6
+    best = json.loads((tmp_path / "best_policy.json").read_text())
+    assert best["layers"]
+    assert report["costs"]["ratio"][objective] <= 0.25 + 1e-6
+    if agent == "two-stage":
+        assert {e.stage for e in rec.episodes} == {"prune", "quantize"}
+
+
+def test_pt2_model_search(trained_small_cnn, tmp_path):
+    cfg = _config(trained_small_cnn["pt2"], "galen-pq", input_shape=None, episodes=4)
+    report = run_search(cfg, str(tmp_path), [])
+    assert report["status"] == "finished"
+    assert report["accuracy"]["original_test"] > 0.8
+
+
+def test_resume_equals_uninterrupted(trained_small_cnn, tmp_path):
+    cfg = _config(trained_small_cnn["weights_spec"], "amc", objective="macs", episodes=7, checkpoint_every=2)
+    straight = Record()
+    run_search(cfg, str(tmp_path / "straight"), [straight])
+
+    first = Record(stop_after=5)  # stops after episode 5; the last checkpoint is at episode 4
+    out = run_search(cfg, str(tmp_path / "resumed"), [first])
+    assert out["status"] == "cancelled"
+    second = Record()
+    run_search(cfg, str(tmp_path / "resumed"), [second])
+    # the cancel wrote a checkpoint at episode 5, so the resumed run starts at 6
+    assert [e.episode for e in second.episodes] == [6, 7]
+    resumed = first.episodes + second.episodes
+    assert [e.policy for e in resumed] == [e.policy for e in straight.episodes]
+    assert [e.reward for e in resumed] == [e.reward for e in straight.episodes]
+    a = [
+        json.loads(line)["policy"]
+        for line in (tmp_path / "straight" / "episodes.jsonl").read_text().splitlines()
+    ]
+    b = [
+        json.loads(line)["policy"]
+        for line in (tmp_path / "resumed" / "episodes.jsonl").read_text().splitlines()
+    ]
+    assert a == b
+
+
+def test_resume_after_a_crash_replays_from_the_checkpoint(trained_small_cnn, tmp_path):
+    cfg = _config(trained_small_cnn["weights_spec"], "haq", episodes=5, checkpoint_every=2)
+
+    class Crash(Record):
+        def on_episode(self, result):
+            super().on_episode(result)
+            if result.episode == 3:
+                raise RuntimeError("worker killed")
+
+    with pytest.raises(RuntimeError):
+        run_search(cfg, str(tmp_path), [Crash()])
+    # episode 3 reached episodes.jsonl but not a checkpoint: it is played again, not duplicated
+    rec = Record()
+    run_search(cfg, str(tmp_path), [rec])
+    assert [e.episode for e in rec.episodes] == [3, 4, 5]
+    numbers = [json.loads(line)["episode"] for line in (tmp_path / "episodes.jsonl").read_text().splitlines()]
+    assert numbers == [1, 2, 3, 4, 5]
+
+
+def test_checkpoint_of_another_config_is_refused(trained_small_cnn, tmp_path):
+    cfg = _config(trained_small_cnn["weights_spec"], "random", episodes=2)
+    run_search(cfg, str(tmp_path), [Record(stop_after=1)])
+    other = _config(trained_small_cnn["weights_spec"], "random", episodes=2, budget=0.5)
+    with pytest.raises(SearchError, match="different search configuration"):
+        run_search(other, str(tmp_path), [])
+
+
+def test_latency_objective_on_a_measured_target(trained_small_cnn, tmp_path, monkeypatch):
+    # on a model this small ONNX Runtime's per-call overhead is most of the latency, hence the loose budget
+    monkeypatch.setenv("COMPRESSION_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = _config(
+        trained_small_cnn["weights_spec"],
+        "amc",
+        target="local-ort",
+        objective="latency",
+        budget=0.95,
+        episodes=3,
+        round_to=8,
+    )
+    rec = Record()
+    report = run_search(cfg, str(tmp_path / "run"), [rec])
+    assert all(e.latency_ms is not None and e.latency_ms > 0 for e in rec.episodes)
+    assert all(e.meets_budget for e in rec.episodes)
+    lat = report["latency"]
+    assert lat["original"]["median_ms"] > 0 and lat["compressed"]["median_ms"] > 0
+    assert "prediction_error" in lat
+    assert os.path.exists(tmp_path / "cache" / "latency.sqlite")
