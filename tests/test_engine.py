@@ -251,3 +251,18 @@ def test_load_model_specs_are_checked(tmp_path):
     torch.save(art.module.state_dict(), weights)
     again = load_model(f"zoo:small_cnn@{weights}")  # classes and channels come from the weights
     assert again.num_classes == 4 and again.input_shape == (1, 32, 32)
+
+
+def test_pt2_written_by_the_pipeline_loads_back(tmp_path):
+    """Our own .pt2 (dynamic batch: torch pickles a set in its sample inputs, protocol 2) passes vetting."""
+    from compression.pipeline import read_model_meta, save_pt2
+
+    model = build_zoo_model("small_cnn", num_classes=4, in_channels=1, input_size=8).eval()
+    path = tmp_path / "m.pt2"
+    save_pt2(model, torch.zeros(2, 1, 8, 8), str(path), {"mean": [0.5], "std": [0.2]})
+    art = load_model(str(path))
+    assert art.input_shape == (1, 8, 8) and art.num_classes == 4
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(art.module(x), model(x), atol=1e-5)
+    assert read_model_meta(str(path)) == {"mean": [0.5], "std": [0.2]}

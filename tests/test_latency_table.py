@@ -11,11 +11,12 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from test_targets import ORT_1, TORCH_1, SmallResNet, layer_names, small_input
+from test_targets import ORT_1, TORCH_1, SmallResNet, layer_names, private_lock_dir, small_input
 
 from compression.targets import LatencyTable, bench_model, extract_workloads
 
 REPO = Path(__file__).resolve().parents[1]
+__all__ = ["private_lock_dir"]  # the autouse fixture: device locks in a private directory here too
 PRUNED = [(16, 16, 32, 32), (8, 8, 16, 16), (4, 12, 8, 24)]  # inner widths of the four blocks
 
 _CHILD = textwrap.dedent(
@@ -158,3 +159,31 @@ def test_table_counts_every_workload_occurrence(tmp_path: Path) -> None:
     # identical blocks are one entry but two rows
     by_name = {r["name"]: r for r in rows}
     assert by_name["layer1.0.conv1"]["key"] == by_name["layer1.1.conv1"]["key"]
+
+
+def test_operations_a_backend_cannot_run_alone_are_reported_not_fatal(tmp_path: Path) -> None:
+    from compression.errors import ModelError
+    from compression.targets import make_backend
+    from compression.targets.workloads import OpModule
+
+    class NoAdd:
+        """The torch backend, except that it cannot export additions (as an exporter might refuse an op)."""
+
+        def __init__(self) -> None:
+            self.inner = make_backend(TORCH_1)
+
+        def __getattr__(self, name: str):
+            return getattr(self.inner, name)
+
+        def measure(self, module, example_input, **kwargs):
+            if isinstance(module, OpModule) and module.op_name == "aten.add.Tensor":
+                raise ModelError("no export for aten.add.Tensor")
+            return self.inner.measure(module, example_input, **kwargs)
+
+    model, x = SmallResNet(), small_input()
+    table = LatencyTable(TORCH_1, tmp_path / "t.sqlite", backend=NoAdd(), warmup=1, repeats=3)
+    table.fill(model, x)
+    assert len(table.unmeasurable) == 2  # the two distinct addition shapes
+    total, rows, missing = table.predict(model, x)
+    assert {w.op for w in missing} == {"aten.add.Tensor"}
+    assert all(r["ms"] is None for r in rows if r["op"] == "aten.add.Tensor") and total > 0

@@ -255,3 +255,14 @@ def test_sqlite_is_configured_for_concurrent_writers(db):
         assert c.fetchone()[0].lower() == "wal"
     assert connection.settings_dict["OPTIONS"]["transaction_mode"] == "IMMEDIATE"
     assert connection.settings_dict["OPTIONS"]["timeout"] >= 10
+
+
+def test_database_vendor_matches_database_url(db):
+    """The child run of tests/test_postgres.py asserts it really runs on PostgreSQL."""
+    from django.db import connection
+
+    expected = os.environ.get("EXPECT_DATABASE_VENDOR")
+    if expected:
+        assert connection.vendor == expected
+    else:
+        assert connection.vendor in ("sqlite", "postgresql")

@@ -96,7 +96,15 @@ def unique_lock() -> str:
     return f"test-{uuid.uuid4().hex[:10]}"
 
 
-# one thread and a private lock: the test suite runs beside other processes on 2 cores
+@pytest.fixture(autouse=True)
+def private_lock_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Device locks of these tests live in a private directory (child processes inherit it), so they
+    neither wait for real measurements on this machine (a TVM tuning holds ``local-cpu`` for minutes) nor
+    leave lock files behind."""
+    monkeypatch.setenv("COMPRESSION_LOCK_DIR", str(tmp_path_factory.getbasetemp() / "locks"))
+
+
+# one thread: the test suite runs beside other processes on 2 cores
 TORCH_1 = {"name": "test-torch", "backend": "torch", "settings": {"threads": 1}}
 ORT_1 = {"name": "test-ort", "backend": "onnxruntime", "settings": {"threads": 1}}
 

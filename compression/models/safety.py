@@ -268,6 +268,7 @@ def scan_pickle(stream: bytes, *, what: str, hint: str = REEXPORT_HINT) -> list[
                 )
             if name == "GLOBAL":
                 module, _, attr = str(arg).partition(" ")
+                module, attr = _py3_name(module, attr)
                 found.append(_check_global(f"{module}.{attr}", allowed, what, hint))
                 recent.append(None)
             elif name == "STACK_GLOBAL":
@@ -295,6 +296,19 @@ def scan_pickle(stream: bytes, *, what: str, hint: str = REEXPORT_HINT) -> list[
     except Exception as e:
         raise UnsafeFileError(f"{what} is not a well-formed pickle stream: {e}", REEXPORT_HINT) from None
     return found
+
+
+def _py3_name(module: str, attr: str) -> tuple[str, str]:
+    """The Python 3 name of a GLOBAL written by protocol <= 2 (``__builtin__.set`` -> ``builtins.set``).
+
+    torch's weights_only unpickler applies exactly this mapping when it reads a GLOBAL opcode, so the scan
+    must too, or every pickle torch itself writes with protocol 2 (sample inputs holding a set) is refused.
+    """
+    from torch._utils import IMPORT_MAPPING, NAME_MAPPING
+
+    if (module, attr) in NAME_MAPPING:
+        return NAME_MAPPING[(module, attr)]
+    return IMPORT_MAPPING.get(module, module), attr
 
 
 def _check_global(dotted: str, allowed: set[str], what: str, hint: str) -> str:

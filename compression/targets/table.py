@@ -49,7 +49,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compression.errors import TargetError
+from compression.errors import ModelError, TargetError
 from compression.targets.base import Backend, Measurement, TargetSpec
 from compression.targets.registry import get_target, make_backend
 from compression.targets.workloads import (
@@ -111,6 +111,10 @@ CREATE TABLE IF NOT EXISTS calibrations (
 """
 
 
+class UnmeasurableWorkload(TargetError):
+    """An operation that cannot be rebuilt or run on its own on this backend (e.g. no ONNX export for it)."""
+
+
 @dataclass
 class _Entry:
     median_ms: float
@@ -166,6 +170,7 @@ class LatencyTable:
         self.measured = 0
         self.measure_s = 0.0
         self._cache: dict[str, _Entry] = {}
+        self.unmeasurable: dict[str, str] = {}
         self._loaded = False
         self._bits_run = getattr(self.backend, "bits_run", None)
         try:
@@ -306,14 +311,27 @@ class LatencyTable:
         return None if e is None else e.value(self.statistic)
 
     def measure_workload(self, w: LayerWorkload) -> Measurement:
-        """Measure one workload on the target (a one-layer module) and store it."""
-        module, inputs, plan = build_workload_module(w)
+        """Measure one workload on the target (a one-layer module) and store it.
+
+        Raises ``TargetError`` when the target fails; an ``op`` workload that cannot be rebuilt or exported
+        for this backend raises ``UnmeasurableWorkload`` (``fill`` skips and reports those).
+        """
+        try:
+            module, inputs, plan = build_workload_module(w)
+        except TargetError as exc:
+            raise UnmeasurableWorkload(f"workload {w.name} ({w.op}) cannot be rebuilt: {exc.what}") from exc
         kwargs: dict[str, Any] = {"warmup": self.warmup, "repeats": self.repeats, "timeout_s": self.timeout_s}
         if plan and self._measure_takes_bits:
             kwargs["bits"] = plan
         t0 = time.perf_counter()
         try:
             m = self.backend.measure(module, inputs if len(inputs) > 1 else inputs[0], **kwargs)
+        except ModelError as exc:
+            if w.is_layer:
+                raise
+            raise UnmeasurableWorkload(
+                f"workload {w.name} ({w.op}) cannot run on {self.spec.name}: {exc.what}"
+            ) from exc
         except TargetError as exc:
             raise TargetError(
                 f"measuring workload {w.name or w.kind} ({w.op}, input {list(w.in_shape)}): {exc.what}",
@@ -325,19 +343,28 @@ class LatencyTable:
         return m
 
     def fill_workloads(self, workloads: list[LayerWorkload]) -> int:
-        """Measure the workloads (normalised first) that have no entry yet; returns how many were measured."""
+        """Measure the workloads (normalised first) that have no entry yet; returns how many were measured.
+
+        Operations that cannot be rebuilt or exported for this backend are skipped, logged once and kept in
+        ``self.unmeasurable`` (key -> reason); ``predict`` keeps listing them as missing.
+        """
         if self.analytic:
             return 0
         n = 0
         done: set[str] = set()
         for w in workloads:
             w = self.normalize(w)
-            if w.key in done:
+            if w.key in done or w.key in self.unmeasurable:
                 continue
             done.add(w.key)
             # re-read right before measuring: another process may have measured it meanwhile
             if self.lookup(w) is None:
-                self.measure_workload(w)
+                try:
+                    self.measure_workload(w)
+                except UnmeasurableWorkload as exc:
+                    self.unmeasurable[w.key] = str(exc)
+                    log.warning("%s: %s; it counts as 0 ms and stays in `missing`", self.spec.name, exc)
+                    continue
                 n += 1
         return n
 

@@ -125,7 +125,12 @@ def tvm_target(target: Mapping[str, Any] | str, name: str = "tvm") -> Any:
 
 
 def _target_json(target: Any) -> dict[str, Any]:
-    return json.loads(json.dumps(target.export(), default=str))
+    # str(Target) is its canonical JSON in TVM 0.27 (export() returns FFI containers)
+    try:
+        data = json.loads(str(target))
+    except ValueError:
+        data = None
+    return data if isinstance(data, dict) else {"kind": target.kind.name, "str": str(target)}
 
 
 def target_fingerprint(target: Mapping[str, Any] | str) -> str:

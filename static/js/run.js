@@ -36,7 +36,19 @@
 
   var C = { ok: "#2f6fed", over: "#b8c1cf", best: "#f08c00", front: "#d6336c", bar: "#4c6ef5", a: "#12b886" };
   var FONT = 'system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif';
-  var CONFIG = { displaylogo: false, responsive: true, modeBarButtonsToRemove: ["lasso2d", "select2d"] };
+  var CONFIG = { displaylogo: false, responsive: true, displayModeBar: "hover",
+    modeBarButtonsToRemove: ["lasso2d", "select2d"] };
+  var WAITING = "waiting for the first episode…";
+
+  // An empty chart shows a sentence instead of meaningless default axes.
+  function placeholder(l, text) {
+    l.xaxis = Object.assign({}, l.xaxis, { visible: false });
+    l.yaxis = Object.assign({}, l.yaxis, { visible: false });
+    l.showlegend = false;
+    l.annotations = [{ text: text || WAITING, showarrow: false, xref: "paper", yref: "paper", x: 0.5, y: 0.5,
+      font: { size: 12.5, color: "#98a2b3" } }];
+    return l;
+  }
 
   function layout(extra) {
     var base = {
@@ -264,19 +276,25 @@
     if (!state.layers.length && list.length) { state.layers = Object.keys(policyOf(list[0])); }
     var prevBest = state.best;
     var cols = columns(list);
+    var empty = !list.length;
+    function lay(l) { return empty ? placeholder(l) : l; }
     Object.keys(METRICS).forEach(function (id) {
       var traces = lineTraces(id);
       cols.line[id].forEach(function (c, i) { traces[i].x = c.x; traces[i].y = c.y; });
-      Plotly.react(id, traces, lineLayout(id), CONFIG);
+      Plotly.react(id, traces, lay(lineLayout(id)), CONFIG);
     });
     var keep = heatTrace("keep"); keep.x = cols.keep.x; keep.z = cols.keep.z;
     var bits = heatTrace("bits"); bits.x = cols.bits.x; bits.z = cols.bits.z;
-    Plotly.react("heat-keep", [keep], heatLayout(), CONFIG);
-    Plotly.react("heat-bits", [bits], heatLayout(), CONFIG);
+    if (empty) { keep.showscale = false; bits.showscale = false; }
+    Plotly.react("heat-keep", [keep], lay(heatLayout()), CONFIG);
+    Plotly.react("heat-bits", [bits], lay(heatLayout()), CONFIG);
     var par = paretoTraces();
     par[0].x = cols.pareto.x; par[0].y = cols.pareto.y; par[0].text = cols.pareto.text;
-    Plotly.react("chart-pareto", par, paretoLayout(), CONFIG);
+    Plotly.react("chart-pareto", par, lay(paretoLayout()), CONFIG);
     updateFront();
+    if (!state.best) {
+      Plotly.react("chart-policy", [], placeholder(layout(), empty ? WAITING : "no episode within the budget yet"), CONFIG);
+    }
     if (state.best !== prevBest || (state.best && !state.built)) { drawBest(); }
     state.built = true;
   }
@@ -285,7 +303,7 @@
     list = list.filter(function (e) { return e.number > state.last; })
       .sort(function (a, b) { return a.number - b.number; });
     if (!list.length) { return; }
-    if (!state.built) { build(list); return; }
+    if (!state.built || !state.drawn) { build(list); return; } // first points: replace the placeholders
     if (!state.layers.length) {
       // No layer list from the server (the run has not started): take it from the first policy.
       state.layers = Object.keys(policyOf(list[0]));

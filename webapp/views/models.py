@@ -39,7 +39,7 @@ def model_detail(request: HttpRequest, pk: int) -> HttpResponse:
     """A model's status, summary, unsupported ops and per-layer table, with "measure now" and "new run"."""
     m = get_visible_or_404(UploadedModel, request.user, pk=pk)
     inspection = m.inspection or {}
-    bench_form = BenchmarkForm(user=request.user, initial={"model": m.pk})
+    bench_form = BenchmarkForm(user=request.user, initial={"model": m.pk, "target": "local-ort"})
     context = {
         "m": m,
         "inspection": inspection,
