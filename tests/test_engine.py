@@ -266,3 +266,30 @@ def test_pt2_written_by_the_pipeline_loads_back(tmp_path):
     with torch.no_grad():
         assert torch.allclose(art.module(x), model(x), atol=1e-5)
     assert read_model_meta(str(path)) == {"mean": [0.5], "std": [0.2]}
+
+
+@pytest.mark.parametrize(
+    "name", ["resnet", "inception", "mobilenet", "meanpool_mlp", "flatten", "flatten_hardcoded"]
+)
+def test_uploaded_pt2_models_prune_to_half_through_the_engine(name, tmp_path):
+    """A .pt2 with residuals / concatenation / depthwise convs / various heads: apply 50%, export, reload."""
+    from fixtures_models import INPUT_SHAPE, export_to, make_model
+
+    original = make_model(name)
+    path = tmp_path / f"{name}.pt2"
+    export_to(original, str(path))
+    art = load_model(str(path))
+    graph = LayerGraph.build(art.module, art.input_shape, num_classes=art.num_classes)
+    assert graph.prunable_leaders, [g.to_dict() for g in graph.groups]
+    policy = half_policy(graph)
+    pruned = apply_policy(graph, policy, torch.randn(32, *INPUT_SHAPE))
+    x = torch.randn(8, *INPUT_SHAPE)
+    assert pruned(x).shape == (8, art.num_classes)
+    params = sum(p.numel() for p in pruned.parameters())
+    assert params < 0.6 * sum(p.numel() for p in art.module.parameters())
+    assert compute_costs(graph, policy).params == params
+    files = write_artifacts(pruned, x[:2], str(tmp_path / "out"), policy=policy, calib=None, report={})
+    reloaded = torch.export.load(str(tmp_path / "out" / "model.pt2")).module()
+    with torch.no_grad():
+        assert torch.allclose(reloaded(x), pruned(x), atol=1e-5)
+    assert {f["format"] for f in files} == {"pt2", "onnx", "report"}

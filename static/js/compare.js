@@ -105,7 +105,8 @@
     var trace = Object.assign({ type: "heatmap", x: runs.map(label), y: layers, z: z, xgap: 2, ygap: 1,
       hoverongaps: false }, opts);
     Plotly.newPlot(id, [trace], layout({ margin: { l: 110, r: 10, t: 10, b: 60 },
-      xaxis: { tickangle: -15, automargin: true }, yaxis: { autorange: "reversed", automargin: true, tickfont: { size: 10 } } }), CONFIG);
+      xaxis: { type: "category", tickangle: -15, automargin: true },
+      yaxis: { type: "category", autorange: "reversed", automargin: true, tickfont: { size: 10 } } }), CONFIG);
   }
   heat("cmp-keep", function (lp) { return finite(lp.keep_ratio) ? lp.keep_ratio : 1; }, {
     zmin: 0, zmax: 1, colorscale: "Viridis", colorbar: { title: { text: "keep" }, thickness: 10, tickformat: ".0%" },

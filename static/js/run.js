@@ -38,6 +38,7 @@
   var FONT = 'system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif';
   var CONFIG = { displaylogo: false, responsive: true, displayModeBar: "hover",
     modeBarButtonsToRemove: ["lasso2d", "select2d"] };
+  var STATIC = Object.assign({}, CONFIG, { displayModeBar: false });
   var WAITING = "waiting for the first episode…";
 
   // An empty chart shows a sentence instead of meaningless default axes.
@@ -143,7 +144,8 @@
 
   function heatLayout() {
     return layout({ showlegend: false, margin: { l: 110, r: 10, t: 10, b: 38 },
-      yaxis: { autorange: "reversed", automargin: true, tickfont: { size: 10 } } });
+      // category: layer names such as "0" or "12" (nn.Sequential) must not become a numeric axis
+      yaxis: { type: "category", autorange: "reversed", automargin: true, tickfont: { size: 10 } } });
   }
 
   // --- Pareto ----------------------------------------------------------------------------------------
@@ -210,11 +212,11 @@
         marker: { color: C.a, size: 7, symbol: "circle" }, hovertemplate: "%{x}<br>a %{y} bits<extra></extra>" }
     ], layout({
       margin: { l: 44, r: 44, t: 26, b: 70 },
-      xaxis: { tickangle: -40, tickfont: { size: 9.5 }, automargin: true },
+      xaxis: { type: "category", tickangle: -40, tickfont: { size: 9.5 }, automargin: true },
       yaxis: { title: { text: "keep" }, range: [0, 1.05], tickformat: ".0%", gridcolor: "#eef1f5" },
       yaxis2: { title: { text: "bits" }, overlaying: "y", side: "right", range: [0, FP_LEVEL + 0.5],
         tickvals: [2, 4, 6, 8, FP_LEVEL], ticktext: ["2", "4", "6", "8", "fp"], showgrid: false }
-    }), CONFIG);
+    }), STATIC);
     var rows = names.map(function (n) {
       var lp = p[n] || {};
       var ch = page.channels && page.channels[n];
@@ -286,14 +288,14 @@
     var keep = heatTrace("keep"); keep.x = cols.keep.x; keep.z = cols.keep.z;
     var bits = heatTrace("bits"); bits.x = cols.bits.x; bits.z = cols.bits.z;
     if (empty) { keep.showscale = false; bits.showscale = false; }
-    Plotly.react("heat-keep", [keep], lay(heatLayout()), CONFIG);
-    Plotly.react("heat-bits", [bits], lay(heatLayout()), CONFIG);
+    Plotly.react("heat-keep", [keep], lay(heatLayout()), STATIC);
+    Plotly.react("heat-bits", [bits], lay(heatLayout()), STATIC);
     var par = paretoTraces();
     par[0].x = cols.pareto.x; par[0].y = cols.pareto.y; par[0].text = cols.pareto.text;
     Plotly.react("chart-pareto", par, lay(paretoLayout()), CONFIG);
     updateFront();
     if (!state.best) {
-      Plotly.react("chart-policy", [], placeholder(layout(), empty ? WAITING : "no episode within the budget yet"), CONFIG);
+      Plotly.react("chart-policy", [], placeholder(layout(), empty ? WAITING : "no episode within the budget yet"), STATIC);
     }
     if (state.best !== prevBest || (state.best && !state.built)) { drawBest(); }
     state.built = true;
@@ -307,8 +309,8 @@
     if (!state.layers.length) {
       // No layer list from the server (the run has not started): take it from the first policy.
       state.layers = Object.keys(policyOf(list[0]));
-      Plotly.react("heat-keep", [heatTrace("keep")], heatLayout(), CONFIG);
-      Plotly.react("heat-bits", [heatTrace("bits")], heatLayout(), CONFIG);
+      Plotly.react("heat-keep", [heatTrace("keep")], heatLayout(), STATIC);
+      Plotly.react("heat-bits", [heatTrace("bits")], heatLayout(), STATIC);
     }
     var prevBest = state.best;
     var cols = columns(list);
