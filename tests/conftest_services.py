@@ -5,8 +5,6 @@
   is transactional (committed rows, so subprocesses see them) and has the built-in rows.
 - ``celery_worker``: one Celery worker subprocess (queues ``celery`` and ``quick``) on that database.
 - ``live_stack``: ``celery_worker`` plus a daphne server; ``live_stack.url`` is its base URL.
-- ``tiny_pt2``: a small CNN trained for one epoch on the built-in digits at 1x8x8, saved as ``.pt2``
-  (session-wide; a few seconds).
 """
 
 from __future__ import annotations
@@ -56,16 +54,6 @@ def live_stack(services: Services, celery_worker: ServiceProcess) -> LiveStack:
     return LiveStack(
         url=url, ws_url=url.replace("http://", "ws://"), services=services, worker=celery_worker, web=web
     )
-
-
-@pytest.fixture(scope="session")
-def tiny_pt2(tmp_path_factory) -> Path:
-    """A small CNN trained one epoch on digits at 1x8x8, as a ``.pt2`` (with its ``.pth`` beside it)."""
-    from compression.pipeline import train_baseline
-
-    out = tmp_path_factory.mktemp("tiny-model") / "small_cnn-digits.pt2"
-    train_baseline("small_cnn", "digits", str(out), epochs=1, input_shape=(1, 8, 8), seed=0)
-    return out
 
 
 # A dead address: tests that forget to start their own Redis fail fast instead of using the machine's.

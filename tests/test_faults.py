@@ -36,9 +36,11 @@ def owner(services):
     return get_user_model().objects.create_user("faulty", password=None)
 
 
-def search_run(owner, target: str = "analytic", **overrides) -> Run:
-    """A small real search: small_cnn (fresh weights) on digits; cheap episodes, no fine-tuning."""
-    model = UploadedModel.objects.create(owner=owner, name="small_cnn", kind="zoo", zoo_arch="small_cnn")
+def search_run(owner, target: str = "analytic", model: UploadedModel | None = None, **overrides) -> Run:
+    """A small real search, by default small_cnn (fresh weights, 3x32x32) on digits: episodes of a few
+    tenths of a second, so a test can act mid-search; no fine-tuning."""
+    if model is None:
+        model = UploadedModel.objects.create(owner=owner, name="small_cnn", kind="zoo", zoo_arch="small_cnn")
     config = {
         "model": "set by the worker",
         "dataset": "digits",

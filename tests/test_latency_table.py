@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 from test_targets import ORT_1, TORCH_1, SmallResNet, layer_names, private_lock_dir, small_input
 
 from compression.targets import LatencyTable, bench_model, extract_workloads
@@ -187,3 +188,54 @@ def test_operations_a_backend_cannot_run_alone_are_reported_not_fatal(tmp_path: 
     total, rows, missing = table.predict(model, x)
     assert {w.op for w in missing} == {"aten.add.Tensor"}
     assert all(r["ms"] is None for r in rows if r["op"] == "aten.add.Tensor") and total > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["local-torch", "local-ort"])
+def test_resnet20_table_error_on_pruned_and_int8_variants(target: str, tmp_path: Path) -> None:
+    """The numbers docs/targets.md reports: ResNet-20 (zoo) calibrated once, then pruned / int8 variants
+    predicted and confirmed end to end (run with ``-s`` to see them; quiet machines give meaningful ones)."""
+    import random
+
+    from compression.apply import apply_policy
+    from compression.models.graph import LayerGraph
+    from compression.models.zoo import build_zoo_model
+    from compression.policy import LayerPolicy, Policy
+
+    model = build_zoo_model("resnet20").eval()
+    x = torch.randn(1, 3, 32, 32)
+    graph = LayerGraph.build(model, (3, 32, 32), num_classes=10)
+    calib = torch.randn(64, 3, 32, 32)
+    rng = random.Random(0)
+    keeps = {
+        "keep 0.75": lambda: 0.75,
+        "keep 0.5": lambda: 0.5,
+        "random keeps": lambda: rng.choice([0.25, 0.5, 0.75, 1.0]),
+    }
+    variants = {
+        label: apply_policy(
+            graph, Policy({n: LayerPolicy(keep_ratio=k()) for n in graph.prunable_leaders}), calib
+        )
+        for label, k in keeps.items()
+    }
+    table = LatencyTable(target, tmp_path / "t.sqlite", warmup=20, repeats=200)
+    cal = table.calibrate(model, x)
+    print(
+        f"\n{target}: ResNet-20 {cal['measured_ms']:.3f} ms (cv {cal['measurement'].cv:.2f}), factor {cal['scale']:.2f}"
+    )
+    plans = [("float", False)] + ([("int8", True)] if target == "local-ort" else [])
+    for label, variant in variants.items():
+        for plan, int8 in plans:
+            bits = {n: (8, 8) for n in layer_names_of(variant, x)} if int8 else None
+            c = table.confirm(variant, x, bits, label=f"{label} {plan}")
+            assert c["measured_ms"] > 0 and c["predicted_ms"] > 0
+            print(
+                f"  {label:13s} {plan:5s}: measured {c['measured_ms']:.3f} ms (cv {c['measurement'].cv:.2f}), "
+                f"predicted {c['predicted_ms']:.3f} ({c['rel_error']:+.1%}), raw {c['raw_predicted_ms']:.3f} "
+                f"({c['raw_rel_error']:+.1%})"
+            )
+    print("  ", table.error_report())
+
+
+def layer_names_of(module: torch.nn.Module, x: torch.Tensor) -> list[str]:
+    return [w.name for w in extract_workloads(module, x) if w.is_layer]

@@ -404,8 +404,9 @@ def test_inspect_train_benchmark_and_health_through_a_worker(services, celery_wo
     trained = UploadedModel.objects.create(owner=owner, name="trained", kind="zoo", zoo_arch="small_cnn")
     dispatch.enqueue_train(trained, Dataset.objects.get(name="digits"), epochs=1, input_shape=[1, 8, 8])
     wait_status(trained, ("ready", "failed"), 240, services)
-    assert trained.status in ("ready", "failed")
-    assert trained.file and Path(trained.file.path).exists(), trained.error
+    assert trained.status == "ready", trained.error
+    assert trained.kind == "pt2" and Path(trained.file.path).exists()
+    assert trained.inspection["input_shape"] == [1, 8, 8] and trained.input_shape == [1, 8, 8]
     assert Path(trained.weights_file.path).exists() and trained.progress["epoch"] == 1
     assert trained.progress["result"]["test"]["top1"] > 0.1  # learned something in one epoch (chance: 0.1)
     # benchmark on a device queue, and a health check
@@ -426,12 +427,15 @@ def test_inspect_train_benchmark_and_health_through_a_worker(services, celery_wo
 
 
 @pytest.mark.services
-def test_end_to_end_search_through_the_worker(services, celery_worker, owner):
-    """A tiny real search (small_cnn on digits, analytic target, 8 episodes, no fine-tuning) via Redis and
-    a Celery worker; every episode once in the database, equal to the engine's episodes.jsonl."""
+def test_end_to_end_search_through_the_worker(services, celery_worker, owner, trained_small_cnn):
+    """A tiny real search (small_cnn trained at 1x8x8 on digits, uploaded as .pt2; analytic target; 8
+    episodes; no fine-tuning) via Redis and a Celery worker: every episode once in the database, equal to
+    the engine's episodes.jsonl; the exported model loads and runs."""
     from tests.test_faults import assert_db_matches_jsonl, search_run
 
-    run = search_run(owner, episodes=8, checkpoint_every=4, export_formats=["pt2", "onnx"])
+    model = UploadedModel.objects.create(owner=owner, name="tiny", kind="pt2")
+    model.file.save("small_cnn-digits.pt2", ContentFile(Path(trained_small_cnn["pt2"]).read_bytes()))
+    run = search_run(owner, model=model, episodes=8, checkpoint_every=4, export_formats=["pt2", "onnx"])
     t0 = time.monotonic()
     dispatch.enqueue_run(run)
     wait_status(run, ("finished", "failed", "cancelled"), 300, services)
@@ -451,3 +455,25 @@ def test_end_to_end_search_through_the_worker(services, celery_worker, owner):
     module = torch.export.load(str(kinds["pt2"].abspath)).module()
     assert module(torch.zeros(2, *shape)).shape == (2, 10)
     print(f"end-to-end search: {elapsed:.1f} s")
+
+
+def test_inspect_dataset_task(owner):
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    rng = np.random.default_rng(0)
+    np.savez(buf, x=rng.integers(0, 255, (40, 1, 8, 8), dtype=np.uint8), y=np.arange(40) % 4)
+    ds = Dataset.objects.create(owner=owner, name="mine", kind="npz")
+    ds.file.save("mine.npz", ContentFile(buf.getvalue()))
+    assert tasks.inspect_dataset.run(ds.pk) == "ready"
+    ds.refresh_from_db()
+    assert ds.status == "ready" and ds.meta["num_classes"] == 4 and ds.meta["num_samples"] == 40
+    assert ds.size_bytes == len(buf.getvalue())
+    bad = Dataset.objects.create(owner=owner, name="bad", kind="npz")
+    np.savez(buf := io.BytesIO(), images=np.zeros((2, 2)))
+    bad.file.save("bad.npz", ContentFile(buf.getvalue()))
+    assert tasks.inspect_dataset.run(bad.pk).startswith("failed: ")
+    bad.refresh_from_db()
+    assert bad.status == "failed" and "expected x and y" in bad.error

@@ -11,7 +11,10 @@ Group messages (consumed by ``webapp.consumers.RunConsumer``):
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+import threading
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -23,22 +26,36 @@ log = logging.getLogger(__name__)
 
 # How long one publish may take before it is given up (a Redis that does not answer must not stall a search).
 PUBLISH_TIMEOUT_S = 3.0
+# After a failed publish, publishes are skipped for this long (the viewers reload the history on reconnect).
+BACKOFF_S = 2.0
+_down_until = 0.0
 _last_warning = 0.0
 _failures = 0
 
 
 def _send(group: str, message: dict[str, Any]) -> bool:
     """group_send with a timeout; returns False (and logs, at most every 10 s) when it fails."""
-    global _last_warning, _failures
+    global _last_warning, _failures, _down_until
     layer = get_channel_layer()
     if layer is None:
         return False
+    if time.monotonic() < _down_until:
+        return False  # Redis failed a moment ago: do not slow every episode down by a connect timeout
     try:
-        async_to_sync(_send_with_timeout)(layer, group, message)
+        if type(layer).__module__.startswith("channels_redis"):
+            future = asyncio.run_coroutine_threadsafe(layer.group_send(group, message), _publisher_loop())
+            try:
+                future.result(PUBLISH_TIMEOUT_S)
+            except BaseException:
+                future.cancel()
+                raise
+        else:  # the in-memory layer (tests) is not thread-safe: publish on a loop of this thread
+            async_to_sync(_send_with_timeout)(layer, group, message)
         return True
     except Exception as exc:  # any broker trouble: the DB already has the data
         _failures += 1
         now = time.monotonic()
+        _down_until = now + BACKOFF_S
         if now - _last_warning > 10:
             log.warning("live stream publish to %s failed (%d failures so far): %s", group, _failures, exc)
             _last_warning = now
@@ -46,9 +63,25 @@ def _send(group: str, message: dict[str, Any]) -> bool:
 
 
 async def _send_with_timeout(layer, group: str, message: dict[str, Any]) -> None:
-    import asyncio
-
     await asyncio.wait_for(layer.group_send(group, message), PUBLISH_TIMEOUT_S)
+
+
+_loop: asyncio.AbstractEventLoop | None = None
+_loop_pid = 0
+_loop_lock = threading.Lock()
+
+
+def _publisher_loop() -> asyncio.AbstractEventLoop:
+    """One event loop per process, in a daemon thread, for every publish: the Redis layer keeps its
+    connections per loop, so a long-lived loop reuses them (a fresh loop per call costs ~50 ms). Created
+    lazily and again after a fork (Celery's prefork children)."""
+    global _loop, _loop_pid
+    with _loop_lock:
+        if _loop is None or _loop_pid != os.getpid() or _loop.is_closed():
+            loop = asyncio.new_event_loop()
+            threading.Thread(target=loop.run_forever, name="live-stream-publisher", daemon=True).start()
+            _loop, _loop_pid = loop, os.getpid()
+        return _loop
 
 
 def group_name(run_or_id) -> str:

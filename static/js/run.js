@@ -30,7 +30,9 @@
     retries: 0,
     polling: null,
     wasActive: ACTIVE.indexOf(page.run.status) >= 0,
-    messages: 0
+    reloading: false,
+    messages: 0,
+    received: [] // [message type, episode numbers] of the last messages (for tests and debugging)
   };
   window.runPage = state; // for the browser tests and for curious users
 
@@ -344,6 +346,7 @@
     if (state.wasActive && ACTIVE.indexOf(run.status) < 0) {
       // The results, the final figures and the downloads are rendered by the server: show them.
       state.wasActive = false;
+      state.reloading = true;
       setTimeout(function () { window.location.reload(); }, 1500);
     }
   }
@@ -401,6 +404,9 @@
 
   function onMessage(msg) {
     state.messages += 1;
+    state.received.push([msg.type, msg.type === "history" ? msg.episodes.map(function (e) { return e.number; }) :
+      msg.type === "episode" ? [msg.episode.number] : []]);
+    if (state.received.length > 300) { state.received.shift(); }
     if (msg.type === "history") {
       if (msg.run) { setStatus(msg.run); }
       append(msg.episodes);
