@@ -300,6 +300,11 @@ def cmd_bench(args: argparse.Namespace) -> None:
     res = m.to_dict()
 
     def human(r):
+        if r["details"].get("analytic"):
+            from compression.targets.analytic import describe_value
+
+            print(f"{args.model} on {r['target']} (analytic, not a time): {describe_value(m)}")
+            return
         print(
             f"{args.model} on {r['target']} ({r['backend']}), batch {r['batch']}: "
             f"median {r['median_ms']:.3f} ms, mean {r['mean_ms']:.3f} ms, std {r['std_ms']:.3f} ms "

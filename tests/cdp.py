@@ -9,6 +9,7 @@ debugging port of its own choosing (read back from ``DevToolsActivePort``), and 
 from __future__ import annotations
 
 import base64
+import contextlib
 import itertools
 import json
 import os
@@ -78,9 +79,14 @@ class Browser:
         self._ids = itertools.count(1)
         self.console: list[str] = []
         self.events: list[dict[str, Any]] = []
-        self.browser_ws = connect(f"ws://127.0.0.1:{port}{browser_path}", max_size=None, open_timeout=10)
+        self._sockets = contextlib.ExitStack()
+        self.browser_ws = self._sockets.enter_context(
+            connect(f"ws://127.0.0.1:{port}{browser_path}", max_size=None, open_timeout=10)
+        )
         page = self._page_target()
-        self.ws: ClientConnection = connect(page["webSocketDebuggerUrl"], max_size=None, open_timeout=10)
+        self.ws: ClientConnection = self._sockets.enter_context(
+            connect(page["webSocketDebuggerUrl"], max_size=None, open_timeout=10)
+        )
         for domain in ("Page", "Runtime", "DOM"):
             self.send(f"{domain}.enable")
         self.send(
@@ -260,12 +266,8 @@ class Browser:
 
     def close(self) -> None:
         """Stop Chromium and remove its profile."""
-        for ws in (getattr(self, "ws", None), getattr(self, "browser_ws", None)):
-            try:
-                if ws is not None:
-                    ws.close()
-            except Exception:
-                pass
+        with contextlib.suppress(Exception):
+            self._sockets.close()
         if self.proc.poll() is None:
             try:
                 os.killpg(self.proc.pid, 15)

@@ -23,7 +23,9 @@ from tests.ui_helpers import PASSWORD, trained_digits_pt2
 pytestmark = [
     pytest.mark.browser,
     pytest.mark.services,
-    pytest.mark.skipif(find_chromium() is None, reason="chromium is not installed (scripts/test.sh installs it)"),
+    pytest.mark.skipif(
+        find_chromium() is None, reason="chromium is not installed (scripts/test.sh installs it)"
+    ),
 ]
 
 SHOTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "screenshots"
@@ -42,7 +44,9 @@ def sign_in(b: Browser, url: str, username: str) -> None:
     assert b.js("location.pathname") == "/", f"{username} could not sign in"
 
 
-def start_run(b: Browser, url: str, model_id: int, agent: str, episodes: int, extra: dict | None = None) -> int:
+def start_run(
+    b: Browser, url: str, model_id: int, agent: str, episodes: int, extra: dict | None = None
+) -> int:
     b.goto(f"{url}/runs/new/?model={model_id}")
     values = {
         "#id_target": "analytic",
@@ -102,8 +106,12 @@ def test_user_journey(live_stack, tmp_path):  # noqa: F811
         b.set_file("#form-upload input[type=file]", pt2)
         b.submit("#form-upload")
         model_id = int(b.js("location.pathname").rstrip("/").split("/")[-1])
-        b.wait("document.querySelector('#layer-table') !== null || document.querySelector('#model-error')", 180,
-               "the model's inspection", interval=0.5)
+        b.wait(
+            "document.querySelector('#layer-table') !== null || document.querySelector('#model-error')",
+            180,
+            "the model's inspection",
+            interval=0.5,
+        )
         assert b.js("document.querySelector('#model-error')") is None, b.js("document.body.innerText")
         rows = b.js("[...document.querySelectorAll('#layer-table tbody tr')].map(r => r.cells[0].innerText)")
         assert rows == ["0", "3", "7", "12"], rows  # the three convs and the classifier of the uploaded net
@@ -116,13 +124,16 @@ def test_user_journey(live_stack, tmp_path):  # noqa: F811
         b.screenshot(SHOTS / "05-new-run.png")
         run1 = start_run(b, url, model_id, "galen", 80)
         samples = []
+        dropped = False
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
             state = b.js(
                 "window.runPage && !window.runPage.reloading ? [window.runPage.run.status, window.runPage.drawn, "
                 f"{count_js('chart-reward')}, (document.getElementById('heat-keep').data || [{{z: []}}])[0].z.length,"
                 " (document.getElementById('heat-bits').data || [{z: []}])[0].z.length,"
-                " window.runPage.received.some(r => r[0] === 'episode')] : null"
+                " window.runPage.received.some(r => r[0] === 'episode'),"
+                " (document.getElementById('heat-keep').data || [{x: []}])[0].x.every((v, i) => v === i + 1),"
+                " window.runPage.received.filter(r => r[0] === 'history').length] : null"
             )
             if state is None:  # the page reloads itself when the run ends
                 break
@@ -131,6 +142,11 @@ def test_user_journey(live_stack, tmp_path):  # noqa: F811
                 break
             if len(samples) == 40:
                 b.screenshot(SHOTS / "06-run-live.png")
+            if state[0] == "running" and state[1] > 0 and not dropped:
+                # Drop the connection like a flaky network: the page reconnects, gets the history again
+                # and must neither lose nor repeat an episode.
+                b.js("window.runPage.socket.close()")
+                dropped = True
             time.sleep(0.3)
         running = [s for s in samples if s[0] == "running" and s[1] > 0]
         grown = sorted({s[1] for s in running})
@@ -138,6 +154,14 @@ def test_user_journey(live_stack, tmp_path):  # noqa: F811
         for s in running:  # heatmaps grow with the curves: one row per drawn episode
             assert s[3] == s[1] and s[4] == s[1], s
         assert any(s[5] for s in samples), "no live increment reached the page"
+        assert dropped
+        # Every sample: episodes 1..k exactly once, in order; the dropped connection came back with a new
+        # history and drawing went on.
+        assert all(s[6] for s in samples), [s for s in samples if not s[6]][:3]
+        after = [s for s in running if s[7] >= 2]
+        assert after and max(s[1] for s in after) > min(s[1] for s in after), (
+            "no episodes after the reconnect"
+        )
 
         wait_finished(b, 600)
         run = Run.objects.get(pk=run1)
@@ -171,7 +195,9 @@ def test_user_journey(live_stack, tmp_path):  # noqa: F811
         assert acc > 0.5, f"compressed model accuracy {acc:.2f} (uncompressed {trained['test_accuracy']:.2f})"
 
         # --- a second run, then compare -------------------------------------------------------------------
-        run2 = start_run(b, url, model_id, "amc", 20, {"#id_agent_amc__warmup_episodes": "5", "#id_objective": "macs"})
+        run2 = start_run(
+            b, url, model_id, "amc", 20, {"#id_agent_amc__warmup_episodes": "5", "#id_objective": "macs"}
+        )
         wait_finished(b, 600)
         assert Run.objects.get(pk=run2).status == "finished", Run.objects.get(pk=run2).error
         b.goto(f"{url}/runs/")
@@ -183,14 +209,20 @@ def test_user_journey(live_stack, tmp_path):  # noqa: F811
         b.wait("document.getElementById('cmp-keep').data !== undefined", 30, "the comparison charts")
         assert b.js("document.getElementById('cmp-keep').data[0].x.length") == 2
         assert b.js("document.getElementById('cmp-pareto').data.length") == 4  # points + front per run
-        differs = b.js("[...document.querySelectorAll('#compare-config tr.differs td:first-child')].map(t => t.innerText)")
+        differs = b.js(
+            "[...document.querySelectorAll('#compare-config tr.differs td:first-child')].map(t => t.innerText)"
+        )
         assert any(d.startswith("agent") for d in differs) and any(d.startswith("objective") for d in differs)
         assert b.js("document.querySelectorAll('#compare-summary tbody tr').length") == 2
         time.sleep(1)
         b.screenshot(SHOTS / "09-compare.png")
 
-        for path, name in (("/datasets/", "10-datasets"), ("/targets/", "11-targets"), ("/api-docs/", "12-api"),
-                           ("/", "13-overview")):
+        for path, name in (
+            ("/datasets/", "10-datasets"),
+            ("/targets/", "11-targets"),
+            ("/api-docs/", "12-api"),
+            ("/", "13-overview"),
+        ):
             b.goto(url + path)
             b.screenshot(SHOTS / f"{name}.png")
         b.goto(f"{url}/targets/analytic/")
@@ -204,8 +236,12 @@ def test_user_journey(live_stack, tmp_path):  # noqa: F811
     art = RunArtifact.objects.filter(run_id=run1, kind="pt2").first()
     with Browser() as b:
         sign_in(b, url, "bob")
-        for path in (f"/runs/{run1}/", f"/models/{model_id}/", f"/runs/{run1}/files/{art.pk}/",
-                     f"/runs/{run1}/episodes.csv"):
+        for path in (
+            f"/runs/{run1}/",
+            f"/models/{model_id}/",
+            f"/runs/{run1}/files/{art.pk}/",
+            f"/runs/{run1}/episodes.csv",
+        ):
             status = b.js(f"fetch({json.dumps(url + path)}).then(r => r.status)")
             assert status == 404, (path, status)
         api = b.js(f"fetch('{url}/api/runs/{run1}/artifacts/{art.pk}/').then(r => r.status)")

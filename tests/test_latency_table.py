@@ -218,7 +218,7 @@ def test_resnet20_table_error_on_pruned_and_int8_variants(target: str, tmp_path:
         )
         for label, k in keeps.items()
     }
-    table = LatencyTable(target, tmp_path / "t.sqlite", warmup=20, repeats=200)
+    table = LatencyTable(target, tmp_path / "t.sqlite", warmup=20, repeats=200, timeout_s=900)
     cal = table.calibrate(model, x)
     print(
         f"\n{target}: ResNet-20 {cal['measured_ms']:.3f} ms (cv {cal['measurement'].cv:.2f}), factor {cal['scale']:.2f}"

@@ -50,6 +50,7 @@ AMC_DEFAULTS: dict[str, Any] = {
     "baseline_alpha": 0.95,
     "critic_weight_decay": 0.0,
     "init_w": 3e-3,
+    "store_raw_action": False,
 }
 
 
@@ -75,6 +76,10 @@ def ddpg_params(defaults: dict[str, Any]) -> list[Param]:
         Param("baseline_alpha", "float", d["baseline_alpha"], "moving-average factor of the reward baseline", 0.0, 1.0),
         Param("critic_weight_decay", "float", d["critic_weight_decay"], "L2 weight decay of the critic", 0.0, 1.0),
         Param("init_w", "float", d["init_w"], "initial output-layer weights are U(-init_w, init_w)", 1e-6, 1.0, log=True),
+        Param(
+            "store_raw_action", "bool", d["store_raw_action"],
+            "store the agent's own action in transitions instead of the environment's enforced one",
+        ),
     ]
 
 
@@ -98,6 +103,7 @@ class DDPGAgent(Agent):
         self.noise = TruncatedNormalNoise(c["noise_sigma"], c["noise_decay"])
         self.baseline: float | None = None
         self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray, bool]] = []
+        self._last_raw: np.ndarray | None = None
 
     @classmethod
     def params(cls) -> list[Param]:
@@ -156,12 +162,17 @@ class DDPGAgent(Agent):
         """Random during warm-up; then the actor's output, with decaying truncated normal noise when exploring."""
         obs_t = torch.from_numpy(self._check_obs(obs))
         if explore and self.in_warmup:
-            return self.rng.random(self.act_dim)
-        action = self._policy_action(obs_t, self.current_sigma() if explore else None)
-        return np.clip(action, 0.0, 1.0)
+            action = self.rng.random(self.act_dim)
+        else:
+            action = np.clip(self._policy_action(obs_t, self.current_sigma() if explore else None), 0.0, 1.0)
+        if explore:
+            self._last_raw = action.copy()
+        return action
 
     def observe(self, obs: np.ndarray, action: np.ndarray, next_obs: np.ndarray, done: bool) -> None:
         """Hold the step until the episode's reward is known."""
+        if self.config["store_raw_action"] and self._last_raw is not None:
+            action = self._last_raw
         a = np.clip(np.asarray(action, dtype=np.float64).reshape(-1), 0.0, 1.0)
         if a.shape != (self.act_dim,):
             raise ValueError(f"action has shape {a.shape}, expected ({self.act_dim},)")
@@ -228,6 +239,7 @@ class DDPGAgent(Agent):
             "buffer": self.buffer.state_dict(),
             "baseline": self.baseline,
             "sigma": self.current_sigma(),
+            "last_raw": None if self._last_raw is None else torch.from_numpy(self._last_raw),
             "pending": [
                 {
                     "obs": torch.from_numpy(o),
@@ -248,6 +260,7 @@ class DDPGAgent(Agent):
             o.load_state_dict(state["optims"][k])
         self.buffer.load_state_dict(state["buffer"])
         self.baseline = None if state["baseline"] is None else float(state["baseline"])
+        self._last_raw = None if state["last_raw"] is None else state["last_raw"].numpy().copy()
         self._pending = [
             (p["obs"].numpy().copy(), p["action"].numpy().copy(), p["next_obs"].numpy().copy(), bool(p["done"]))
             for p in state["pending"]

@@ -50,18 +50,26 @@ class TableLatency(LatencyModel):
         if missing:
             raise RuntimeError(f"no workload found for layers {missing[:5]}")
         self.templates = templates
-        total, rows, _ = table.predict(graph.module, x, measure_missing=True)
-        layer_total = sum(
-            r["ms"] for r in rows if r.get("kind") in ("conv2d", "linear") and r["ms"] is not None
-        )
+        # Per-entry timings miss what the runtime does across layers (fusions, boundary costs). The table's
+        # calibration measures the original model end to end and stores the factor that maps the sum of
+        # its entries onto that measurement; it holds for every pruned/quantized variant of the same
+        # structure, which is exactly what a search tries.
+        _, rows, _ = table.predict(graph.module, x, measure_missing=True, calibrated=False)
+        self.calibration = table.calibrate(graph.module, x)
+        self.scale = float(self.calibration.get("scale") or 1.0)
+        base = float(rows[-1]["ms"] or 0.0)  # the runtime's per-call overhead
+        layer_kinds = ("conv2d", "linear")
+        layer_raw = sum(r["ms"] for r in rows[:-1] if r.get("kind") in layer_kinds and r["ms"] is not None)
+        rest_raw = sum(r["ms"] for r in rows[:-1] if r.get("kind") not in layer_kinds and r["ms"] is not None)
         self._cache: dict[tuple, float] = {}
-        super().__init__(self._layer_ms, residual_ms=max(0.0, total - layer_total))
-        self.original_ms = total
+        super().__init__(self._layer_ms, residual_ms=base + self.scale * rest_raw)
+        self.original_ms = base + self.scale * (layer_raw + rest_raw)
         log.info(
-            "latency table for %s: original %.3f ms (layers %.3f ms, rest %.3f ms)",
+            "latency table for %s: original %.3f ms predicted, %.3f ms measured (factor %.2f, rest %.3f ms)",
             table.spec.name,
-            total,
-            layer_total,
+            self.original_ms,
+            float(self.calibration.get("measured_ms") or 0.0),
+            self.scale,
             self.residual_ms,
         )
 
@@ -101,7 +109,7 @@ class TableLatency(LatencyModel):
         if o is None:
             self.table.measure_workload(over)
             o = self.table.lookup(over)
-        v = max(0.0, float(ms) - float(o or 0.0))
+        v = self.scale * max(0.0, float(ms) - float(o or 0.0))
         self._cache[key] = v
         return v
 

@@ -483,6 +483,7 @@ class LatencyTable:
         example_input: torch.Tensor | tuple[torch.Tensor, ...],
         bits: Any = None,
         *,
+        rounds: int = 3,
         warmup: int | None = None,
         repeats: int | None = None,
         timeout_s: float | None = None,
@@ -493,13 +494,24 @@ class LatencyTable:
         strides, fusions and input resolution, whatever the channel counts and bits): i.e. to the pruned
         and quantized variants a search tries. It absorbs what per-workload timing cannot see (runtime
         fusions, per-layer boundary costs); ``confirm`` on other variants measures how well it transfers.
-        Returns ``scale``, ``raw_predicted_ms`` and ``measured_ms``.
+        The reference is measured ``rounds`` times and the median of the rounds is used, because one bad
+        window on a shared machine would skew every later prediction. Returns ``scale``,
+        ``raw_predicted_ms``, ``measured_ms``, the per-round values and, when the rounds disagree or are
+        noisy, a ``warning``.
         """
         if self.analytic:
             return {"scale": 1.0, "raw_predicted_ms": None, "measured_ms": None}
+        if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+            raise TargetError(f"calibration rounds must be an integer >= 1, got {rounds!r}")
         plan = normalize_bits(bits)
         raw, rows, _ = self.predict(module, example_input, plan, measure_missing=True, calibrated=False)
-        m, measured = self._measure_model(module, example_input, plan, warmup, repeats, timeout_s)
+        runs = [
+            self._measure_model(module, example_input, plan, warmup, repeats, timeout_s)
+            for _ in range(rounds)
+        ]
+        values = sorted(v for _, v in runs)
+        measured = values[len(values) // 2]
+        m = next(mm for mm, v in runs if v == measured)
         base = rows[-1]["ms"]
         layers = raw - base
         scale = (measured - base) / layers if layers > 0 else 1.0
@@ -510,12 +522,19 @@ class LatencyTable:
                 "INSERT OR REPLACE INTO calibrations VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (self.spec.name, self.fingerprint, structure, scale, raw, measured, time.time()),
             )
-        result = {"scale": scale, "raw_predicted_ms": raw, "measured_ms": measured, "measurement": m}
-        if m.cv > NOISY_CV:
+        result = {
+            "scale": scale,
+            "raw_predicted_ms": raw,
+            "measured_ms": measured,
+            "rounds_ms": [v for _, v in runs],
+            "measurement": m,
+        }
+        spread = (values[-1] - values[0]) / measured if measured > 0 else 0.0
+        if m.cv > NOISY_CV or spread > NOISY_CV:
             # a calibration from a noisy measurement skews every variant's prediction: say so
             result["warning"] = (
-                f"the reference measurement was noisy (cv {m.cv:.0%}); the factor {scale:.2f} may be off: "
-                "calibrate again on a quieter device"
+                f"the reference measurements were noisy (cv {m.cv:.0%}, rounds spread {spread:.0%}); the factor "
+                f"{scale:.2f} may be off: calibrate again on a quieter device"
             )
             log.warning("%s: %s", self.spec.name, result["warning"])
         return result

@@ -5,6 +5,7 @@
   var PALETTE = ["#2f6fed", "#f08c00", "#12b886", "#d6336c", "#7950f2", "#1098ad", "#5c940d", "#e8590c"];
   var FONT = 'system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif';
   var CONFIG = { displaylogo: false, responsive: true, modeBarButtonsToRemove: ["lasso2d", "select2d"] };
+  var STATIC = Object.assign({}, CONFIG, { displayModeBar: false });
   var FP_LEVEL = 9;
 
   function color(i) { return PALETTE[i % PALETTE.length]; }
@@ -106,7 +107,7 @@
       hoverongaps: false }, opts);
     Plotly.newPlot(id, [trace], layout({ margin: { l: 110, r: 10, t: 10, b: 60 },
       xaxis: { type: "category", tickangle: -15, automargin: true },
-      yaxis: { type: "category", autorange: "reversed", automargin: true, tickfont: { size: 10 } } }), CONFIG);
+      yaxis: { type: "category", autorange: "reversed", automargin: true, tickfont: { size: 10 } } }), STATIC);
   }
   heat("cmp-keep", function (lp) { return finite(lp.keep_ratio) ? lp.keep_ratio : 1; }, {
     zmin: 0, zmax: 1, colorscale: "Viridis", colorbar: { title: { text: "keep" }, thickness: 10, tickformat: ".0%" },

@@ -181,15 +181,14 @@
   }
 
   function updateFront() {
+    // One restyle for the front and the best marker: every Plotly call is a redraw.
     var f = front(state.points);
+    var b = state.best && finite(costOf(state.best)) ? state.best : null;
     Plotly.restyle("chart-pareto", {
-      x: [f.map(function (p) { return p[0]; })],
-      y: [f.map(function (p) { return p[1]; })],
-      text: [f.map(function (p) { return p[2]; })]
-    }, [1]);
-    if (state.best && finite(costOf(state.best))) {
-      Plotly.restyle("chart-pareto", { x: [[costOf(state.best)]], y: [[state.best.accuracy]] }, [2]);
-    }
+      x: [f.map(function (p) { return p[0]; }), b ? [costOf(b)] : []],
+      y: [f.map(function (p) { return p[1]; }), b ? [b.accuracy] : []],
+      text: [f.map(function (p) { return p[2]; }), []]
+    }, [1, 2]);
   }
 
   // --- best policy -----------------------------------------------------------------------------------
@@ -336,7 +335,9 @@
     state.runAt = Date.now();
     var pill = document.querySelector("#run-status .pill");
     if (pill) { pill.className = "pill " + run.status; pill.textContent = run.status; }
-    document.getElementById("phase").textContent = run.phase || "";
+    var phase = document.getElementById("phase");
+    phase.textContent = run.phase || "";
+    phase.hidden = !run.phase;
     document.getElementById("ep-total").textContent = run.episodes_total;
     if (run.best && (!state.best || run.best.number > state.best.number) && run.best.policy) {
       state.best = run.best;
@@ -396,6 +397,22 @@
 
   // --- transport -------------------------------------------------------------------------------------
 
+  // Episodes are drawn in batches (at most every FLUSH_MS): each Plotly call redraws a chart, and a fast
+  // search sends several episodes a second, which one by one would keep a slow laptop's page busy.
+  var FLUSH_MS = 400;
+  var pending = [];
+  var flushTimer = null;
+
+  function queue(episode) {
+    pending.push(episode);
+    if (!flushTimer) { flushTimer = setTimeout(flush, FLUSH_MS); }
+  }
+
+  function flush() {
+    flushTimer = null;
+    if (pending.length) { append(pending.splice(0, pending.length)); }
+  }
+
   function setConn(text, cls) {
     var el = document.getElementById("conn");
     el.textContent = text;
@@ -408,6 +425,7 @@
       msg.type === "episode" ? [msg.episode.number] : []]);
     if (state.received.length > 300) { state.received.shift(); }
     if (msg.type === "history") {
+      flush();
       if (msg.run) { setStatus(msg.run); }
       append(msg.episodes);
       if (msg.logs) { addLog(msg.logs); }
@@ -415,8 +433,9 @@
         "overview: " + msg.episodes.length + " of " + msg.total + " episodes" : "";
       progress();
     } else if (msg.type === "episode") {
-      append([msg.episode]);
+      queue(msg.episode);
     } else if (msg.type === "status") {
+      if (ACTIVE.indexOf(msg.run.status) < 0) { flush(); }
       setStatus(msg.run);
     } else if (msg.type === "log") {
       addLog(msg.lines);

@@ -62,6 +62,7 @@ def compare(request: HttpRequest) -> HttpResponse:
         "picked": ids,
         "series": series,
         "summary_rows": rows,
+        "any_partial": any(row["fig"]["accuracy_kind"] != "test, fine-tuned" for row in rows),
         "config_rows": runinfo.config_table(runs),
     }
     return render(request, "runs/compare.html", context)

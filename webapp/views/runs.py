@@ -20,6 +20,13 @@ from webapp.permissions import can_change, get_visible_or_404, visible
 from webapp.views import runinfo
 
 STATUS_FILTERS = ("active", "finished", "failed", "cancelled")
+# Downloads in the order a user looks for them: the compressed model first, the records last.
+ARTIFACT_ORDER = {
+    k: i
+    for i, k in enumerate(
+        ("pt2", "onnx", "int8.onnx", "tvm", "report", "policy", "episodes.csv", "episodes.jsonl", "log", "other")
+    )
+}
 
 
 @login_required
@@ -104,7 +111,9 @@ def run_detail(request: HttpRequest, pk: int) -> HttpResponse:
         "has_latency": run.target.backend != "analytic",
         "run": run.status_event(),
         "channels": {
-            r["name"]: r.get("out_channels") for r in (run.model.inspection or {}).get("layers") or [] if r.get("name")
+            r["name"]: r.get("out_channels")
+            for r in (run.model.inspection or {}).get("layers") or []
+            if r.get("name")
         },
     }
     context = {
@@ -112,7 +121,7 @@ def run_detail(request: HttpRequest, pk: int) -> HttpResponse:
         "page": page,
         "fig": runinfo.summary_figures(run),
         "best_rows": best_rows,
-        "artifacts": run.artifacts.order_by("kind", "path"),
+        "artifacts": sorted(run.artifacts.all(), key=lambda a: (ARTIFACT_ORDER.get(a.kind, 99), a.path)),
         "config_rows": runinfo.config_table([run]),
         "can_change": can_change(run, request.user),
         "can_resume": can_resume(run),

@@ -82,7 +82,7 @@ def target_delete(request: HttpRequest, name: str) -> HttpResponse:
 @login_required
 @require_POST
 def benchmark_new(request: HttpRequest) -> HttpResponse:
-    """"Measure now": queue a benchmark, then go back to the page that asked (or the benchmark's page)."""
+    """ "Measure now": queue a benchmark, then go back to the page that asked (or the benchmark's page)."""
     form = BenchmarkForm(request.POST, user=request.user)
     nxt = request.POST.get("next", "")
     back = nxt if url_has_allowed_host_and_scheme(nxt, allowed_hosts={request.get_host()}) else ""

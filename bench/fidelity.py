@@ -1,0 +1,202 @@
+"""Benchmark 3, latency fidelity: the search's latency-table prediction against end-to-end measurement.
+
+For random policies on ResNet-20/digits (half channel pruning only, half pruning plus 2..8-bit layers,
+the two kinds of policy the search produces), the latency the search uses (``TableLatency.total``: per-layer
+table entries at the pruned shapes and bits plus a constant residual, see ``compression/search/latency.py``)
+is compared with ``bench_model`` of the applied policy on the same target. Reported: mean, median and
+worst relative error, the signed mean (bias), the rank correlation of predicted with measured (what the
+search's choices depend on), and the measurement's own spread: the within-measurement coefficient of
+variation of every measurement, and the spread of the original model measured repeatedly through the run.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+from bench.common import (
+    Context,
+    LoadSampler,
+    fmt,
+    log,
+    mean_std,
+    rank_correlations,
+    resnet20_digits,
+    table,
+    write_result,
+)
+
+
+def random_policy(graph, rng, kind: str, min_keep: float = 0.1):
+    """A random policy: keep ratios uniform in [min_keep, 1] per prunable group; for ``joint`` also
+    weight/activation bits uniform in 2..8 on every layer (as the joint search produces)."""
+    from compression.policy import LayerPolicy, Policy
+
+    layers = {}
+    for name in graph.prunable_leaders:
+        layers[name] = LayerPolicy(keep_ratio=float(rng.uniform(min_keep, 1.0)))
+    if kind == "joint":
+        for name in graph.quantizable:
+            lp = layers.get(name, LayerPolicy())
+            lp.w_bits = int(rng.integers(2, 9))
+            lp.a_bits = int(rng.integers(2, 9))
+            layers[name] = lp
+    return Policy(layers=layers)
+
+
+def _one_target(ctx: Context, spec: str, target: str, n: int, check_every: int) -> dict[str, Any]:
+    import numpy as np
+
+    from compression.apply import apply_policy
+    from compression.costs import compute_costs
+    from compression.errors import CompressionError
+    from compression.pipeline import open_workspace
+    from compression.search.latency import build_latency_model
+    from compression.targets import bench_model, get_target
+
+    tspec = get_target(target)
+    round_to = int(getattr(tspec, "round_to", 1) or 1)
+    ws = open_workspace(spec, "digits", seed=0)
+    calib = ws.calibration_batch(256, seed=0)
+    x = ws.artifact.example_input(1)
+    log(ctx, f"fidelity on {target}: building the search's latency model")
+    latency = build_latency_model(tspec, ws.graph, ws.artifact, round_to=round_to)
+    rng = np.random.default_rng(0)
+    kinds = ["prune", "joint"] if tspec.backend == "onnxruntime" else ["prune"]
+    rows: list[dict[str, Any]] = []
+    original_runs: list[dict[str, float]] = []
+
+    def measure_original() -> None:
+        m = bench_model(ws.artifact.module, x, tspec)
+        original_runs.append({"median_ms": m.median_ms, "cv": m.cv})
+
+    with LoadSampler() as load:
+        measure_original()
+        for i in range(n):
+            kind = kinds[i % len(kinds)]
+            policy = random_policy(ws.graph, rng, kind)
+            predicted = latency.total(compute_costs(ws.graph, policy, round_to))
+            model = apply_policy(ws.graph, policy, calib, round_to=round_to)
+            try:
+                m = bench_model(model, x, tspec, bits=policy if kind == "joint" else None)
+            except CompressionError as exc:
+                rows.append({"kind": kind, "predicted_ms": predicted, "error": str(exc)})
+                continue
+            rel = (predicted - m.median_ms) / m.median_ms
+            rows.append(
+                {
+                    "kind": kind,
+                    "predicted_ms": predicted,
+                    "measured_ms": m.median_ms,
+                    "rel_error": rel,
+                    "cv": m.cv,
+                    "bits_run": str(m.details.get("bits_run")),
+                    "load1": load.samples[-1] if load.samples else None,
+                }
+            )
+            if (i + 1) % check_every == 0:
+                measure_original()
+                log(ctx, f"  {i + 1}/{n} policies; last error {rel:+.1%} (cv {m.cv:.2f})")
+        measure_original()
+    ok = [r for r in rows if "rel_error" in r]
+    out: dict[str, Any] = {
+        "target": target,
+        "round_to": round_to,
+        "policies": len(rows),
+        "measured": len(ok),
+        "original_predicted_ms": getattr(latency, "original_ms", None),
+        "original_measured": original_runs,
+        "original_between_runs_cv": (
+            statistics.stdev(r["median_ms"] for r in original_runs)
+            / statistics.fmean(r["median_ms"] for r in original_runs)
+            if len(original_runs) > 1
+            else None
+        ),
+        "rows": rows,
+        "load": load.summary(),
+    }
+    for kind in [*kinds, "all"]:
+        sel = [r for r in ok if kind == "all" or r["kind"] == kind]
+        if not sel:
+            continue
+        abs_err = [abs(r["rel_error"]) for r in sel]
+        out[kind] = {
+            "n": len(sel),
+            "mean_abs_rel_error": statistics.fmean(abs_err),
+            "median_abs_rel_error": statistics.median(abs_err),
+            "worst_abs_rel_error": max(abs_err),
+            "mean_rel_error": statistics.fmean(r["rel_error"] for r in sel),
+            "within_5pct": sum(1 for e in abs_err if e <= 0.05) / len(sel),
+            "cv": mean_std(r["cv"] for r in sel),
+            **rank_correlations([r["predicted_ms"] for r in sel], [r["measured_ms"] for r in sel]),
+        }
+    return out
+
+
+def run(ctx: Context) -> dict[str, Any]:
+    """Run the fidelity benchmark and write ``bench/results/fidelity[-quick].json``."""
+    n = int(ctx.opt("policies", 16, 50))
+    targets = (
+        [ctx.options["target"]]
+        if ctx.options.get("target")
+        else (["local-ort"] if ctx.quick else ["local-ort", "local-tvm"])
+    )
+    spec = ctx.options.get("model") or resnet20_digits(ctx).spec
+    result: dict[str, Any] = {"model": spec, "policies": n, "targets": {}}
+    for t in targets:
+        try:
+            result["targets"][t] = _one_target(ctx, spec, t, n, check_every=max(2, n // 8))
+        except Exception as exc:
+            log(ctx, f"fidelity on {t} failed: {type(exc).__name__}: {exc}")
+            result["targets"][t] = {"error": f"{type(exc).__name__}: {exc}"}
+        write_result(ctx, "fidelity", result)
+    path = write_result(ctx, "fidelity", result)
+    print(summarize(result))
+    log(ctx, f"wrote {path}")
+    return result
+
+
+def summarize(r: dict[str, Any]) -> str:
+    """Markdown table of a fidelity result."""
+    rows = []
+    for t, res in r["targets"].items():
+        if "error" in res:
+            rows.append([t, "error: " + res["error"][:80], *[""] * 8])
+            continue
+        for kind in ("prune", "joint", "all"):
+            s = res.get(kind)
+            if not s:
+                continue
+            rows.append(
+                [
+                    t,
+                    kind,
+                    s["n"],
+                    f"{s['mean_abs_rel_error']:.1%}",
+                    f"{s['median_abs_rel_error']:.1%}",
+                    f"{s['worst_abs_rel_error']:.1%}",
+                    f"{s['mean_rel_error']:+.1%}",
+                    f"{s['within_5pct']:.0%}",
+                    fmt(s["spearman"], ".3f"),
+                    f"{s['cv']['mean']:.2f}",
+                    fmt(res["original_between_runs_cv"], ".2f"),
+                    f"{res['load']['load1_mean']:.1f}",
+                ]
+            )
+    return table(
+        [
+            "target",
+            "policies",
+            "n",
+            "mean |err|",
+            "median |err|",
+            "worst |err|",
+            "bias",
+            "within 5%",
+            "Spearman",
+            "CV (within)",
+            "CV (original, between runs)",
+            "load",
+        ],
+        rows,
+    )

@@ -1,0 +1,536 @@
+"""Benchmark 1, search quality: test accuracy at a latency budget, every agent against the baselines.
+
+Protocol (the same for every method, per model, budget and seed):
+
+- models: ResNet-20 trained on digits at 1x32x32 (``train_baseline``), and (full mode) a MobileNet-like
+  depthwise network (``common.build_dwnet``) trained on digits and loaded from its ``.pt2``;
+- objective: latency on the target (``--target``, default ``local-ort``), budgets 50/25/10% of the
+  original's latency as predicted by the search's latency table;
+- methods: the RL agents ``amc``, ``haq``, ``galen-pq``, ``ajpq``, ``two-stage`` (their own action
+  layouts), ``random`` with the same number of episodes, ``uniform`` (both channel pruning, the layout
+  every target can use), and torch-pruning's global magnitude pruning (``MagnitudePruner``,
+  ``global_pruning=True``) with its ratio bisected until the same latency table predicts the budget;
+- after the search the best policy by reward (``top_k=1``: no choice on the test set) is fine-tuned by
+  the search's finalize phase (``fine_tune`` with distillation from the original, the same epochs and seed),
+  and the torch-pruning model gets exactly the same ``recalibrate`` + ``fine_tune``;
+- test accuracy on the digits test split; mean and spread over seeds;
+- end-to-end latency of every final model, measured side by side (interleaved rounds of ``bench_model``
+  over the original and all compressed models of one budget), as a ratio to the original.
+
+A budget below what a method's action space can reach on the target (its *floor*, from the search
+environment) is reported as unreachable with the floor instead of being run.
+
+Extra experiments: joint pruning + quantization against pruning-only and quantization-only at one budget
+(random search on each layout, and the RL agent of each layout), and a policy searched for one target
+measured on another (``cross_targets``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import (
+    BenchModel,
+    Context,
+    LoadSampler,
+    Recorder,
+    agent_config,
+    dwnet_digits,
+    fmt,
+    fresh_dir,
+    keep_sensitivity,
+    log,
+    mean_std,
+    resnet20_digits,
+    search_floors,
+    seed_sensitivity,
+    table,
+    write_result,
+)
+
+METHODS = ("amc", "haq", "galen-pq", "ajpq", "two-stage", "random", "uniform", "tp-magnitude")
+LAYOUT = {
+    "amc": "prune",
+    "haq": "bits",
+    "galen-pq": "joint",
+    "ajpq": "ajpq",
+    "two-stage": "prune",  # its first stage prunes; the floor of the prune layout bounds it
+    "random": "prune",
+    "uniform": "prune",
+    "tp-magnitude": "prune",
+}
+MIN_KEEP = 0.1  # the search's default min_keep; torch-pruning gets the same per-layer limit
+
+
+def _search_method(
+    ctx: Context,
+    bm: BenchModel,
+    method: str,
+    target: str,
+    budget: float,
+    seed: int,
+    episodes: int,
+    ft_epochs: int,
+    round_to: int | None,
+    out: Path,
+    layout: str | None = None,
+) -> dict[str, Any]:
+    from compression.search.loop import run_search
+    from compression.search.results import SearchConfig
+
+    if layout is None and method in ("random", "uniform"):
+        layout = "prune"
+    cfg = SearchConfig(
+        model=bm.spec,
+        agent=method,
+        target=target,
+        objective="latency",
+        budget=budget,
+        episodes=episodes,
+        seed=seed,
+        layout=layout,
+        round_to=round_to,
+        agent_config=agent_config(method, episodes),
+        top_k=1,
+        fine_tune_epochs=ft_epochs,
+        export_formats=("pt2",),
+        checkpoint_every=max(5, episodes),
+    )
+    fresh_dir(out)
+    seed_sensitivity(ctx, cfg, out)
+    rec = Recorder(ctx, f"{bm.key}/{method}/b{budget}/s{seed}")
+    t0 = time.perf_counter()
+    with LoadSampler() as load:
+        report = run_search(cfg, str(out), [rec], resume=False)
+    keep_sensitivity(ctx, cfg, out)
+    cand = report["candidates"][0]
+    return {
+        "status": "ok",
+        "method": method,
+        "layout": layout or "agent default",
+        "test_accuracy": report["accuracy"]["compressed_test"],
+        "test_accuracy_before_fine_tune": report["accuracy"]["compressed_test_before_fine_tune"],
+        "original_test_accuracy": report["accuracy"]["original_test"],
+        "val_accuracy": cand["val_accuracy"],
+        "predicted_ratio": cand["cost_ratio"],
+        "within_budget": report["within_budget"],
+        "finalize_latency": {
+            k: report["latency"].get(k) for k in ("speedup", "predicted_ms", "prediction_error")
+        },
+        "episodes": report["episodes"],
+        "policy_path": str(out / "best_policy.json"),
+        "seconds": time.perf_counter() - t0,
+        "timing": report["timing"],
+        "load": load.summary(),
+    }
+
+
+def _tp_prune(original, example, ratio: float, round_to: int):
+    """A copy of ``original`` pruned by torch-pruning's global magnitude pruner at ``ratio``."""
+    import torch_pruning as tp
+    from torch import nn
+
+    model = copy.deepcopy(original).eval()
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    pruner = tp.pruner.MagnitudePruner(
+        model,
+        example,
+        importance=tp.importance.GroupMagnitudeImportance(p=2),
+        global_pruning=True,
+        pruning_ratio=ratio,
+        max_pruning_ratio=1.0 - MIN_KEEP,
+        ignored_layers=linears[-1:],  # the classifier's outputs are the classes
+        round_to=round_to if round_to > 1 else None,
+    )
+    pruner.step()
+    return model
+
+
+def _tp_method(
+    ctx: Context,
+    bm: BenchModel,
+    target: str,
+    budget: float,
+    seed: int,
+    ft_epochs: int,
+    round_to: int,
+    bisect_steps: int,
+) -> tuple[dict[str, Any], Any]:
+    """torch-pruning global magnitude pruning at the budget's latency, then the agents' fine-tune."""
+    from compression.apply import recalibrate
+    from compression.pipeline import open_workspace
+    from compression.search.latency import table_path
+    from compression.targets import LatencyTable
+    from compression.training import evaluate, fine_tune
+
+    t0 = time.perf_counter()
+    ws = open_workspace(bm.spec, "digits", seed=seed)
+    original = ws.artifact.module
+    x = ws.artifact.example_input(1)
+    # the search's own table settings, so a prediction here means what it means in the search
+    lt = LatencyTable(target, table_path(), warmup=5, repeats=40)
+    base_ms = lt.predict(original, x, measure_missing=True)[0]
+    lo, hi = 0.0, 1.0 - MIN_KEEP
+    best = None
+    trace = []
+    with LoadSampler() as load:
+        # smallest pruning ratio whose predicted latency meets the budget: predicted latency falls as
+        # the ratio grows (not strictly: channel rounding makes it a staircase), so bisect on the ratio
+        m_hi = _tp_prune(original, x, hi, round_to)
+        r_hi = lt.predict(m_hi, x, measure_missing=True)[0] / base_ms
+        trace.append((hi, r_hi))
+        if r_hi > budget * (1 + 1e-6):
+            return {
+                "status": "unreachable",
+                "floor": r_hi,
+                "note": f"pruning {hi:.0%} of channels globally still costs {r_hi:.1%}",
+            }, None
+        best = (hi, m_hi, r_hi)
+        for _ in range(bisect_steps):
+            mid = (lo + hi) / 2
+            m = _tp_prune(original, x, mid, round_to)
+            r = lt.predict(m, x, measure_missing=True)[0] / base_ms
+            trace.append((mid, r))
+            if r <= budget * (1 + 1e-6):
+                hi, best = mid, (mid, m, r)
+            else:
+                lo = mid
+        ratio, model, pred = best
+        calib = ws.calibration_batch(256, seed=seed)
+        recalibrate(model, calib)
+        before = evaluate(model, ws.data.test).top1
+        if ft_epochs > 0:
+            fine_tune(model, ws.data.train, epochs=ft_epochs, teacher=original, seed=seed)
+        test = evaluate(model, ws.data.test).top1
+    return {
+        "status": "ok",
+        "method": "tp-magnitude",
+        "layout": "prune (torch-pruning global magnitude)",
+        "pruning_ratio": ratio,
+        "bisection": trace,
+        "test_accuracy": test,
+        "test_accuracy_before_fine_tune": before,
+        "original_test_accuracy": evaluate(original, ws.data.test).top1,
+        "predicted_ratio": pred,
+        "within_budget": pred <= budget * (1 + 1e-6),
+        "params": sum(p.numel() for p in model.parameters()),
+        "seconds": time.perf_counter() - t0,
+        "load": load.summary(),
+    }, model
+
+
+def measure_side_by_side(
+    ctx: Context, models: dict[str, tuple[Any, Any]], example, target: str, rounds: int
+) -> dict[str, Any]:
+    """Interleaved end-to-end measurements: ``rounds`` passes over all models, median of the medians.
+
+    ``models`` maps a label to (module, bits plan or None). Interleaving spreads the machine's load
+    changes over every model instead of letting one model take all of a noisy minute.
+    """
+    import statistics
+
+    from compression.errors import CompressionError
+    from compression.targets import bench_model
+
+    per: dict[str, list[dict[str, float]]] = {k: [] for k in models}
+    with LoadSampler() as load:
+        for _ in range(rounds):
+            for label, (module, bits) in models.items():
+                try:
+                    m = bench_model(module, example, target, bits=bits)
+                except CompressionError as exc:
+                    per[label].append({"error": str(exc)})
+                    continue
+                per[label].append(
+                    {"median_ms": m.median_ms, "cv": m.cv, "bits_run": str(m.details.get("bits_run"))}
+                )
+    out: dict[str, Any] = {}
+    for label, ms in per.items():
+        ok = [m for m in ms if "median_ms" in m]
+        if not ok:
+            out[label] = {"error": ms[0].get("error") if ms else "not measured"}
+            continue
+        out[label] = {
+            "median_ms": statistics.median(m["median_ms"] for m in ok),
+            "round_medians_ms": [m["median_ms"] for m in ok],
+            "cv_mean": statistics.fmean(m["cv"] for m in ok),
+            "bits_run": ok[0]["bits_run"],
+        }
+    return {"models": out, "rounds": rounds, "target": target, "load": load.summary()}
+
+
+def _compressed_models(bm: BenchModel, cells: dict[str, dict[str, Any]], tp_model, seed: int, round_to: int):
+    """The original and every method's compressed model (for latency: fine-tuning changes no shape)."""
+    from compression.apply import apply_policy
+    from compression.pipeline import open_workspace
+    from compression.policy import Policy
+
+    ws = open_workspace(bm.spec, "digits", seed=seed)
+    calib = ws.calibration_batch(256, seed=seed)
+    models: dict[str, tuple[Any, Any]] = {"original": (ws.artifact.module, None)}
+    for method, cell in cells.items():
+        if cell.get("status") != "ok":
+            continue
+        if method == "tp-magnitude":
+            if tp_model is not None:
+                models[method] = (tp_model, None)
+            continue
+        policy = Policy.from_json(Path(cell["policy_path"]).read_text(encoding="utf-8"))
+        models[method] = (apply_policy(ws.graph, policy, calib, round_to=round_to), policy)
+    return models, ws.artifact.example_input(1)
+
+
+def run(ctx: Context) -> dict[str, Any]:
+    """Run the quality benchmark and write ``bench/results/quality[-quick].json``."""
+    target = ctx.opt("target", "local-ort", "local-ort")
+    models = ctx.options.get("models") or (["resnet20"] if ctx.quick else ["resnet20", "dwnet"])
+    seeds = list(range(int(ctx.opt("seeds", 1, 3))))
+    budgets = ctx.options.get("budgets") or [0.5, 0.25, 0.1]
+    episodes = int(ctx.opt("episodes", 10, 100))
+    ft_epochs = int(ctx.opt("fine_tune_epochs", 1, 3))
+    methods = ctx.options.get("agents") or list(METHODS)
+    rounds = 3 if ctx.quick else 5
+    bisect_steps = 6 if ctx.quick else 10
+    result: dict[str, Any] = {
+        "target": target,
+        "budgets": budgets,
+        "seeds": seeds,
+        "episodes": episodes,
+        "fine_tune_epochs": ft_epochs,
+        "methods": methods,
+        "models": {},
+    }
+    log(ctx, f"quality: {models} on {target}, budgets {budgets}, seeds {seeds}, {episodes} episodes")
+    base = ctx.work_dir / "quality"
+    for key in models:
+        bm = resnet20_digits(ctx) if key == "resnet20" else dwnet_digits(ctx)
+        floors = search_floors(bm.spec, target, None, sorted(set(LAYOUT.values())))
+        round_to = int(floors["round_to"])
+        log(
+            ctx,
+            f"{key}: floors {json.dumps({k: round(v, 3) for k, v in floors.items() if k in LAYOUT.values()})}",
+        )
+        mres: dict[str, Any] = {"model": bm.info, "floors": floors, "cells": {}, "latency": {}}
+        result["models"][key] = mres
+        for budget in budgets:
+            for seed in seeds:
+                cells: dict[str, dict[str, Any]] = {}
+                tp_model = None
+                for method in methods:
+                    floor = floors[LAYOUT[method]]
+                    if method != "tp-magnitude" and floor > budget * (1 + 1e-9):
+                        cells[method] = {
+                            "status": "unreachable",
+                            "floor": floor,
+                            "note": f"the {LAYOUT[method]} layout cannot go below {floor:.1%} on {target}",
+                        }
+                        continue
+                    log(ctx, f"{key} budget {budget:.0%} seed {seed}: {method}")
+                    out = base / key / target / f"b{budget}" / method / f"s{seed}"
+                    try:
+                        if method == "tp-magnitude":
+                            cells[method], tp_model = _tp_method(
+                                ctx, bm, target, budget, seed, ft_epochs, round_to, bisect_steps
+                            )
+                        else:
+                            cells[method] = _search_method(
+                                ctx, bm, method, target, budget, seed, episodes, ft_epochs, None, out
+                            )
+                    except Exception as exc:  # a refused budget or a failing method is a result
+                        log(ctx, f"  {method} failed: {type(exc).__name__}: {exc}")
+                        cells[method] = {"status": "error", "error": f"{type(exc).__name__}: {exc}"}
+                    c = cells[method]
+                    if c.get("status") == "ok":
+                        log(
+                            ctx,
+                            f"  {method}: test {c['test_accuracy']:.4f}, predicted {c['predicted_ratio']:.3f}",
+                        )
+                mres["cells"][f"{budget}/{seed}"] = cells
+                if any(c.get("status") == "ok" for c in cells.values()):
+                    log(
+                        ctx,
+                        f"{key} budget {budget:.0%} seed {seed}: end-to-end latency, {rounds} interleaved rounds",
+                    )
+                    ms, x = _compressed_models(bm, cells, tp_model, seed, round_to)
+                    mres["latency"][f"{budget}/{seed}"] = measure_side_by_side(ctx, ms, x, target, rounds)
+                write_result(ctx, "quality", result)  # partial results survive an interrupted run
+    if ctx.options.get("agents") is None:
+        result["layouts"] = _layouts(ctx, target, seeds, episodes, ft_epochs, base)
+        write_result(ctx, "quality", result)
+        result["cross_target"] = _cross_target(ctx, episodes, ft_epochs, base)
+    result["summary"] = summarize_cells(result)
+    path = write_result(ctx, "quality", result)
+    print(summarize(result))
+    log(ctx, f"wrote {path}")
+    return result
+
+
+def _layouts(
+    ctx: Context, target: str, seeds: list[int], episodes: int, ft_epochs: int, base: Path
+) -> dict[str, Any]:
+    """Joint vs prune-only vs quant-only at one budget every layout can reach (Galen's claim)."""
+    bm = resnet20_digits(ctx)
+    floors = search_floors(bm.spec, target, None, ["prune", "bits", "joint"])
+    reach = max(floors["prune"], floors["bits"], floors["joint"])
+    budget = next((b for b in (0.5, 0.6, 0.7, 0.8, 0.9, 1.0) if b >= reach * 1.02), 1.0)
+    log(ctx, f"layouts: joint vs prune vs bits at {budget:.0%} (floors {floors})")
+    runs: dict[str, Any] = {"budget": budget, "floors": floors, "runs": {}}
+    plan = [
+        ("random", "prune"),
+        ("random", "bits"),
+        ("random", "joint"),
+        ("amc", None),
+        ("haq", None),
+        ("galen-pq", None),
+    ]
+    for agent, layout in plan:
+        label = f"{agent}/{layout or 'own'}"
+        accs = []
+        for seed in seeds:
+            out = base / "layouts" / target / f"b{budget}" / label.replace("/", "-") / f"s{seed}"
+            try:
+                r = _search_method(
+                    ctx, bm, agent, target, budget, seed, episodes, ft_epochs, None, out, layout
+                )
+                accs.append(r)
+            except Exception as exc:
+                accs.append({"status": "error", "error": f"{type(exc).__name__}: {exc}"})
+                log(ctx, f"  {label} failed: {exc}")
+        runs["runs"][label] = {
+            "layout": layout or LAYOUT[agent],
+            "seeds": accs,
+            "test_accuracy": mean_std(a.get("test_accuracy") for a in accs),
+            "predicted_ratio": mean_std(a.get("predicted_ratio") for a in accs),
+        }
+    return runs
+
+
+def _cross_target(ctx: Context, episodes: int, ft_epochs: int, base: Path) -> dict[str, Any]:
+    """AMC at 50% latency searched on target A and on target B; both policies measured on both targets."""
+    from compression.apply import apply_policy
+    from compression.pipeline import open_workspace
+    from compression.policy import Policy
+
+    pair = ctx.options.get("cross_targets") or ["local-ort", "local-tvm"]
+    round_to = 8  # bounds the distinct layer shapes, so the TVM table (seconds per entry) stays affordable
+    bm = resnet20_digits(ctx)
+    found: dict[str, Any] = {}
+    for t in pair:
+        out = base / "cross" / t
+        log(ctx, f"cross-target: AMC at 50% on {t}")
+        try:
+            found[t] = _search_method(ctx, bm, "amc", t, 0.5, 0, episodes, ft_epochs, round_to, out)
+        except Exception as exc:
+            found[t] = {"status": "error", "error": f"{type(exc).__name__}: {exc}"}
+            log(ctx, f"  failed: {exc}")
+    ws = open_workspace(bm.spec, "digits", seed=0)
+    calib = ws.calibration_batch(256, seed=0)
+    models = {"original": (ws.artifact.module, None)}
+    for t, r in found.items():
+        if r.get("status") == "ok":
+            pol = Policy.from_json(Path(r["policy_path"]).read_text(encoding="utf-8"))
+            models[f"searched-for-{t}"] = (apply_policy(ws.graph, pol, calib, round_to=round_to), pol)
+    measured = {}
+    for t in pair:
+        log(ctx, f"cross-target: measuring every policy on {t}")
+        measured[t] = measure_side_by_side(
+            ctx, models, ws.artifact.example_input(1), t, 3 if ctx.quick else 5
+        )
+    return {"round_to": round_to, "searches": found, "measured": measured}
+
+
+def summarize_cells(result: dict[str, Any]) -> dict[str, Any]:
+    """Per model, budget and method: test accuracy and latency ratios aggregated over seeds."""
+    out: dict[str, Any] = {}
+    for key, mres in result["models"].items():
+        per: dict[str, Any] = {}
+        for budget in result["budgets"]:
+            for method in result["methods"]:
+                cells = [mres["cells"].get(f"{budget}/{s}", {}).get(method, {}) for s in result["seeds"]]
+                ok = [c for c in cells if c.get("status") == "ok"]
+                measured = []
+                for s in result["seeds"]:
+                    lat = mres["latency"].get(f"{budget}/{s}", {}).get("models", {})
+                    if (
+                        method in lat
+                        and "median_ms" in lat[method]
+                        and "median_ms" in lat.get("original", {})
+                    ):
+                        measured.append(lat[method]["median_ms"] / lat["original"]["median_ms"])
+                per[f"{budget}/{method}"] = {
+                    "status": "ok" if ok else (cells[0].get("status") if cells and cells[0] else "not run"),
+                    "floor": next((c.get("floor") for c in cells if c.get("floor") is not None), None),
+                    "error": next((c.get("error") for c in cells if c.get("error")), None),
+                    "test_accuracy": mean_std(c["test_accuracy"] for c in ok),
+                    "before_fine_tune": mean_std(c["test_accuracy_before_fine_tune"] for c in ok),
+                    "predicted_ratio": mean_std(c["predicted_ratio"] for c in ok),
+                    "measured_ratio": mean_std(measured),
+                    "original_test_accuracy": ok[0]["original_test_accuracy"] if ok else None,
+                }
+        out[key] = per
+    return out
+
+
+def summarize(result: dict[str, Any]) -> str:
+    """Markdown tables of a quality result."""
+    lines = []
+    for key, per in result.get("summary", {}).items():
+        lines.append(
+            f"\n{key} on {result['target']} (test accuracy after fine-tuning, mean ± std over "
+            f"{len(result['seeds'])} seed(s)):\n"
+        )
+        rows = []
+        for method in result["methods"]:
+            row = [method]
+            for budget in result["budgets"]:
+                c = per[f"{budget}/{method}"]
+                if c["status"] == "ok":
+                    acc = c["test_accuracy"]
+                    row.append(
+                        f"{acc['mean']:.4f} ± {acc['std']:.4f} (pred {fmt(c['predicted_ratio']['mean'], '.2f')}, "
+                        f"meas {fmt(c['measured_ratio']['mean'], '.2f')})"
+                    )
+                elif c["status"] == "unreachable":
+                    row.append(f"unreachable (floor {c['floor']:.0%})")
+                else:
+                    row.append(f"{c['status']}: {(c.get('error') or '')[:60]}")
+            rows.append(row)
+        lines.append(table(["method", *[f"{b:.0%} latency" for b in result["budgets"]]], rows))
+    lay = result.get("layouts")
+    if lay:
+        lines.append(f"\njoint vs prune-only vs quant-only at {lay['budget']:.0%}:\n")
+        lines.append(
+            table(
+                ["search", "layout", "test accuracy", "predicted ratio"],
+                [
+                    [
+                        k,
+                        v["layout"],
+                        fmt(v["test_accuracy"]["mean"], ".4f"),
+                        fmt(v["predicted_ratio"]["mean"], ".3f"),
+                    ]
+                    for k, v in lay["runs"].items()
+                ],
+            )
+        )
+    cross = result.get("cross_target")
+    if cross:
+        lines.append("\npolicy searched on one target, measured on each (latency / original's):\n")
+        targets = list(cross["measured"])
+        labels = [k for k in next(iter(cross["measured"].values()))["models"] if k != "original"]
+        rows = []
+        for label in labels:
+            row = [label]
+            for t in targets:
+                ms = cross["measured"][t]["models"]
+                if "median_ms" in ms.get(label, {}) and "median_ms" in ms.get("original", {}):
+                    row.append(f"{ms[label]['median_ms'] / ms['original']['median_ms']:.3f}")
+                else:
+                    row.append("n/a")
+            rows.append(row)
+        lines.append(table(["policy", *[f"on {t}" for t in targets]], rows))
+    return "\n".join(lines)

@@ -1,0 +1,100 @@
+"""Run the benchmarks: ``python bench/run.py [quality throughput fidelity speedup streaming memory] [--quick]``.
+
+Without names every benchmark runs, in the order above. ``--quick`` is the minutes-long variant (fewer
+episodes, seeds, policies and epochs); without it the full protocol runs (hours on 2 cores). Each benchmark
+writes ``bench/results/<name>[-quick].json`` and prints its tables; ``docs/BENCHMARKS.md`` holds the
+reading. Work files go to ``var/bench/`` (trained models, runs, and the latency-table cache, kept apart
+from the user cache in ``~/.cache/compression`` unless ``--cache-dir`` says otherwise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+BENCHMARKS = ("quality", "throughput", "fidelity", "speedup", "streaming", "memory")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line, run the chosen benchmarks; returns the exit code (1 if any failed)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("names", nargs="*", help=f"benchmarks to run: {' '.join(BENCHMARKS)} (default: all)")
+    p.add_argument("--quick", action="store_true", help="the minutes-long variant")
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    p.add_argument("--target", help="hardware target for quality/throughput/speedup (default local-ort)")
+    p.add_argument("--episodes", type=int, help="search episodes per run")
+    p.add_argument("--seeds", type=int, help="seeds per configuration (quality)")
+    p.add_argument("--fine-tune-epochs", type=int, help="fine-tune epochs (quality, speedup)")
+    p.add_argument("--policies", type=int, help="random policies (fidelity)")
+    p.add_argument("--agents", help="comma-separated agents (quality, throughput)")
+    p.add_argument("--models", help="comma-separated models for quality: resnet20,dwnet")
+    p.add_argument("--model", help="use this .pt2 instead of the trained ResNet-20 (throughput, fidelity)")
+    p.add_argument("--budgets", help="comma-separated latency budgets for quality, e.g. 0.5,0.25,0.1")
+    p.add_argument("--results-dir", default=str(ROOT / "bench" / "results"))
+    p.add_argument(
+        "--cache-dir",
+        default=str(ROOT / "var" / "bench" / "cache"),
+        help="latency tables and TVM databases (COMPRESSION_CACHE_DIR)",
+    )
+    args = p.parse_args(argv)
+    names = args.names or list(BENCHMARKS)
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown:
+        p.error(f"unknown benchmark {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
+
+    os.environ["COMPRESSION_CACHE_DIR"] = args.cache_dir
+    # quieter logs from the engine; progress comes from the benchmarks' own lines
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    from bench.common import Context, load_average, log, set_threads
+
+    set_threads(args.threads)
+    options = {
+        "target": args.target,
+        "episodes": args.episodes,
+        "seeds": args.seeds,
+        "fine_tune_epochs": args.fine_tune_epochs,
+        "policies": args.policies,
+        "agents": args.agents.split(",") if args.agents else None,
+        "model": args.model,
+        "models": args.models.split(",") if args.models else None,
+        "budgets": [float(b) for b in args.budgets.split(",")] if args.budgets else None,
+    }
+    ctx = Context(quick=args.quick, threads=args.threads, results_dir=Path(args.results_dir), options=options)
+    log(
+        ctx,
+        f"benchmarks {', '.join(names)} ({ctx.mode}), {args.threads} torch threads, load {load_average()}",
+    )
+    failed = []
+    for name in names:
+        module = __import__(f"bench.{name}", fromlist=["run"])
+        t0 = time.perf_counter()
+        log(ctx, f"=== {name} ===")
+        try:
+            module.run(ctx)
+        except KeyboardInterrupt:
+            raise
+        except Exception:
+            traceback.print_exc()
+            failed.append(name)
+        log(ctx, f"=== {name} done in {(time.perf_counter() - t0) / 60:.1f} min ===")
+    if failed:
+        log(ctx, f"failed: {', '.join(failed)}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""Benchmark 4, deployed speedup: the exported best model against the original, on the target and across
+runtimes.
+
+A search (AMC at 50% latency on ``--target``, default ``local-ort``) runs end to end with its finalize
+phase (fine-tune, export of ``model.pt2`` and ``model.onnx``, end-to-end measurement). The original is
+exported by the same exporter (``compress_and_export`` with no policy) so file sizes compare like for like.
+Then the exported compressed ``.pt2`` and the original ``.pt2`` are loaded back through the engine's
+loader (as a user's download would be) and measured side by side (interleaved rounds) on TVM, ONNX
+Runtime and PyTorch; the test accuracy of the reloaded files is checked against the report.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from bench.common import (
+    Context,
+    LoadSampler,
+    Recorder,
+    agent_config,
+    fmt,
+    fresh_dir,
+    log,
+    resnet20_digits,
+    table,
+    write_result,
+)
+from bench.quality import measure_side_by_side
+
+RUNTIMES = ("local-tvm", "local-ort", "local-torch")
+
+
+def _sizes(directory: Path) -> dict[str, int]:
+    return {f.name: f.stat().st_size for f in directory.iterdir() if f.suffix in (".pt2", ".onnx")}
+
+
+def run(ctx: Context) -> dict[str, Any]:
+    """Run the deployed-speedup benchmark and write ``bench/results/speedup[-quick].json``."""
+    from compression.export import compress_and_export
+    from compression.models import load_model
+    from compression.pipeline import open_workspace
+    from compression.policy import Policy
+    from compression.search.loop import run_search
+    from compression.search.results import SearchConfig
+    from compression.training import evaluate
+
+    target = ctx.opt("target", "local-ort", "local-ort")
+    agent = (ctx.options.get("agents") or ["amc"])[0]
+    episodes = int(ctx.opt("episodes", 10, 100))
+    ft = int(ctx.opt("fine_tune_epochs", 1, 3))
+    rounds = 3 if ctx.quick else 5
+    bm = resnet20_digits(ctx)
+    base = ctx.work_dir / "speedup"
+    out = fresh_dir(base / f"{agent}-{target}")
+    cfg = SearchConfig(
+        model=bm.spec,
+        agent=agent,
+        target=target,
+        objective="latency",
+        budget=0.5,
+        episodes=episodes,
+        seed=0,
+        agent_config=agent_config(agent, episodes),
+        top_k=1,
+        fine_tune_epochs=ft,
+        export_formats=("pt2", "onnx"),
+        checkpoint_every=max(5, episodes),
+    )
+    log(ctx, f"speedup: {agent} at 50% latency on {target}, {episodes} episodes, {ft} fine-tune epoch(s)")
+    with LoadSampler() as load:
+        report = run_search(cfg, str(out), [Recorder(ctx, agent)], resume=False)
+    orig_dir = fresh_dir(base / "original-export")
+    log(ctx, "exporting the original with the same exporter")
+    orig_report = compress_and_export(bm.spec, "digits", None, str(orig_dir), formats=("pt2", "onnx"))
+    sizes_c, sizes_o = _sizes(out), _sizes(orig_dir)
+    result: dict[str, Any] = {
+        "target": target,
+        "agent": agent,
+        "episodes": episodes,
+        "fine_tune_epochs": ft,
+        "search_load": load.summary(),
+        "finalize_latency": report.get("latency"),
+        "accuracy": report["accuracy"],
+        "original_export_accuracy": orig_report["accuracy"]["compressed"]["top1"],
+        "costs": report["costs"],
+        "file_bytes": {"compressed": sizes_c, "original": sizes_o, "uploaded_pt2": os.path.getsize(bm.spec)},
+        "file_ratio": {k: sizes_c[k] / sizes_o[k] for k in sizes_c if k in sizes_o},
+    }
+    log(ctx, "reloading both .pt2 files through the engine's loader")
+    comp = load_model(str(out / "model.pt2"))
+    orig = load_model(str(orig_dir / "model.pt2"))
+    ws = open_workspace(str(out / "model.pt2"), "digits", seed=0)
+    result["reloaded_test_accuracy"] = {
+        "compressed": evaluate(comp.module, ws.data.test).top1,
+        "original": evaluate(orig.module, ws.data.test).top1,
+    }
+    policy = Policy.from_json((out / "best_policy.json").read_text(encoding="utf-8"))
+    quantized = any(lp.w_bits < 32 or lp.a_bits < 32 for lp in policy.layers.values())
+    models = {"original": (orig.module, None), "compressed": (comp.module, policy if quantized else None)}
+    x = comp.example_input(1)
+    runtimes = {}
+    for rt in ctx.options.get("runtimes") or RUNTIMES:
+        log(ctx, f"measuring original and compressed on {rt} ({rounds} interleaved rounds)")
+        try:
+            runtimes[rt] = measure_side_by_side(ctx, models, x, rt, rounds)
+        except Exception as exc:
+            runtimes[rt] = {"error": f"{type(exc).__name__}: {exc}"}
+    result["runtimes"] = runtimes
+    path = write_result(ctx, "speedup", result)
+    print(summarize(result))
+    log(ctx, f"wrote {path}")
+    return result
+
+
+def summarize(r: dict[str, Any]) -> str:
+    """Markdown tables of a speedup result."""
+    acc = r["accuracy"]
+    fr = r["file_ratio"]
+    lines = [
+        table(
+            ["", "original", "compressed", "ratio"],
+            [
+                [
+                    "test accuracy",
+                    f"{acc['original_test']:.4f}",
+                    f"{acc['compressed_test']:.4f}",
+                    f"{acc['compressed_test'] - acc['original_test']:+.4f}",
+                ],
+                *[
+                    [
+                        f"{name} bytes",
+                        r["file_bytes"]["original"][name],
+                        r["file_bytes"]["compressed"][name],
+                        f"{ratio:.3f}",
+                    ]
+                    for name, ratio in fr.items()
+                ],
+                [
+                    "MACs",
+                    r["costs"]["before"]["macs"],
+                    r["costs"]["after"]["macs"],
+                    f"{r['costs']['ratio']['macs']:.3f}",
+                ],
+            ],
+        ),
+        "",
+    ]
+    rows = []
+    for rt, m in r["runtimes"].items():
+        if "error" in m:
+            rows.append([rt, "error: " + m["error"][:80], "", "", "", ""])
+            continue
+        o, c = m["models"].get("original", {}), m["models"].get("compressed", {})
+        if "median_ms" not in o or "median_ms" not in c:
+            rows.append([rt, o.get("error", ""), c.get("error", ""), "", "", ""])
+            continue
+        rows.append(
+            [
+                rt,
+                f"{o['median_ms']:.3f}",
+                f"{c['median_ms']:.3f}",
+                f"{o['median_ms'] / c['median_ms']:.2f}x",
+                f"{o['cv_mean']:.2f} / {c['cv_mean']:.2f}",
+                f"{m['load']['load1_mean']:.1f}",
+            ]
+        )
+    lines.append(table(["runtime", "original ms", "compressed ms", "speedup", "CV o/c", "load"], rows))
+    fl = r.get("finalize_latency") or {}
+    if fl.get("speedup"):
+        lines.append(
+            f"\nfinalize phase on {r['target']}: speedup {fmt(fl['speedup'], '.2f')}x, "
+            f"table prediction error {fmt(fl.get('prediction_error'), '+.1%')}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,416 @@
+"""Benchmark 2, search throughput: episodes per minute per agent on ResNet-20/digits, where the time goes,
+and what the validation subset size does to speed and to ranking quality.
+
+Parts:
+
+- **per agent**: ``run_search`` for every agent (same model, target, seed, episodes), stopped when it
+  enters the finalize phase. Episodes per minute = episodes / (sum of episode wall times); the episode
+  time is broken down with ``EpisodeResult.timings`` (``apply_s`` prune + fake-quantize + batch-norm
+  re-estimation, ``accuracy_s`` validation, ``cost_s`` the episode-end cost, ``agent_s`` act/observe/learn,
+  ``env_s`` the rest of the environment: observations, and the budget cap, which prices candidate
+  actions through the latency table and measures missing entries). Setup (model, data, latency table
+  of the original) and the per-layer sensitivity pass are timed separately: they are paid once per run.
+- **cold vs warm latency table**: the same AMC search twice with the same seed (identical episodes), first
+  with an empty table cache, then with the table it filled; the difference is the cost of measuring
+  table entries during a search.
+- **validation subset size**: (a) ranking quality: policies from a random search are scored on validation
+  subsets of several sizes, and the scores are rank-correlated (Spearman, Kendall) with accuracy on the
+  disjoint test split; (b) speed: ``apply_policy`` + ``evaluate`` timed at 100/250/500/1000 samples.
+- **profile**: ``cProfile`` of a few AMC episodes, the top functions by cumulative time.
+"""
+
+from __future__ import annotations
+
+import cProfile
+import io
+import os
+import pstats
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import (
+    Context,
+    LoadSampler,
+    Recorder,
+    agent_config,
+    fmt,
+    fresh_dir,
+    log,
+    mean_std,
+    rank_correlations,
+    resnet20_digits,
+    search_floors,
+    table,
+    write_result,
+)
+
+AGENTS = ("amc", "haq", "galen-pq", "ajpq", "two-stage", "random", "uniform")
+LAYOUT = {
+    "amc": "prune",
+    "haq": "bits",
+    "galen-pq": "joint",
+    "ajpq": "ajpq",
+    "random": "prune",
+    "uniform": "prune",
+}
+TIMING_KEYS = ("apply_s", "accuracy_s", "cost_s", "agent_s", "env_s")
+BUDGET_STEPS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+def pick_budget(floor: float) -> float:
+    """The first of 50%, 60%, ... 100% that the layout can reach (a budget below the floor is refused)."""
+    for b in BUDGET_STEPS:
+        if b >= floor * 1.02:
+            return b
+    return 1.0
+
+
+def _search(
+    ctx: Context,
+    model: str,
+    agent: str,
+    target: str,
+    budget: float,
+    episodes: int,
+    out: Path,
+    seed: int = 0,
+    val_samples: int = 500,
+    round_to: int | None = None,
+) -> dict[str, Any]:
+    from compression.search.loop import run_search
+    from compression.search.results import SearchConfig
+
+    layout = None if agent in ("two-stage", "amc", "haq", "galen-pq", "ajpq") else LAYOUT[agent]
+    cfg = SearchConfig(
+        model=model,
+        agent=agent,
+        target=target,
+        objective="latency",
+        budget=budget,
+        episodes=episodes,
+        seed=seed,
+        val_samples=val_samples,
+        round_to=round_to,
+        layout=layout,
+        agent_config=agent_config(agent, episodes),
+        top_k=1,
+        fine_tune_epochs=0,
+        checkpoint_every=max(5, episodes),
+    )
+    rec = Recorder(ctx, f"{agent}", stop_at_finalize=True)
+    entries_before = _table_entries(target)
+    t0 = time.perf_counter()
+    with LoadSampler() as load:
+        run_search(cfg, str(fresh_dir(out)), [rec], resume=False)
+    total_s = time.perf_counter() - t0
+    eps = rec.episodes
+    walls = [e.wall_time_s for e in eps]
+    breakdown = {k: mean_std(e.timings.get(k) for e in eps) for k in TIMING_KEYS}
+    search_start = next((t for p, t in rec.phases if p == "search"), rec.t_start)
+    first_ep_wall = walls[0] if walls else 0.0
+    # time from "search" phase to the end of the first episode = sensitivity pass + env build + episode 1
+    pre_s = (
+        (rec.t_first_episode - search_start - first_ep_wall) if rec.t_first_episode and search_start else None
+    )
+    return {
+        "agent": agent,
+        "layout": layout or "agent default",
+        "budget": budget,
+        "episodes": len(eps),
+        "episodes_per_min": 60.0 * len(eps) / sum(walls) if walls and sum(walls) > 0 else None,
+        "episodes_per_min_incl_setup": 60.0 * len(eps) / total_s if total_s > 0 else None,
+        "episode_s": mean_std(walls),
+        "breakdown_s": breakdown,
+        "setup_s": rec.start_info.get("setup_s"),
+        "sensitivity_and_env_build_s": pre_s,
+        "total_s": total_s,
+        "table_entries_measured": _table_entries(target) - entries_before,
+        "meets_budget": sum(1 for e in eps if e.meets_budget),
+        "load": load.summary(),
+        "rewards": [e.reward for e in eps],
+    }
+
+
+def _table_entries(target: str) -> int:
+    from compression.search.latency import table_path
+    from compression.targets import LatencyTable
+
+    return len(LatencyTable(target, table_path()))
+
+
+def _ranking(
+    ctx: Context, model: str, target: str, n_policies: int, sizes: list[int], draws: int
+) -> dict[str, Any]:
+    """Rank quality of validation subsets: per-sample correctness of each policy on val and test."""
+    import torch
+
+    from compression.apply import apply_policy
+    from compression.pipeline import open_workspace
+    from compression.policy import Policy
+    from compression.search.loop import run_search
+    from compression.search.results import SearchConfig
+
+    # candidate policies as a search produces them: a random pruning search at a 50% latency budget
+    out = ctx.work_dir / "throughput" / "ranking-policies"
+    cfg = SearchConfig(
+        model=model,
+        agent="random",
+        layout="prune",
+        target=target,
+        budget=0.5,
+        episodes=n_policies,
+        seed=7,
+        top_k=1,
+        fine_tune_epochs=0,
+        checkpoint_every=n_policies,
+    )
+    rec = Recorder(ctx, "ranking policies", stop_at_finalize=True)
+    run_search(cfg, str(fresh_dir(out)), [rec], resume=False)
+    policies = [Policy.from_dict(e.policy) for e in rec.episodes]
+    ws = open_workspace(model, "digits", seed=0)
+    calib = ws.calibration_batch(256, seed=0)
+    val_x, val_y = ws.data.val.tensors
+    test_x, test_y = ws.data.test.tensors
+    val_correct, test_acc = [], []
+    for i, pol in enumerate(policies):
+        m = apply_policy(ws.graph, pol, calib)
+        with torch.no_grad():
+            val_correct.append((m(val_x).argmax(1) == val_y).float())
+            test_acc.append(float((m(test_x).argmax(1) == test_y).float().mean()))
+        if (i + 1) % 10 == 0:
+            log(ctx, f"  ranking: scored {i + 1}/{len(policies)} policies")
+    n_val = len(val_y)
+    results = []
+    for n in sizes:
+        if n > n_val:
+            results.append({"val_samples": n, "note": f"digits has only {n_val} validation samples"})
+            continue
+        rhos, taus = [], []
+        for d in range(draws if n < n_val else 1):
+            idx = torch.randperm(n_val, generator=torch.Generator().manual_seed(d))[:n]
+            accs = [float(c[idx].mean()) for c in val_correct]
+            rc = rank_correlations(accs, test_acc)
+            if rc["spearman"] is not None:
+                rhos.append(rc["spearman"])
+                taus.append(rc["kendall"])
+        results.append(
+            {"val_samples": n, "draws": len(rhos), "spearman": mean_std(rhos), "kendall": mean_std(taus)}
+        )
+    return {
+        "policies": len(policies),
+        "reference": f"test split ({len(test_y)} samples, disjoint from validation)",
+        "validation_size": n_val,
+        "test_accuracy_range": [min(test_acc), max(test_acc)],
+        "sizes": results,
+    }
+
+
+def _val_speed(ctx: Context, model: str, sizes: list[int], policies: int = 4) -> dict[str, Any]:
+    """apply_policy (256 calibration samples) and evaluate() timed at several validation sizes."""
+    import torch
+
+    from compression.apply import apply_policy
+    from compression.pipeline import open_workspace
+    from compression.policy import LayerPolicy, Policy
+    from compression.training import evaluate
+
+    ws = open_workspace(model, "digits", seed=0)
+    calib = ws.calibration_batch(256, seed=0)
+    x = torch.cat([ws.data.val.tensors[0], ws.data.test.tensors[0], ws.data.train.tensors[0]])
+    y = torch.cat([ws.data.val.tensors[1], ws.data.test.tensors[1], ws.data.train.tensors[1]])
+    leaders = ws.graph.prunable_leaders
+    g = torch.Generator().manual_seed(3)
+    pols = [
+        Policy(
+            layers={n: LayerPolicy(keep_ratio=float(0.3 + 0.7 * torch.rand(1, generator=g))) for n in leaders}
+        )
+        for _ in range(policies)
+    ]
+    rows = []
+    with LoadSampler() as load:
+        models = []
+        t0 = time.perf_counter()
+        for p in pols:
+            models.append(apply_policy(ws.graph, p, calib))
+        apply_s = (time.perf_counter() - t0) / len(pols)
+        for n in sizes:
+            # timing only: beyond the 180 validation samples, test and training images stand in (the
+            # accuracy value is not used, only how long evaluating n samples takes)
+            data = torch.utils.data.TensorDataset(x[:n], y[:n])
+            t0 = time.perf_counter()
+            for m in models:
+                evaluate(m, data)
+            rows.append({"val_samples": n, "accuracy_s": (time.perf_counter() - t0) / len(models)})
+    return {"apply_s": apply_s, "sizes": rows, "load": load.summary()}
+
+
+def _profile(ctx: Context, model: str, target: str, episodes: int) -> dict[str, Any]:
+    """cProfile of a short AMC search (warm table and sensitivity), top functions by cumulative time."""
+    from compression.search.loop import run_search
+    from compression.search.results import SearchConfig
+
+    out = ctx.work_dir / "throughput" / "profile"
+    cfg = SearchConfig(
+        model=model,
+        agent="amc",
+        target=target,
+        budget=0.5,
+        episodes=episodes,
+        seed=0,
+        agent_config=agent_config("amc", episodes),
+        top_k=1,
+        fine_tune_epochs=0,
+        checkpoint_every=episodes,
+    )
+    rec = Recorder(None, "profile", stop_at_finalize=True)
+    fresh_dir(out)
+    prof = cProfile.Profile()
+    prof.enable()
+    run_search(cfg, str(out), [rec], resume=False)
+    prof.disable()
+    s = io.StringIO()
+    st = pstats.Stats(prof, stream=s)
+    st.sort_stats("cumulative").print_stats(40)
+    top = []
+    for (file, line, fn), (_cc, nc, tt, ct, _) in sorted(st.stats.items(), key=lambda kv: -kv[1][3])[:60]:
+        if "compression" in file or "torch_pruning" in file:
+            top.append(
+                {"function": f"{Path(file).name}:{line}:{fn}", "calls": nc, "cumulative_s": ct, "own_s": tt}
+            )
+    return {
+        "episodes": len(rec.episodes),
+        "episode_s": mean_std(e.wall_time_s for e in rec.episodes),
+        "top": top[:25],
+    }
+
+
+def run(ctx: Context) -> dict[str, Any]:
+    """Run the throughput benchmark and write ``bench/results/throughput[-quick].json``."""
+    target = ctx.opt("target", "local-ort", "local-ort")
+    episodes = int(ctx.opt("episodes", 10, 40))
+    agents = ctx.options.get("agents") or list(AGENTS)
+    model = ctx.options.get("model") or resnet20_digits(ctx).spec
+    base = ctx.work_dir / "throughput"
+    log(ctx, f"throughput: {model} on {target}, {episodes} episodes per agent")
+    result: dict[str, Any] = {"target": target, "model": model, "episodes": episodes}
+
+    # cold vs warm table: a table cache of its own, so "cold" really starts empty
+    saved = os.environ.get("COMPRESSION_CACHE_DIR")
+    cold_cache = fresh_dir(base / "cold-cache")
+    os.environ["COMPRESSION_CACHE_DIR"] = str(cold_cache)
+    try:
+        log(ctx, "cold latency table: AMC with an empty table")
+        cold = _search(ctx, model, "amc", target, 0.5, episodes, base / "cold")
+        log(ctx, "warm latency table: the same search again")
+        warm = _search(ctx, model, "amc", target, 0.5, episodes, base / "warm")
+    finally:
+        if saved is None:
+            os.environ.pop("COMPRESSION_CACHE_DIR", None)
+        else:
+            os.environ["COMPRESSION_CACHE_DIR"] = saved
+    result["table_cold_vs_warm"] = {"cold": cold, "warm": warm}
+
+    floors = search_floors(model, target, None, ["prune", "bits", "joint", "ajpq"])
+    result["floors"] = floors
+    log(
+        ctx,
+        "latency floors per layout: "
+        + ", ".join(f"{k} {v:.1%}" for k, v in floors.items() if k in ("prune", "bits", "joint", "ajpq")),
+    )
+    per_agent = []
+    for agent in agents:
+        layout = LAYOUT.get(agent, "prune")
+        budget = (
+            pick_budget(floors[layout]) if agent != "two-stage" else max(0.5, pick_budget(floors["prune"]))
+        )
+        log(ctx, f"agent {agent} ({layout}) at budget {budget:.0%}")
+        try:
+            per_agent.append(_search(ctx, model, agent, target, budget, episodes, base / agent))
+        except Exception as exc:  # a refused budget or a failing agent is a result, not a crash
+            log(ctx, f"  {agent} failed: {exc}")
+            per_agent.append({"agent": agent, "budget": budget, "error": f"{type(exc).__name__}: {exc}"})
+    result["agents"] = per_agent
+
+    sizes_rank = [25, 50, 100, 180, 250, 500, 1000]
+    n_pol = int(ctx.opt("ranking_policies", 20, 60))
+    log(ctx, f"validation subsets: ranking quality over {n_pol} policies")
+    result["val_ranking"] = _ranking(
+        ctx, model, target, n_pol, sizes_rank, draws=int(ctx.opt("draws", 5, 20))
+    )
+    log(ctx, "validation subsets: speed")
+    result["val_speed"] = _val_speed(ctx, model, [100, 250, 500, 1000])
+    log(ctx, "profile of a short AMC search")
+    result["profile"] = _profile(ctx, model, target, int(ctx.opt("profile_episodes", 5, 10)))
+    path = write_result(ctx, "throughput", result)
+    print(summarize(result))
+    log(ctx, f"wrote {path}")
+    return result
+
+
+def summarize(r: dict[str, Any]) -> str:
+    """The Markdown tables of a throughput result."""
+    rows = []
+    for a in r["agents"]:
+        if "error" in a:
+            rows.append([a["agent"], f"{a['budget']:.0%}", "error: " + a["error"][:80]] + [""] * 8)
+            continue
+        b = a["breakdown_s"]
+        rows.append(
+            [
+                a["agent"],
+                f"{a['budget']:.0%}",
+                fmt(a["episodes_per_min"], ".1f"),
+                fmt(a["episodes_per_min_incl_setup"], ".1f"),
+                fmt(a["episode_s"]["mean"], ".2f"),
+                *(fmt(b[k]["mean"], ".2f") for k in TIMING_KEYS),
+                f"{a['load']['load1_mean']:.1f}",
+            ]
+        )
+    out = [
+        table(["agent", "budget", "ep/min", "ep/min incl. setup", "episode s", *TIMING_KEYS, "load"], rows)
+    ]
+    cw = r["table_cold_vs_warm"]
+    out.append("")
+    out.append(
+        table(
+            ["table", "ep/min", "episode s", "env_s", "entries measured", "setup s", "load"],
+            [
+                [
+                    k,
+                    fmt(v["episodes_per_min"], ".1f"),
+                    fmt(v["episode_s"]["mean"], ".2f"),
+                    fmt(v["breakdown_s"]["env_s"]["mean"], ".2f"),
+                    v["table_entries_measured"],
+                    fmt(v["setup_s"], ".1f"),
+                    f"{v['load']['load1_mean']:.1f}",
+                ]
+                for k, v in cw.items()
+            ],
+        )
+    )
+    out.append("")
+    rk = r["val_ranking"]
+    out.append(
+        table(
+            ["val samples", "Spearman", "Kendall", "draws"],
+            [
+                [
+                    s["val_samples"],
+                    s.get("note") or f"{s['spearman']['mean']:.3f} ± {s['spearman']['std']:.3f}",
+                    "" if "note" in s else f"{s['kendall']['mean']:.3f} ± {s['kendall']['std']:.3f}",
+                    s.get("draws", ""),
+                ]
+                for s in rk["sizes"]
+            ],
+        )
+    )
+    sp = r["val_speed"]
+    out.append("")
+    out.append(
+        table(
+            ["val samples", "evaluate s", "apply s"],
+            [[s["val_samples"], f"{s['accuracy_s']:.3f}", f"{sp['apply_s']:.3f}"] for s in sp["sizes"]],
+        )
+    )
+    return "\n".join(out)
