@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import ROOT, Context, LoadSampler, fmt, log, table, write_result
+from bench.common import ROOT, Context, LoadSampler, log, table, write_result
 from bench.stack import Stack
 
 SUBPROCESS = True  # the web part configures Django for this process
@@ -101,8 +101,16 @@ def child_main(spec_json: str) -> None:
     print("MEMORY-RESULT " + json.dumps(out), flush=True)
 
 
-def _worker_run(ctx: Context, label: str, arch: str, dataset: str, shape: list[int], episodes: int,
-                stop_at_finalize: bool, ft_epochs: int) -> dict[str, Any]:
+def _worker_run(
+    ctx: Context,
+    label: str,
+    arch: str,
+    dataset: str,
+    shape: list[int],
+    episodes: int,
+    stop_at_finalize: bool,
+    ft_epochs: int,
+) -> dict[str, Any]:
     out = ctx.work_dir / "memory" / label
     config = {
         "model": f"zoo:{arch}",
@@ -124,14 +132,26 @@ def _worker_run(ctx: Context, label: str, arch: str, dataset: str, shape: list[i
     code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); from bench.memory import child_main; child_main(sys.argv[1])"
     log(ctx, f"worker memory: {label} ({arch}, {Path(dataset).name}, {episodes} episodes)")
     with LoadSampler() as load:
-        p = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], cwd=ROOT, capture_output=True,
-                           text=True, env={**os.environ, "OMP_NUM_THREADS": str(ctx.threads)})
+        p = subprocess.run(
+            [sys.executable, "-c", code, json.dumps(spec)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": str(ctx.threads)},
+        )
     line = next((ln for ln in p.stdout.splitlines() if ln.startswith("MEMORY-RESULT ")), None)
     if line is None:
         return {"label": label, "status": f"error: exit {p.returncode}: {p.stderr[-1500:]}"}
-    r = json.loads(line[len("MEMORY-RESULT "):])
-    r.update(label=label, arch=arch, dataset=Path(dataset).name, episodes_asked=episodes,
-             stop_at_finalize=stop_at_finalize, fine_tune_epochs=ft_epochs, load=load.summary())
+    r = json.loads(line[len("MEMORY-RESULT ") :])
+    r.update(
+        label=label,
+        arch=arch,
+        dataset=Path(dataset).name,
+        episodes_asked=episodes,
+        stop_at_finalize=stop_at_finalize,
+        fine_tune_epochs=ft_epochs,
+        load=load.summary(),
+    )
     log(ctx, f"  peak RSS {r['maxrss_bytes'] / MIB:.0f} MiB ({r['status']}, {r['seconds']:.0f} s)")
     return r
 
@@ -153,7 +173,9 @@ def worker_memory(ctx: Context) -> dict[str, Any]:
         ]
         synth10k = str(synthetic_cifar(ctx, 10_000))
         growth["dataset"] = [
-            _worker_run(ctx, f"resnet56-synthetic{n // 1000}k", "resnet56", path, [3, 32, 32], episodes, True, 0)
+            _worker_run(
+                ctx, f"resnet56-synthetic{n // 1000}k", "resnet56", path, [3, 32, 32], episodes, True, 0
+            )
             for n, path in ((10_000, synth10k), (50_000, synth))
         ]
     return {"runs": runs, "growth": growth, "synthetic_note": "random uint8 images and labels (synthetic)"}
@@ -179,21 +201,38 @@ def _fill_run(stack: Stack, user, n: int):
     """A finished run with ``n`` episodes of a 22-layer ResNet-20 policy (as a real run stores them)."""
     from webapp.models import Dataset, Episode, Run, Target, UploadedModel
 
-    model = UploadedModel.objects.create(owner=user, name=f"resnet20 ({n})", kind="zoo", zoo_arch="resnet20",
-                                         status="ready", input_shape=[1, 32, 32], num_classes=10)
+    model = UploadedModel.objects.create(
+        owner=user,
+        name=f"resnet20 ({n})",
+        kind="zoo",
+        zoo_arch="resnet20",
+        status="ready",
+        input_shape=[1, 32, 32],
+        num_classes=10,
+    )
     run = Run.objects.create(
-        owner=user, name=f"{n} episodes", model=model, dataset=Dataset.objects.get(name="digits", owner=None),
-        target=Target.objects.get(name="local-ort"), agent="amc",
-        config={"agent": "amc", "objective": "latency", "budget": 0.5, "episodes": n}, status="finished",
-        episodes_total=n, episodes_done=n,
+        owner=user,
+        name=f"{n} episodes",
+        model=model,
+        dataset=Dataset.objects.get(name="digits", owner=None),
+        target=Target.objects.get(name="local-ort"),
+        agent="amc",
+        config={"agent": "amc", "objective": "latency", "budget": 0.5, "episodes": n},
+        status="finished",
+        episodes_total=n,
+        episodes_done=n,
     )
     layers = [f"layer{s}.{b}.conv{c}" for s in (1, 2, 3) for b in range(3) for c in (1, 2)]
     layers = ["conv1", *layers, "layer2.0.shortcut.0", "layer3.0.shortcut.0", "fc"]
     rows = []
     for i in range(1, n + 1):
         keep = 0.1 + 0.9 * ((i * 7919) % 1000) / 1000
-        policy = {"layers": {name: {"keep_ratio": keep, "w_bits": 32, "a_bits": 32, "sparsity": 0.0} for name in layers},
-                  "meta": {"layout": "prune"}}
+        policy = {
+            "layers": {
+                name: {"keep_ratio": keep, "w_bits": 32, "a_bits": 32, "sparsity": 0.0} for name in layers
+            },
+            "meta": {"layout": "prune"},
+        }
         rows.append(Episode(
             run=run, number=i, stage="search", reward=0.9 - keep / 10, accuracy=0.9 - keep / 10, latency_ms=1.0 * keep,
             macs=int(4e7 * keep), bops=int(4e7 * keep * 1024), params=int(2.7e5 * keep), bytes=1.1e6 * keep,
@@ -217,7 +256,9 @@ def _get(url: str, cookie: str) -> tuple[int, int, float]:
 async def _ws_history(url: str, cookie: str, origin: str) -> int:
     import websockets
 
-    async with websockets.connect(url, additional_headers={"Cookie": cookie, "Origin": origin}, max_size=2**26) as ws:
+    async with websockets.connect(
+        url, additional_headers={"Cookie": cookie, "Origin": origin}, max_size=2**26
+    ) as ws:
         msg = json.loads(await ws.recv())
         return len(msg.get("episodes", []))
 
@@ -265,21 +306,42 @@ def web_memory(ctx: Context) -> dict[str, Any]:
             step: dict[str, Any] = {"episodes": n, "requests": {}}
             for label, u in (("run page", page), ("episodes API", api), ("overview API", overview)):
                 code, size, secs = _get(stack.url + u, cookie)
-                step["requests"][label] = {"status": code, "bytes": size, "seconds": secs, **_proc_status(pid)}
+                step["requests"][label] = {
+                    "status": code,
+                    "bytes": size,
+                    "seconds": secs,
+                    **_proc_status(pid),
+                }
             ws = stack.url.replace("http://", "ws://") + f"/ws/runs/{run.pk}/"
             t0 = time.perf_counter()
-            got = asyncio.run(_ws_history(ws, cookie, stack.url))
-            step["requests"]["websocket history"] = {"episodes": got, "seconds": time.perf_counter() - t0,
-                                                     **_proc_status(pid)}
+            try:
+                got: Any = asyncio.run(_ws_history(ws, cookie, stack.url))
+            except Exception as exc:  # a failing stream is a finding, not the end of the benchmark
+                got = f"failed: {type(exc).__name__}: {exc}"
+                tail = stack.web.log_text()
+                at = tail.rfind("Error: ")
+                step["websocket_error"] = tail[at : at + 300] if at >= 0 else tail[-300:]
+            step["requests"]["websocket history"] = {
+                "episodes": got,
+                "seconds": time.perf_counter() - t0,
+                **_proc_status(pid),
+            }
             step["after"] = _proc_status(pid)
             out["steps"].append(step)
         out["daphne_maps_torch"] = _maps_torch(pid)
         out["peak_rss_bytes"] = _proc_status(pid)["VmHWM"]
         env = {**os.environ, **stack.env}
-        p = subprocess.run([sys.executable, "-c", _CLIENT_CHECK.format(root=str(ROOT), urls=urls)], cwd=ROOT,
-                           env=env, capture_output=True, text=True)
+        p = subprocess.run(
+            [sys.executable, "-c", _CLIENT_CHECK.format(root=str(ROOT), urls=urls)],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         line = next((ln for ln in p.stdout.splitlines() if ln.startswith("CLIENT-RESULT ")), None)
-        out["test_client"] = json.loads(line[len("CLIENT-RESULT "):]) if line else {"error": p.stderr[-1500:]}
+        out["test_client"] = (
+            json.loads(line[len("CLIENT-RESULT ") :]) if line else {"error": p.stderr[-1500:]}
+        )
         out["status"] = "measured"
     except Exception as exc:
         out["status"] = "not measured"
@@ -318,7 +380,9 @@ def goals(r: dict[str, Any]) -> dict[str, Any]:
     if web.get("status") == "measured":
         out["web_under_250MiB"] = web["peak_rss_bytes"] < 250 * MIB
         tc = web.get("test_client", {})
-        out["web_never_imports_torch"] = (not web["daphne_maps_torch"]) and tc.get("torch_in_sys_modules") is False
+        out["web_never_imports_torch"] = (not web["daphne_maps_torch"]) and tc.get(
+            "torch_in_sys_modules"
+        ) is False
     else:
         out["web_under_250MiB"] = out["web_never_imports_torch"] = None
     return out
@@ -334,8 +398,16 @@ def summarize(r: dict[str, Any]) -> str:
             if "maxrss_bytes" not in x:
                 rows.append([x["label"], x.get("status", "")[:80], "", "", "", ""])
                 continue
-            rows.append([x["label"], x["episodes"], "search only" if x["stop_at_finalize"] else "search + finalize",
-                         f"{x['maxrss_bytes'] / MIB:.0f}", f"{x['seconds']:.0f}", f"{x['load']['load1_mean']:.1f}"])
+            rows.append(
+                [
+                    x["label"],
+                    x["episodes"],
+                    "search only" if x["stop_at_finalize"] else "search + finalize",
+                    f"{x['maxrss_bytes'] / MIB:.0f}",
+                    f"{x['seconds']:.0f}",
+                    f"{x['load']['load1_mean']:.1f}",
+                ]
+            )
         lines.append(table(["worker run", "episodes", "phases", "peak RSS MiB", "seconds", "load"], rows))
     web = r.get("web")
     if web:
@@ -343,14 +415,25 @@ def summarize(r: dict[str, Any]) -> str:
         if web.get("status") != "measured":
             lines.append(f"web: {web.get('status')}: {web.get('reason')}")
         else:
-            rows = [["idle", "", f"{web['idle']['VmRSS'] / MIB:.0f}", f"{web['idle']['VmHWM'] / MIB:.0f}", ""]]
+            rows = [
+                ["idle", "", f"{web['idle']['VmRSS'] / MIB:.0f}", f"{web['idle']['VmHWM'] / MIB:.0f}", ""]
+            ]
             for s in web["steps"]:
                 for label, q in s["requests"].items():
-                    rows.append([f"{s['episodes']} episodes", label, f"{q['VmRSS'] / MIB:.0f}", f"{q['VmHWM'] / MIB:.0f}",
-                                 f"{q['seconds']:.2f}"])
+                    rows.append(
+                        [
+                            f"{s['episodes']} episodes",
+                            label,
+                            f"{q['VmRSS'] / MIB:.0f}",
+                            f"{q['VmHWM'] / MIB:.0f}",
+                            f"{q['seconds']:.2f}",
+                        ]
+                    )
             lines.append(table(["web process", "request", "RSS MiB", "peak MiB", "seconds"], rows))
             tc = web.get("test_client", {})
-            lines.append(f"\ndaphne maps libtorch: {web['daphne_maps_torch']}; test client process has torch in "
-                         f"sys.modules: {tc.get('torch_in_sys_modules')}")
+            lines.append(
+                f"\ndaphne maps libtorch: {web['daphne_maps_torch']}; test client process has torch in "
+                f"sys.modules: {tc.get('torch_in_sys_modules')}"
+            )
     lines.append(f"\ngoals: {r.get('goals')}")
     return "\n".join(lines)

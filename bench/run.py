@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import time
 import traceback
@@ -38,13 +39,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", help="comma-separated models for quality: resnet20,dwnet")
     p.add_argument("--model", help="use this .pt2 instead of the trained ResNet-20 (throughput, fidelity)")
     p.add_argument("--budgets", help="comma-separated latency budgets for quality, e.g. 0.5,0.25,0.1")
+    p.add_argument("--parts", help="memory: comma-separated parts to run: web,worker")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--results-dir", default=str(ROOT / "bench" / "results"))
     p.add_argument(
         "--cache-dir",
         default=str(ROOT / "var" / "bench" / "cache"),
         help="latency tables and TVM databases (COMPRESSION_CACHE_DIR)",
     )
-    args = p.parse_args(argv)
+    raw = list(sys.argv[1:] if argv is None else argv)
+    args = p.parse_args(raw)
     names = args.names or list(BENCHMARKS)
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
@@ -69,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         "policies": args.policies,
         "agents": args.agents.split(",") if args.agents else None,
         "model": args.model,
+        "parts": args.parts.split(",") if args.parts else None,
         "models": args.models.split(",") if args.models else None,
         "budgets": [float(b) for b in args.budgets.split(",")] if args.budgets else None,
     }
@@ -83,7 +88,16 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         log(ctx, f"=== {name} ===")
         try:
-            module.run(ctx)
+            if getattr(module, "SUBPROCESS", False) and not args.child:
+                # Django is configured once per process: the web benchmarks get a process of their own
+                rest = [a for a in raw if a not in BENCHMARKS]
+                code = subprocess.call(
+                    [sys.executable, str(Path(__file__).resolve()), name, "--child", *rest]
+                )
+                if code != 0:
+                    failed.append(name)
+            else:
+                module.run(ctx)
         except KeyboardInterrupt:
             raise
         except Exception:

@@ -7,10 +7,15 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 source scripts/bootstrap.sh
-# Browser tests drive Debian's Chromium headless; install it when missing (root on Debian).
-if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-  echo "[setup] installing chromium + chromium-driver (apt)"
-  (apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; })
+# The service tests start their own redis-server processes; the browser tests drive Debian's Chromium
+# headless. Install what is missing (root on Debian).
+need=()
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
+if [ ${#need[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "[setup] installing ${need[*]} (apt)"
+  export DEBIAN_FRONTEND=noninteractive
+  (apt-get install -y -qq "${need[@]}" >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null; })
 fi
 # Tests start their own Redis servers and Celery workers on free ports (see tests/services.py);
 # the machine's Redis is never touched.

@@ -293,3 +293,45 @@ def test_uploaded_pt2_models_prune_to_half_through_the_engine(name, tmp_path):
     with torch.no_grad():
         assert torch.allclose(reloaded(x), pruned(x), atol=1e-5)
     assert {f["format"] for f in files} == {"pt2", "onnx", "report"}
+
+
+class InplaceResNet(nn.Module):
+    """torchvision style: nn.ReLU(inplace=True) and ``out += identity``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.conv3 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.relu(self.bn1(self.conv1(x)))
+        identity = x
+        out = self.bn3(self.conv3(self.relu(self.bn2(self.conv2(x)))))
+        out += identity
+        out = self.relu(out)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
+
+
+def test_inplace_ops_on_activations_are_lifted(tmp_path):
+    torch.manual_seed(0)
+    model = InplaceResNet().eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+    path = tmp_path / "inplace.pt2"
+    torch.export.save(torch.export.export(model, (torch.randn(1, 3, 8, 8),)), str(path))
+    art = load_model(str(path))
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(art.module(x), model(x), atol=1e-5)
+    graph = LayerGraph.build(art.module, art.input_shape, num_classes=4)
+    # the residual ties conv1 and conv3; conv2 is its own group
+    assert graph.group_of("conv3").id == graph.group_of("conv1").id
+    pruned = apply_policy(graph, half_policy(graph), torch.randn(32, 3, 8, 8))
+    assert pruned(x).shape == (4, 4)

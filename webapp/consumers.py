@@ -21,18 +21,22 @@ CLOSE_FORBIDDEN = 4403
 LOG_TAIL = 200
 
 
-def downsample_numbers(rows: list[tuple[int, float]], limit: int) -> tuple[list[int], bool]:
+def downsample_numbers(rows: list[tuple], limit: int) -> tuple[list[int], bool]:
     """Which episode numbers to send when a run has more than ``limit`` episodes.
 
-    ``rows`` are ``(number, reward)`` in episode order. Kept: the first and last episode, every episode that
-    raised the best reward so far (the best-so-far line stays exact), and an even sample of the rest up to
-    ``limit`` in total. Returns the sorted numbers and whether anything was dropped.
+    ``rows`` are ``(number, reward[, is_best])`` in episode order. Kept: the first and last episode, every
+    episode marked best (the best reward within budget so far) and every one that raised the best reward
+    (so both best-so-far lines stay exact), and an even sample of the rest up to ``limit`` in total.
+    Returns the sorted numbers and whether anything was dropped.
     """
     if len(rows) <= limit:
-        return [n for n, _ in rows], False
+        return [r[0] for r in rows], False
     keep: set[int] = {rows[0][0], rows[-1][0]}
     best = float("-inf")
-    for number, reward in rows:
+    for row in rows:
+        number, reward = row[0], row[1]
+        if len(row) > 2 and row[2]:
+            keep.add(number)
         if reward is not None and reward > best:
             best = reward
             keep.add(number)
@@ -58,7 +62,7 @@ def _load_run(run_id: int, user) -> Run | None:
 def _history(run_id: int) -> dict[str, Any]:
     """The run's status, episodes (downsampled when long) and log tail, read in one go."""
     run = Run.objects.get(pk=run_id)
-    rows = list(Episode.objects.filter(run_id=run_id).order_by("number").values_list("number", "reward"))
+    rows = list(Episode.objects.filter(run_id=run_id).order_by("number").values_list("number", "reward", "is_best"))
     numbers, downsampled = downsample_numbers(rows, settings.STREAM_HISTORY_MAX)
     if downsampled:
         qs = Episode.objects.filter(run_id=run_id, number__in=numbers)

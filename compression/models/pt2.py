@@ -587,9 +587,18 @@ class _Lifter:
                 target_buf = node.args[0] if node.args else None
                 if target_buf in owned:
                     continue  # e.g. num_batches_tracked += 1: the lifted BatchNorm does this itself
+                functional = _functional_variant(node.target)
+                if isinstance(target_buf, fx.Node) and target_buf.op != "placeholder" and functional is not None:
+                    # An in-place op on an intermediate activation (nn.ReLU(inplace=True), x += y): the
+                    # out-of-place op computes the same, and every later use of the mutated value reads it.
+                    new = g.call_function(functional, tuple(arg(a) for a in node.args), dict(node.kwargs))
+                    new.meta = dict(node.meta)
+                    env[node] = new
+                    env[target_buf] = new
+                    continue
                 raise ModelError(
                     f"{self.source}: forward() modifies {getattr(target_buf, 'name', 'a tensor')} in place ({_op_name(node.target)})",
-                    "export the model after model.eval(); in-place updates of buffers are not supported",
+                    "export the model after model.eval(); in-place updates of parameters, buffers or inputs are not supported",
                 )
             new = self._copy(node, g, arg, batched, static_batch, batch_size)
             env[node] = new
@@ -1017,6 +1026,20 @@ def _tuple_output(node: fx.Node) -> fx.Node | None:
             # A statistic (saved mean, new running stats) used by the computation: cannot replace.
             return None
     return first
+
+
+def _functional_variant(target: Any) -> Any:
+    """The out-of-place overload of an in-place aten op (``relu_`` -> ``relu``), or None."""
+    if not isinstance(target, torch._ops.OpOverload):
+        return None
+    name = target._schema.name.split("::")[-1]
+    if not name.endswith("_"):
+        return None
+    packet = getattr(torch.ops.aten, name[:-1], None)
+    if packet is None:
+        return None
+    overload = target._overloadname
+    return getattr(packet, overload, None) or getattr(packet, "default", None)
 
 
 def _is_inplace(node: fx.Node) -> bool:

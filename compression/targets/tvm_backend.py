@@ -56,7 +56,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from compression.errors import ModelError, TargetError
+from compression.errors import TargetError
 from compression.targets.base import Measurement, TargetSpec
 from compression.targets.measure import (
     DEFAULT_DEVICE,
@@ -68,6 +68,7 @@ from compression.targets.measure import (
     summarize,
 )
 from compression.targets.onnx_io import as_inputs
+from compression.targets.tvm_compile import build, compile_module, first_line
 from compression.targets.workloads import FLOAT_BITS, normalize_bits
 
 log = logging.getLogger(__name__)
@@ -119,7 +120,7 @@ def tvm_target(target: Mapping[str, Any] | str, name: str = "tvm") -> Any:
         return tvm.target.Target(dict(target) if isinstance(target, Mapping) else target)
     except Exception as exc:  # TVM raises ValueError/TVMError with a long C++ trace; keep one line
         raise TargetError(
-            f"target {name}: TVM does not accept the target {json.dumps(target, default=str)}: {_first_line(exc)}",
+            f"target {name}: TVM does not accept the target {json.dumps(target, default=str)}: {first_line(exc)}",
             'use a dict like {"kind": "llvm", "mcpu": "cortex-a72", "mtriple": "aarch64-linux-gnu", "num-cores": 4}',
         ) from exc
 
@@ -159,13 +160,20 @@ def target_fingerprint(target: Mapping[str, Any] | str) -> str:
 
 def default_db_dir(target: Mapping[str, Any] | str) -> Path:
     """Where the MetaSchedule database of ``target`` lives unless ``tuning.db_dir`` says otherwise."""
-    root = os.environ.get(DB_ROOT_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "compression", "tvm")
+    root = os.environ.get(DB_ROOT_ENV) or os.path.join(
+        os.path.expanduser("~"), ".cache", "compression", "tvm"
+    )
     return Path(root) / target_fingerprint(target)
 
 
 # ------------------------------------------------------------------------------------------ settings
 def _positive(label: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
         raise TargetError(f"{label} must be a positive number, got {value!r}")
     return float(value)
 
@@ -198,10 +206,15 @@ def validate_settings(name: str, settings: Mapping[str, Any]) -> None:
             raise TargetError(f"target {name}: rpc must be an object with host, port and key")
         unknown = sorted(set(rpc) - _RPC_FIELDS)
         if unknown:
-            raise TargetError(f"target {name}: unknown rpc fields {unknown}", f"allowed: {sorted(_RPC_FIELDS)}")
+            raise TargetError(
+                f"target {name}: unknown rpc fields {unknown}", f"allowed: {sorted(_RPC_FIELDS)}"
+            )
         for required in ("host", "port", "key"):
             if required not in rpc:
-                raise TargetError(f"target {name}: rpc is missing {required!r}", "give the tracker host, port and device key")
+                raise TargetError(
+                    f"target {name}: rpc is missing {required!r}",
+                    "give the tracker host, port and device key",
+                )
         if isinstance(rpc["port"], bool) or not isinstance(rpc["port"], int) or not 1 <= rpc["port"] <= 65535:
             raise TargetError(f"target {name}: rpc port must be an integer in 1..65535, got {rpc['port']!r}")
         for t_field in ("timeout_s", "session_timeout_s"):
@@ -213,10 +226,14 @@ def validate_settings(name: str, settings: Mapping[str, Any]) -> None:
             raise TargetError(f"target {name}: tuning must be an object", f"fields: {sorted(_TUNING_FIELDS)}")
         unknown = sorted(set(tuning) - _TUNING_FIELDS)
         if unknown:
-            raise TargetError(f"target {name}: unknown tuning fields {unknown}", f"allowed: {sorted(_TUNING_FIELDS)}")
+            raise TargetError(
+                f"target {name}: unknown tuning fields {unknown}", f"allowed: {sorted(_TUNING_FIELDS)}"
+            )
         mode = tuning.get("mode", "default")
         if mode not in TUNING_MODES:
-            raise TargetError(f"target {name}: unknown tuning mode {mode!r}", f"use one of {', '.join(TUNING_MODES)}")
+            raise TargetError(
+                f"target {name}: unknown tuning mode {mode!r}", f"use one of {', '.join(TUNING_MODES)}"
+            )
         if "trials_per_task" in tuning:
             _positive_int(f"target {name}: tuning trials_per_task", tuning["trials_per_task"])
         for t_field in ("builder_timeout_s", "runner_timeout_s"):
@@ -238,76 +255,7 @@ def make_backend(spec: TargetSpec) -> TvmBackend:
     return TvmBackend(spec)
 
 
-# ------------------------------------------------------------------------------------------ compiling
-def _first_line(exc: BaseException) -> str:
-    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
-    return (lines[-1] if lines else type(exc).__name__)[:300]
-
-
-def export_program(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Any:
-    """``torch.export`` of ``module`` in eval mode (its training flag is restored afterwards)."""
-    was_training = module.training
-    module.eval()
-    try:
-        with torch.no_grad():
-            return torch.export.export(module, tuple(t.detach().cpu() for t in inputs))
-    except Exception as exc:
-        raise ModelError(
-            f"torch.export cannot export the model for TVM: {type(exc).__name__}: {_first_line(exc)}",
-            "TVM imports models through torch.export; remove data-dependent Python control flow from forward()",
-        ) from exc
-    finally:
-        module.train(was_training)
-
-
-def import_relax(exported: Any) -> Any:
-    """A Relax IRModule (weights bound as constants) from an ``ExportedProgram``."""
-    from tvm.relax.frontend.torch import from_exported_program
-
-    try:
-        return from_exported_program(exported, keep_params_as_input=False)
-    except Exception as exc:
-        raise TargetError(
-            f"TVM cannot import the model: {type(exc).__name__}: {_first_line(exc)}",
-            "an operator is not supported by TVM's PyTorch frontend; measure this model with local-ort or local-torch",
-        ) from exc
-
-
-def fuse(mod: Any, target: Any) -> Any:
-    """Legalize to TIR and fuse operators (the form tuning tasks and database records are keyed by)."""
-    import tvm
-    from tvm import relax
-
-    seq = [
-        relax.transform.DecomposeOpsForInference(),
-        relax.transform.CanonicalizeBindings(),
-        *relax.pipeline.library_dispatch_passes(target),
-        relax.transform.LegalizeOps(),
-        relax.transform.AnnotateTIROpPattern(),
-        relax.transform.FoldConstant(),
-        relax.transform.FuseOps(),
-        relax.transform.FuseTIR(),
-    ]
-    with target, tvm.transform.PassContext(opt_level=3):
-        return tvm.transform.Sequential(seq)(mod)
-
-
-def build(mod: Any, target: Any) -> Any:
-    """Compile a fused, scheduled Relax module to a VM executable (no further fusion: schedules stay)."""
-    import tvm
-    from tvm import relax
-
-    try:
-        lower = relax.pipeline.dataflow_lower_passes(target) + relax.pipeline.finalize_passes(target)
-    except AttributeError:
-        # TVM 0.27 does not export cpu_generic.dataflow_lower_passes (relax.pipeline looks for it there)
-        from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
-
-        lower = cpu_pipeline.dataflow_lower_passes(target) + cpu_pipeline.finalize_passes(target)
-    with target, tvm.transform.PassContext(opt_level=3):
-        return tvm.compile(mod, target=target, relax_pipeline=tvm.transform.Sequential(lower))
-
-
+# ------------------------------------------------------------------------------------------ tuning database
 @contextlib.contextmanager
 def _file_lock(path: Path) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -371,9 +319,9 @@ class TuningDatabase:
 
 def workload_hash(prim_func_mod: Any) -> str:
     """The structural hash MetaSchedule's database uses for a tuning task's module, as text."""
-    import tvm
+    import tvm_ffi
 
-    return str(tvm.ir.structural_hash(prim_func_mod))
+    return str(tvm_ffi.structural_hash(prim_func_mod))
 
 
 @dataclass
@@ -401,7 +349,9 @@ class TvmBackend:
         self.trials_per_task = int(tuning.get("trials_per_task", DEFAULT_TRIALS_PER_TASK))
         self.builder_timeout_s = float(tuning.get("builder_timeout_s", 120.0))
         self.runner_timeout_s = float(tuning.get("runner_timeout_s", 60.0))
-        self.db_dir = Path(tuning["db_dir"]).expanduser() if tuning.get("db_dir") else default_db_dir(self.target_dict)
+        self.db_dir = (
+            Path(tuning["db_dir"]).expanduser() if tuning.get("db_dir") else default_db_dir(self.target_dict)
+        )
         cores = self.target.attrs.get("num-cores")
         self.threads = int(s.get("threads") or (int(cores) if cores else 2))
         self.device = str(s.get("lock", DEFAULT_DEVICE))
@@ -409,7 +359,9 @@ class TvmBackend:
         self.min_run_ms = float(s.get("min_run_ms", 1.0))
         self.cc: str | None = s.get("cc")
         if self.rpc is None and self.mode == "metaschedule" and self.target.kind.name != "llvm":
-            raise TargetError(f"target {spec.name}: MetaSchedule tuning here needs an llvm target or an RPC device")
+            raise TargetError(
+                f"target {spec.name}: MetaSchedule tuning here needs an llvm target or an RPC device"
+            )
 
     # ---------------------------------------------------------------------------------- facts
     @property
@@ -499,7 +451,9 @@ class TvmBackend:
         from tvm.target import codegen
 
         if self.target.kind.name != "llvm":
-            raise TargetError(f"target {self.spec.name}: kind {self.target.kind.name!r} cannot run on this CPU")
+            raise TargetError(
+                f"target {self.spec.name}: kind {self.target.kind.name!r} cannot run on this CPU"
+            )
         triple = self.target.attrs.get("mtriple")
         if triple:
             host_arch = str(codegen.llvm_get_system_triple()).split("-")[0]
@@ -511,9 +465,11 @@ class TvmBackend:
 
     # ---------------------------------------------------------------------------------- compile
     def _import(self, module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Any:
-        return fuse(import_relax(export_program(module, inputs)), self.target)
+        return compile_module(module, inputs, self.target)
 
-    def tune(self, module: nn.Module, example_input: torch.Tensor | tuple[torch.Tensor, ...]) -> dict[str, Any]:
+    def tune(
+        self, module: nn.Module, example_input: torch.Tensor | tuple[torch.Tensor, ...]
+    ) -> dict[str, Any]:
         """Tune the model's workloads that the database has not seen (MetaSchedule); a report.
 
         Runs in any tuning mode (it is how a database is filled ahead of time). Tuning on this CPU holds
@@ -547,7 +503,12 @@ class TvmBackend:
                 stamp = time.time()
                 db.mark_attempted(
                     {
-                        h: {"name": t.task_name, "trials": self.trials_per_task, "seconds": spent / len(missing), "at": stamp}
+                        h: {
+                            "name": t.task_name,
+                            "trials": self.trials_per_task,
+                            "seconds": spent / len(missing),
+                            "at": stamp,
+                        }
                         for h, t in missing
                     }
                 )
@@ -561,7 +522,9 @@ class TvmBackend:
         contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
             tasks, work_dir=work_dir, num_threads=max(1, os.cpu_count() or 1)
         )
-        builder = ms.builder.LocalBuilder(timeout_sec=self.builder_timeout_s, max_workers=max(1, os.cpu_count() or 1))
+        builder = ms.builder.LocalBuilder(
+            timeout_sec=self.builder_timeout_s, max_workers=max(1, os.cpu_count() or 1)
+        )
         if self.rpc:
             from compression.targets import tvm_rpc
 
@@ -592,7 +555,7 @@ class TvmBackend:
             )
         except Exception as exc:
             raise TargetError(
-                f"target {self.spec.name}: MetaSchedule tuning failed: {type(exc).__name__}: {_first_line(exc)}",
+                f"target {self.spec.name}: MetaSchedule tuning failed: {type(exc).__name__}: {first_line(exc)}",
                 "check the versions pinned in docs/targets-tvm.md (apache-tvm-ffi 0.1.15 segfaults while saving records)",
             ) from exc
 
@@ -603,14 +566,28 @@ class TvmBackend:
         total = count_scheduled(mod)[1]
         info: dict[str, Any] = {"functions": total}
         if self.mode == "untuned":
-            info.update(tuning="untuned", representative=False, from_database=0, default_schedules=0, unscheduled=total)
+            info.update(
+                tuning="untuned",
+                representative=False,
+                from_database=0,
+                default_schedules=0,
+                unscheduled=total,
+            )
             return mod, info
         from_db = 0
-        if self.mode in ("database", "metaschedule") and (self.db_dir / "database_tuning_record.json").exists():
+        if (
+            self.mode in ("database", "metaschedule")
+            and (self.db_dir / "database_tuning_record.json").exists()
+        ):
             import tvm
             from tvm import relax
 
-            with TuningDatabase(self.db_dir).locked() as jdb, self.target, jdb, tvm.transform.PassContext(opt_level=3):
+            with (
+                TuningDatabase(self.db_dir).locked() as jdb,
+                self.target,
+                jdb,
+                tvm.transform.PassContext(opt_level=3),
+            ):
                 mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
             from_db = count_scheduled(mod)[0]
             info["db_dir"] = str(self.db_dir)
@@ -654,7 +631,7 @@ class TvmBackend:
             ex = build(mod, self.target)
         except Exception as exc:
             raise TargetError(
-                f"target {self.spec.name}: TVM failed to compile the model: {type(exc).__name__}: {_first_line(exc)}"
+                f"target {self.spec.name}: TVM failed to compile the model: {type(exc).__name__}: {first_line(exc)}"
             ) from exc
         details.update(info)
         return Compiled(ex, import_s + time.perf_counter() - t1, tuning_s, details)
@@ -724,7 +701,9 @@ class TvmBackend:
         details["tuning_s"] = tuning_s
         details["dtype"] = "float32"
         details["target_fingerprint"] = target_fingerprint(self.target_dict)
-        return make_measurement(self.spec, stats, compile_s + import_s, details, warmup, repeats, inputs[0].shape[0])
+        return make_measurement(
+            self.spec, stats, compile_s + import_s, details, warmup, repeats, inputs[0].shape[0]
+        )
 
     def _measure_local(
         self,
@@ -749,7 +728,9 @@ class TvmBackend:
                 deadline = time.monotonic() + timeout_s
                 compiled = self.compile(module, inputs, fused=fused)
                 if cancel.is_set() or time.monotonic() > deadline:
-                    raise DeadlineExceeded(f"{what}: compiling took longer than the timeout of {timeout_s:g} s")
+                    raise DeadlineExceeded(
+                        f"{what}: compiling took longer than the timeout of {timeout_s:g} s"
+                    )
                 _config_threads(self.threads)
                 dev = tvm.cpu(0)
                 vm = relax.VirtualMachine(compiled.executable, dev)
@@ -782,7 +763,7 @@ class TvmBackend:
             executable.export_library(str(path), **kwargs)
         except Exception as exc:
             raise TargetError(
-                f"target {self.spec.name}: exporting the compiled library failed: {_first_line(exc)}",
+                f"target {self.spec.name}: exporting the compiled library failed: {first_line(exc)}",
                 "set the target's cc to a compiler that links for the device, e.g. aarch64-linux-gnu-g++",
             ) from exc
 
@@ -851,11 +832,17 @@ class TvmBackend:
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
         self._export_library(compiled.executable, p)
-        return {"target": _target_json(self.target), **{k: compiled.details[k] for k in ("tuning",) if k in compiled.details}}
+        return {
+            "target": _target_json(self.target),
+            **{k: compiled.details[k] for k in ("tuning",) if k in compiled.details},
+        }
 
 
 def export_library(
-    module: nn.Module, example_input: torch.Tensor | tuple[torch.Tensor, ...], target: TargetSpec, path: str | Path
+    module: nn.Module,
+    example_input: torch.Tensor | tuple[torch.Tensor, ...],
+    target: TargetSpec,
+    path: str | Path,
 ) -> str:
     """Compile ``module`` for the TVM ``target`` and write its library to ``path``; a one-line description."""
     info = make_backend(target).export_library(module, example_input, path)
@@ -895,7 +882,7 @@ def _check_output(vm: Any, args: list[Any], reference: list[np.ndarray], what: s
     if len(outs) != len(reference):
         raise TargetError(f"{what}: TVM returned {len(outs)} outputs, PyTorch {len(reference)}")
     worst = 0.0
-    for got, want in zip(outs, reference):
+    for got, want in zip(outs, reference, strict=True):
         if got.shape != want.shape:
             raise TargetError(f"{what}: TVM output shape {got.shape} differs from PyTorch's {want.shape}")
         if want.size == 0:

@@ -95,11 +95,15 @@ def tracker_summary(host: str, port: int, timeout_s: float = 10.0) -> dict[str, 
         sock.settimeout(timeout_s)
         value = _exchange(sock, [base.TrackerCode.SUMMARY])
     except (OSError, ConnectionError, ValueError) as exc:
-        raise TargetError(f"the TVM RPC tracker at {_addr(host, port)} did not return its summary ({exc})") from exc
+        raise TargetError(
+            f"the TVM RPC tracker at {_addr(host, port)} did not return its summary ({exc})"
+        ) from exc
     finally:
         sock.close()
     if not (isinstance(value, list) and value and value[0] == base.TrackerCode.SUCCESS):
-        raise TargetError(f"the TVM RPC tracker at {_addr(host, port)} refused the summary request: {value!r}")
+        raise TargetError(
+            f"the TVM RPC tracker at {_addr(host, port)} refused the summary request: {value!r}"
+        )
     return value[1]
 
 
@@ -157,17 +161,23 @@ def request_device(
             "or raise rpc timeout_s if the device is busy with other measurements",
         ) from None
     except (OSError, ConnectionError, ValueError) as exc:
-        raise TargetError(f"the TVM RPC tracker at {_addr(host, port)} dropped the request for {key!r} ({exc})") from exc
+        raise TargetError(
+            f"the TVM RPC tracker at {_addr(host, port)} dropped the request for {key!r} ({exc})"
+        ) from exc
     finally:
         # closing the socket withdraws a request still queued at the tracker
         sock.close()
     if not (isinstance(value, list) and len(value) == 2 and value[0] == base.TrackerCode.SUCCESS):
-        raise TargetError(f"the TVM RPC tracker at {_addr(host, port)} refused the request for {key!r}: {value!r}")
+        raise TargetError(
+            f"the TVM RPC tracker at {_addr(host, port)} refused the request for {key!r}: {value!r}"
+        )
     url, dev_port, matchkey = value[1]
 
     remaining = deadline - time.monotonic()
     if remaining <= 0:
-        raise TargetError(f"the tracker handed out a device for {key!r} only after the {timeout_s:g} s timeout")
+        raise TargetError(
+            f"the tracker handed out a device for {key!r} only after the {timeout_s:g} s timeout"
+        )
 
     def connect() -> Any:
         return rpc.connect(url, int(dev_port), matchkey, session_timeout=session_timeout_s or 0)

@@ -21,12 +21,18 @@ from webapp.views import runinfo
 
 STATUS_FILTERS = ("active", "finished", "failed", "cancelled")
 # Downloads in the order a user looks for them: the compressed model first, the records last.
-ARTIFACT_ORDER = {
-    k: i
-    for i, k in enumerate(
-        ("pt2", "onnx", "int8.onnx", "tvm", "report", "policy", "episodes.csv", "episodes.jsonl", "log", "other")
-    )
-}
+ARTIFACT_KINDS = (
+    "pt2",
+    "onnx",
+    "int8.onnx",
+    "tvm",
+    "report",
+    "policy",
+    "episodes.csv",
+    "episodes.jsonl",
+    "log",
+)
+ARTIFACT_ORDER = {k: i for i, k in enumerate(ARTIFACT_KINDS)}
 
 
 @login_required
