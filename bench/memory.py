@@ -320,7 +320,7 @@ def web_memory(ctx: Context) -> dict[str, Any]:
                 got = f"failed: {type(exc).__name__}: {exc}"
                 tail = stack.web.log_text()
                 at = tail.rfind("Error: ")
-                step["websocket_error"] = tail[at : at + 300] if at >= 0 else tail[-300:]
+                step["websocket_error"] = (tail[at:] if at >= 0 else tail[-300:]).splitlines()[0][:300]
             step["requests"]["websocket history"] = {
                 "episodes": got,
                 "seconds": time.perf_counter() - t0,
@@ -415,11 +415,16 @@ def summarize(r: dict[str, Any]) -> str:
         if web.get("status") != "measured":
             lines.append(f"web: {web.get('status')}: {web.get('reason')}")
         else:
-            rows = [
-                ["idle", "", f"{web['idle']['VmRSS'] / MIB:.0f}", f"{web['idle']['VmHWM'] / MIB:.0f}", ""]
-            ]
+            idle = web["idle"]
+            rows = [["idle", "", f"{idle['VmRSS'] / MIB:.0f}", f"{idle['VmHWM'] / MIB:.0f}", "", ""]]
             for s in web["steps"]:
                 for label, q in s["requests"].items():
+                    if "bytes" in q:
+                        what = f"HTTP {q['status']}, {q['bytes'] / MIB:.1f} MiB"
+                    elif s.get("websocket_error"):
+                        what = "failed: " + s["websocket_error"].split("\n")[0][7:110]
+                    else:
+                        what = f"{q.get('episodes')} episodes"
                     rows.append(
                         [
                             f"{s['episodes']} episodes",
@@ -427,9 +432,12 @@ def summarize(r: dict[str, Any]) -> str:
                             f"{q['VmRSS'] / MIB:.0f}",
                             f"{q['VmHWM'] / MIB:.0f}",
                             f"{q['seconds']:.2f}",
+                            what,
                         ]
                     )
-            lines.append(table(["web process", "request", "RSS MiB", "peak MiB", "seconds"], rows))
+            lines.append(
+                table(["web process", "request", "RSS MiB", "peak MiB", "seconds", "response"], rows)
+            )
             tc = web.get("test_client", {})
             lines.append(
                 f"\ndaphne maps libtorch: {web['daphne_maps_torch']}; test client process has torch in "

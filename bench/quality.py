@@ -304,11 +304,13 @@ def run(ctx: Context) -> dict[str, Any]:
         "methods": methods,
         "models": {},
     }
+    rt_opt = ctx.options.get("round_to")  # None: the target's own channel rounding
+    result["round_to"] = rt_opt
     log(ctx, f"quality: {models} on {target}, budgets {budgets}, seeds {seeds}, {episodes} episodes")
     base = ctx.work_dir / "quality"
     for key in models:
         bm = resnet20_digits(ctx) if key == "resnet20" else dwnet_digits(ctx)
-        floors = search_floors(bm.spec, target, None, sorted(set(LAYOUT.values())))
+        floors = search_floors(bm.spec, target, rt_opt, sorted(set(LAYOUT.values())))
         round_to = int(floors["round_to"])
         log(
             ctx,
@@ -338,7 +340,7 @@ def run(ctx: Context) -> dict[str, Any]:
                             )
                         else:
                             cells[method] = _search_method(
-                                ctx, bm, method, target, budget, seed, episodes, ft_epochs, None, out
+                                ctx, bm, method, target, budget, seed, episodes, ft_epochs, rt_opt, out
                             )
                     except Exception as exc:  # a refused budget or a failing method is a result
                         log(ctx, f"  {method} failed: {type(exc).__name__}: {exc}")
@@ -415,7 +417,8 @@ def _cross_target(ctx: Context, episodes: int, ft_epochs: int, base: Path) -> di
     from compression.pipeline import open_workspace
     from compression.policy import Policy
 
-    pair = ctx.options.get("cross_targets") or ["local-ort", "local-tvm"]
+    # quick: two runtimes that need no compilation; full: ONNX Runtime against TVM
+    pair = ["local-ort", "local-torch"] if ctx.quick else ["local-ort", "local-tvm"]
     round_to = 8  # bounds the distinct layer shapes, so the TVM table (seconds per entry) stays affordable
     bm = resnet20_digits(ctx)
     found: dict[str, Any] = {}

@@ -39,7 +39,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", help="comma-separated models for quality: resnet20,dwnet")
     p.add_argument("--model", help="use this .pt2 instead of the trained ResNet-20 (throughput, fidelity)")
     p.add_argument("--budgets", help="comma-separated latency budgets for quality, e.g. 0.5,0.25,0.1")
+    p.add_argument("--round-to", type=int, help="quality: channel rounding (default: the target's own)")
     p.add_argument("--parts", help="memory: comma-separated parts to run: web,worker")
+    p.add_argument("--tables", action="store_true", help="print the tables of stored results, run nothing")
+    p.add_argument(
+        "--shared-lock",
+        action="store_true",
+        help="take the machine-wide device lock (default: a lock of the benchmarks' own in var/bench/locks)",
+    )
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--results-dir", default=str(ROOT / "bench" / "results"))
     p.add_argument(
@@ -54,7 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown benchmark {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
 
+    if args.tables:
+        return print_tables(names, Path(args.results_dir), args.quick)
     os.environ["COMPRESSION_CACHE_DIR"] = args.cache_dir
+    if not args.shared_lock:
+        # Another process (a TVM tuning session, say) may hold the shared device lock for many minutes;
+        # the benchmarks serialise their own measurements and record the load average instead.
+        os.environ["COMPRESSION_LOCK_DIR"] = str(ROOT / "var" / "bench" / "locks")
     # quieter logs from the engine; progress comes from the benchmarks' own lines
     import logging
     import warnings
@@ -73,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         "policies": args.policies,
         "agents": args.agents.split(",") if args.agents else None,
         "model": args.model,
+        "round_to": args.round_to,
         "parts": args.parts.split(",") if args.parts else None,
         "models": args.models.split(",") if args.models else None,
         "budgets": [float(b) for b in args.budgets.split(",")] if args.budgets else None,
@@ -107,6 +121,24 @@ def main(argv: list[str] | None = None) -> int:
     if failed:
         log(ctx, f"failed: {', '.join(failed)}")
         return 1
+    return 0
+
+
+def print_tables(names: list[str], results_dir: Path, quick: bool) -> int:
+    """Print the Markdown tables of the stored results (what docs/BENCHMARKS.md shows)."""
+    import json
+
+    for name in names:
+        path = results_dir / f"{name}{'-quick' if quick else ''}.json"
+        if not path.exists():
+            print(f"## {name}: no results in {path}\n")
+            continue
+        data = json.loads(path.read_text(encoding="utf-8"))
+        module = __import__(f"bench.{name}", fromlist=["summarize"])
+        m = data["machine"]
+        print(f"## {name} ({data['mode']}, {data['finished_at']}, load at the end {m['load']})\n")
+        print(module.summarize(data))
+        print()
     return 0
 
 

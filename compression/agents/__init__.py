@@ -19,12 +19,25 @@ from compression.agents.base import Agent, EpisodeRecord, Param, run_episode
 from compression.agents.galen import GalenAgent
 from compression.agents.haq import HAQAgent
 from compression.agents.random_agent import RandomAgent
+from compression.agents.sb3 import SB3_AVAILABLE, SB3SACAgent, SB3TD3Agent
 from compression.agents.uniform import UniformAgent
 from compression.errors import SearchError
 from compression.search.spaces import EnvSpec
 
+# The Stable-Baselines3 agents are always listed; without the package they refuse to start with a hint
+# (``SB3_AVAILABLE`` tells a dashboard whether to offer them).
 AGENTS: dict[str, type[Agent]] = {
-    cls.name: cls for cls in (AMCAgent, HAQAgent, GalenAgent, AJPQAgent, RandomAgent, UniformAgent)
+    cls.name: cls
+    for cls in (
+        AMCAgent,
+        HAQAgent,
+        GalenAgent,
+        AJPQAgent,
+        RandomAgent,
+        UniformAgent,
+        SB3TD3Agent,
+        SB3SACAgent,
+    )
 }
 # Other names users may type for the same agent (the issue calls Galen's joint agent "galen-pq").
 ALIASES: dict[str, str] = {"galen-pq": "galen"}
@@ -47,7 +60,9 @@ def restore_agent(state: dict[str, Any]) -> Agent:
     """Rebuild an agent from ``Agent.state_dict()`` output (its name, env spec, config and seed are in it)."""
     if not isinstance(state, dict) or "agent" not in state:
         raise SearchError("not an agent checkpoint", "resume from a checkpoint written by the search")
-    agent = make_agent(state["agent"], EnvSpec.from_dict(state["env_spec"]), dict(state["config"]), int(state["seed"]))
+    agent = make_agent(
+        state["agent"], EnvSpec.from_dict(state["env_spec"]), dict(state["config"]), int(state["seed"])
+    )
     agent.load_state_dict(state)
     return agent
 
@@ -55,6 +70,7 @@ def restore_agent(state: dict[str, Any]) -> Agent:
 __all__ = [
     "AGENTS",
     "ALIASES",
+    "SB3_AVAILABLE",
     "Agent",
     "EpisodeRecord",
     "Param",

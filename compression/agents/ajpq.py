@@ -34,7 +34,9 @@ class AJPQAgent(DDPGAgent):
 
     name: ClassVar[str] = "ajpq"
     layouts: ClassVar[tuple[str, ...] | None] = ("ajpq",)
-    summary: ClassVar[str] = "AJPQ: a layer controller picks sparsity, a channel controller the bits of each group"
+    summary: ClassVar[str] = (
+        "AJPQ: a layer controller picks sparsity, a channel controller the bits of each group"
+    )
     DEFAULTS = dict(AMC_DEFAULTS)
 
     def _build_networks(self) -> None:
@@ -48,7 +50,9 @@ class AJPQAgent(DDPGAgent):
         for name in ("layer_actor", "channel_actor", "critic"):
             hard_update(self.nets[name + "_target"], self.nets[name])
         self.optims["layer_actor"] = torch.optim.Adam(self.nets["layer_actor"].parameters(), lr=c["lr_actor"])
-        self.optims["channel_actor"] = torch.optim.Adam(self.nets["channel_actor"].parameters(), lr=c["lr_actor"])
+        self.optims["channel_actor"] = torch.optim.Adam(
+            self.nets["channel_actor"].parameters(), lr=c["lr_actor"]
+        )
         self.optims["critic"] = torch.optim.Adam(
             self.nets["critic"].parameters(), lr=c["lr_critic"], weight_decay=c["critic_weight_decay"]
         )

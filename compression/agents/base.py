@@ -149,7 +149,10 @@ class Agent(ABC):
                 f"agent {cls.name} has no setting(s) {', '.join(unknown)}",
                 f"known settings: {', '.join(params) or 'none'}",
             )
-        return {name: p.coerce(config[name], cls.name) if name in config else p.default for name, p in params.items()}
+        return {
+            name: p.coerce(config[name], cls.name) if name in config else p.default
+            for name, p in params.items()
+        }
 
     def env_options(self) -> dict[str, Any]:
         """Behaviours the agent asks of the environment (see ``compression.search.spaces.ENV_OPTIONS``)."""
@@ -189,7 +192,9 @@ class Agent(ABC):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state_dict()`` output; refuses a checkpoint of another agent, env or config."""
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            raise SearchError("not an agent checkpoint of a known format", "resume from a checkpoint this version wrote")
+            raise SearchError(
+                "not an agent checkpoint of a known format", "resume from a checkpoint this version wrote"
+            )
         if state["agent"] != self.name:
             raise SearchError(
                 f"checkpoint is for agent {state['agent']}, not {self.name}", "resume with the same agent"
@@ -226,10 +231,28 @@ class Agent(ABC):
             )
         return obs
 
+    def _take_final_actions(self, info: dict[str, Any] | None) -> None:
+        """Replace the pending steps' actions with the final info's ``enforced_actions`` when present.
+
+        They differ from the per-step ``info["action"]`` only when the environment changed decisions after
+        the last step (HAQ's repair); then the final ones are what happened. Expects ``self._pending`` as
+        a list of (obs, action, next_obs, done).
+        """
+        final = (info or {}).get("enforced_actions")
+        pending = getattr(self, "_pending", None)
+        if final is None or pending is None or len(final) != len(pending):
+            return
+        self._pending = [
+            (obs, np.clip(np.asarray(a, dtype=np.float64).reshape(-1), 0.0, 1.0), next_obs, done)
+            for (obs, _, next_obs, done), a in zip(pending, final, strict=True)
+        ]
+
     def _check_reward(self, reward: float) -> float:
         r = float(reward)
         if not math.isfinite(r):
-            raise SearchError(f"agent {self.name}: episode reward {reward!r} is not finite", "check the reward")
+            raise SearchError(
+                f"agent {self.name}: episode reward {reward!r} is not finite", "check the reward"
+            )
         return r
 
 

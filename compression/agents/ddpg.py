@@ -9,8 +9,9 @@ What it does per episode, as AMC does:
 - Every step of an episode is stored with the episode's FINAL reward (the environment gives it only at
   the end) and the ENFORCED action. A moving average of episode rewards (``baseline_alpha``) is the
   baseline: it is subtracted from every sampled reward at update time, so one batch is always measured
-  against one baseline. (AMC's and HAQ's code keep a moving average of batch means with alpha 0.5
-  instead; the episode average is less noisy and is what the AMC paper describes.)
+  against one baseline. (HAQ's and Galen's code keep a moving average of batch means with alpha 0.5
+  instead; an average of episode rewards does not depend on which transitions a batch happened to
+  draw.)
 - At the end of each episode after the warm-up, ``updates_per_episode`` gradient steps (0: one per step
   of the episode, AMC's choice): critic on the TD target ``r - baseline + discount * (1 - done) *
   Q'(s', mu'(s'))``, actor on ``-Q(s, mu(s))``, then soft target updates with ``tau``.
@@ -50,7 +51,6 @@ AMC_DEFAULTS: dict[str, Any] = {
     "baseline_alpha": 0.95,
     "critic_weight_decay": 0.0,
     "init_w": 3e-3,
-    "store_raw_action": False,
 }
 
 
@@ -64,21 +64,54 @@ def ddpg_params(defaults: dict[str, Any]) -> list[Param]:
         Param("lr_critic", "float", d["lr_critic"], "Adam learning rate of the critic", 1e-6, 1e-1, log=True),
         Param("tau", "float", d["tau"], "soft update rate of the target networks", 1e-4, 1.0, log=True),
         Param("discount", "float", d["discount"], "discount between steps (1: episodic, as AMC)", 0.0, 1.0),
-        Param("warmup_episodes", "int", d["warmup_episodes"], "episodes of random actions before learning", 0, 100000),
-        Param("noise_sigma", "float", d["noise_sigma"], "initial sigma of the truncated normal noise", 0.0, 2.0),
-        Param("noise_decay", "float", d["noise_decay"], "sigma multiplier per episode after warm-up", 0.5, 1.0),
+        Param(
+            "warmup_episodes",
+            "int",
+            d["warmup_episodes"],
+            "episodes of random actions before learning",
+            0,
+            100000,
+        ),
+        Param(
+            "noise_sigma", "float", d["noise_sigma"], "initial sigma of the truncated normal noise", 0.0, 2.0
+        ),
+        Param(
+            "noise_decay", "float", d["noise_decay"], "sigma multiplier per episode after warm-up", 0.5, 1.0
+        ),
         Param("batch_size", "int", d["batch_size"], "transitions per gradient step", 1, 4096),
         Param("buffer_episodes", "int", d["buffer_episodes"], "replay capacity, in episodes", 1, 100000),
         Param(
-            "updates_per_episode", "int", d["updates_per_episode"],
-            "gradient steps after each episode (0: one per step of the episode)", 0, 100000,
+            "updates_per_episode",
+            "int",
+            d["updates_per_episode"],
+            "gradient steps after each episode (0: one per step of the episode)",
+            0,
+            100000,
         ),
-        Param("baseline_alpha", "float", d["baseline_alpha"], "moving-average factor of the reward baseline", 0.0, 1.0),
-        Param("critic_weight_decay", "float", d["critic_weight_decay"], "L2 weight decay of the critic", 0.0, 1.0),
-        Param("init_w", "float", d["init_w"], "initial output-layer weights are U(-init_w, init_w)", 1e-6, 1.0, log=True),
         Param(
-            "store_raw_action", "bool", d["store_raw_action"],
-            "store the agent's own action in transitions instead of the environment's enforced one",
+            "baseline_alpha",
+            "float",
+            d["baseline_alpha"],
+            "moving-average factor of the reward baseline",
+            0.0,
+            1.0,
+        ),
+        Param(
+            "critic_weight_decay",
+            "float",
+            d["critic_weight_decay"],
+            "L2 weight decay of the critic",
+            0.0,
+            1.0,
+        ),
+        Param(
+            "init_w",
+            "float",
+            d["init_w"],
+            "initial output-layer weights are U(-init_w, init_w)",
+            1e-6,
+            1.0,
+            log=True,
         ),
     ]
 
@@ -103,7 +136,6 @@ class DDPGAgent(Agent):
         self.noise = TruncatedNormalNoise(c["noise_sigma"], c["noise_decay"])
         self.baseline: float | None = None
         self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray, bool]] = []
-        self._last_raw: np.ndarray | None = None
 
     @classmethod
     def params(cls) -> list[Param]:
@@ -162,17 +194,11 @@ class DDPGAgent(Agent):
         """Random during warm-up; then the actor's output, with decaying truncated normal noise when exploring."""
         obs_t = torch.from_numpy(self._check_obs(obs))
         if explore and self.in_warmup:
-            action = self.rng.random(self.act_dim)
-        else:
-            action = np.clip(self._policy_action(obs_t, self.current_sigma() if explore else None), 0.0, 1.0)
-        if explore:
-            self._last_raw = action.copy()
-        return action
+            return self.rng.random(self.act_dim)
+        return np.clip(self._policy_action(obs_t, self.current_sigma() if explore else None), 0.0, 1.0)
 
     def observe(self, obs: np.ndarray, action: np.ndarray, next_obs: np.ndarray, done: bool) -> None:
         """Hold the step until the episode's reward is known."""
-        if self.config["store_raw_action"] and self._last_raw is not None:
-            action = self._last_raw
         a = np.clip(np.asarray(action, dtype=np.float64).reshape(-1), 0.0, 1.0)
         if a.shape != (self.act_dim,):
             raise ValueError(f"action has shape {a.shape}, expected ({self.act_dim},)")
@@ -181,9 +207,14 @@ class DDPGAgent(Agent):
     def end_episode(self, reward: float, info: dict[str, Any] | None = None) -> dict[str, Any]:
         """Store the episode's steps with its reward, update the baseline, and learn (after warm-up)."""
         r = self._check_reward(reward)
+        self._take_final_actions(info)
         c = self.config
         sigma = self.current_sigma()
-        self.baseline = r if self.baseline is None else c["baseline_alpha"] * self.baseline + (1 - c["baseline_alpha"]) * r
+        self.baseline = (
+            r
+            if self.baseline is None
+            else c["baseline_alpha"] * self.baseline + (1 - c["baseline_alpha"]) * r
+        )
         for obs, action, next_obs, done in self._pending:
             self.buffer.add(obs, action, r, next_obs, done)
         steps = len(self._pending)
@@ -203,7 +234,9 @@ class DDPGAgent(Agent):
                 cl, al = self._update()
                 critic_losses.append(cl)
                 actor_losses.append(al)
-            stats.update(updates=n, critic_loss=float(np.mean(critic_losses)), actor_loss=float(np.mean(actor_losses)))
+            stats.update(
+                updates=n, critic_loss=float(np.mean(critic_losses)), actor_loss=float(np.mean(actor_losses))
+            )
         self.episode += 1
         return stats
 
@@ -239,7 +272,6 @@ class DDPGAgent(Agent):
             "buffer": self.buffer.state_dict(),
             "baseline": self.baseline,
             "sigma": self.current_sigma(),
-            "last_raw": None if self._last_raw is None else torch.from_numpy(self._last_raw),
             "pending": [
                 {
                     "obs": torch.from_numpy(o),
@@ -260,8 +292,12 @@ class DDPGAgent(Agent):
             o.load_state_dict(state["optims"][k])
         self.buffer.load_state_dict(state["buffer"])
         self.baseline = None if state["baseline"] is None else float(state["baseline"])
-        self._last_raw = None if state["last_raw"] is None else state["last_raw"].numpy().copy()
         self._pending = [
-            (p["obs"].numpy().copy(), p["action"].numpy().copy(), p["next_obs"].numpy().copy(), bool(p["done"]))
+            (
+                p["obs"].numpy().copy(),
+                p["action"].numpy().copy(),
+                p["next_obs"].numpy().copy(),
+                bool(p["done"]),
+            )
             for p in state["pending"]
         ]

@@ -8,9 +8,11 @@ Episode by episode it bisects a single value ``v`` in [0, 1] (the action of ever
 1. The first episode tries ``v = 1`` (no compression). If that fits, the search is over.
 2. Otherwise it keeps a bracket ``[lo, hi]`` with ``lo`` known to fit (``lo = 0`` is the environment's
    minimum) and ``hi`` known not to, tries the middle, and moves the bracket. A trial FITS when the
-   environment enforced nothing (every ``info["action"]`` equals what the agent proposed: with AMC-style
-   capping, an action that does not fit gets capped) and, when the final info reports them,
-   ``metrics["cost_ratio"] <= metrics["budget"]`` (for environments that repair or only measure).
+   environment enforced nothing (every ``info["action"]`` equals what the agent proposed, and so do the
+   final info's ``enforced_actions``: with AMC-style capping or HAQ-style repair, an action that does not
+   fit is changed) and, when the final info reports them, ``metrics["cost_ratio"] <= metrics["budget"]``
+   (for environments that only measure). This relies on the protocol's rule that an environment reports
+   the agent's exact values wherever it did not change the decision (``compression.search.spaces``).
 3. When ``hi - lo < tolerance`` (about log2(1/tolerance) + 1 episodes: 11 for the default 1e-3) it has
    converged and plays ``lo``, the largest uniform value found to fit, in every later episode.
 
@@ -45,7 +47,11 @@ class UniformAgent(Agent):
 
     @classmethod
     def params(cls) -> list[Param]:
-        return [Param("tolerance", "float", 1e-3, "stop bisecting when the bracket is narrower", 1e-6, 0.5, log=True)]
+        return [
+            Param(
+                "tolerance", "float", 1e-3, "stop bisecting when the bracket is narrower", 1e-6, 0.5, log=True
+            )
+        ]
 
     def action_for(self, value: float) -> np.ndarray:
         """The uniform action of a value: ``value`` in every dimension (``1 - value`` where inverted)."""
@@ -66,8 +72,14 @@ class UniformAgent(Agent):
     def end_episode(self, reward: float, info: dict[str, Any] | None = None) -> dict[str, Any]:
         """Move the bisection bracket according to whether the trial fit."""
         self._check_reward(reward)
-        metrics = (info or {}).get("metrics", {})
+        info = info or {}
+        metrics = info.get("metrics", {})
         fits = not self._changed
+        raw, enforced = info.get("raw_actions"), info.get("enforced_actions")
+        if raw is not None and enforced is not None:
+            # Catches a repair after the last step (HAQ's budget mode), which no per-step action shows.
+            diff = np.abs(np.asarray(raw, dtype=np.float64) - np.asarray(enforced, dtype=np.float64))
+            fits = fits and not bool(np.any(diff > 1e-9))
         if "cost_ratio" in metrics and metrics.get("budget") is not None:
             fits = fits and float(metrics["cost_ratio"]) <= float(metrics["budget"]) + 1e-9
         stats = {"episode": self.episode, "value": self.trial, "fits": fits}
@@ -84,7 +96,13 @@ class UniformAgent(Agent):
         return stats
 
     def _state(self) -> dict[str, Any]:
-        return {"lo": self.lo, "hi": self.hi, "trial": self.trial, "converged": self.converged, "changed": self._changed}
+        return {
+            "lo": self.lo,
+            "hi": self.hi,
+            "trial": self.trial,
+            "converged": self.converged,
+            "changed": self._changed,
+        }
 
     def _load_state(self, state: dict[str, Any]) -> None:
         self.lo = float(state["lo"])

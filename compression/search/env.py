@@ -262,6 +262,7 @@ class CompressionEnvironment:
         )
         self._raw: list[list[float]] = []
         self._enforced: list[list[float]] = []
+        self._asked: dict[str, LayerPolicy] = {}
         self._prev_action = [1.0] * self.action_spec.dim
         return self._observe()
 
@@ -277,8 +278,10 @@ class CompressionEnvironment:
         a = np.clip(a, 0.0, 1.0)
         name = self.steps[self._t]
         self._raw.append(a.tolist())
+        asked = self._decode(name, a)
         entry = self._decide(name, a)
-        enforced = self._encode(name, entry)
+        enforced = self._enforced_action(name, a, asked, entry)
+        self._asked[name] = asked
         self._policy.layers[name] = entry
         self._enforced.append(enforced)
         self._prev_action = enforced
@@ -289,7 +292,10 @@ class CompressionEnvironment:
             return self._observe(), 0.0, False, info
         if self.settings.enforce_budget and self.settings.budget_mode == "repair":
             self._repair()
-            self._enforced = [self._encode(n, self._policy[n]) for n in self.steps]
+            self._enforced = [
+                self._enforced_action(n, np.asarray(raw), self._asked[n], self._policy[n])
+                for n, raw in zip(self.steps, self._raw, strict=True)
+            ]
             info["action"] = np.asarray(self._enforced[-1])
         reward, metrics = self._score(self._policy)
         info.update(
@@ -353,6 +359,32 @@ class CompressionEnvironment:
             return 1.0
         k = self.graph.kept_channels(g, keep, self.settings.round_to)
         return k / g.channels
+
+    def _enforced_action(
+        self, name: str, raw: np.ndarray, asked: LayerPolicy, done: LayerPolicy
+    ) -> list[float]:
+        """The enforced action: the agent's own values where its decision stood, the applied decision in
+        [0, 1] units where the environment changed it (budget cap or repair, a pinned layer, a group keep
+        ratio its leader decided). Rounding to whole channels or bits is not a change."""
+        applied = self._encode(name, done)
+        wanted = self._encode(name, asked)
+        return [float(r) if w == e else e for r, w, e in zip(raw.tolist(), wanted, applied, strict=True)]
+
+    def apply_options(self, options: dict[str, Any]) -> None:
+        """Behaviours an agent asks of the environment (``compression.search.spaces.ENV_OPTIONS``)."""
+        pin = options.get("pin_first_last_bits")
+        if pin is not None:
+            if not 1 <= int(pin) <= 8:
+                raise SearchError(f"pin_first_last_bits={pin} is out of range", "use 1..8")
+            self.settings.pin_first_last_bits = int(pin)
+            self.min_cost_ratio = self._min_cost_ratio()
+            s = self.settings
+            if s.enforce_budget and self.min_cost_ratio > s.budget * (1 + 1e-9):
+                raise SearchError(
+                    f"with the first and last layer pinned to {pin} bits, a budget of {s.budget:.0%} cannot be "
+                    f"reached (the most compressed policy costs {self.min_cost_ratio:.1%})",
+                    "raise the budget, or turn off the agent's pin_first_last_8bit",
+                )
 
     def _encode(self, name: str, entry: LayerPolicy) -> list[float]:
         """A layer policy expressed back in [0, 1] action units (the enforced action)."""

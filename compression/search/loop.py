@@ -248,14 +248,6 @@ class SearchRun:
             calib_samples=c.calib_samples,
             seed=c.seed,
         )
-        from compression.agents import agent_class
-
-        agent_opts = agent_class(stage.agent).params()
-        pin = None
-        for p in agent_opts:
-            if p.name == "pin_first_last_8bit":
-                pin = 8 if c.agent_config.get("pin_first_last_8bit", p.default) else None
-        settings.pin_first_last_bits = pin
         env = CompressionEnvironment(
             self.ws.graph,
             self.val,
@@ -357,6 +349,7 @@ def run_search(
             agent = make_agent(
                 stage.agent, env.spec, _agent_config(config, stage), seed=config.seed + stage_idx
             )
+        env.apply_options(agent.env_options())
         stage_end = offset + stage.episodes
         best_reward = max(
             (e.reward for e in episodes if e.stage == stage.name and e.meets_budget), default=None

@@ -195,6 +195,10 @@ class SyntheticCompressionEnv:
         )
         self._t = 0
         self._done = True
+        self._costs: list[float] = []
+        self._choices: list[int] = []
+        self._raw: list[list[float]] = []
+        self._enforced: list[list[float]] = []
 
     # --- the made-up network ---------------------------------------------------------------------------
 
@@ -302,16 +306,29 @@ class SyntheticCompressionEnv:
                 drop = drop + layer.w_sens * self._quant_error(w) + layer.a_sens * self._quant_error(a)
                 norm_cols += [(w - self.min_bits) / span_bits, (a - self.min_bits) / span_bits]
             norm = np.stack(norm_cols, axis=1)
-        lookup = {tuple(int(v) for v in row): i for i, row in enumerate(vals)}
+        # Decision values -> row, through a mixed-radix code (a dict of tuples is slow to build).
+        radix = int(vals.max()) + 1
+        strides = radix ** np.arange(vals.shape[1] - 1, -1, -1, dtype=np.int64)
+        codes = vals @ strides
+        lookup = np.full(int(codes.max()) + 1, -1, dtype=np.int64)
+        lookup[codes] = np.arange(len(vals))
         return {
             "vals": vals,
             "cost": cost,
             "drop": drop,
             "norm": norm,
             "lookup": lookup,
+            "strides": strides,
             "n": n,
             "n_min": n_min,
         }
+
+    def _row(self, index: int, values: tuple[int, ...]) -> int:
+        """Row of a layer's choice table holding ``values``."""
+        table = self._tables[index]
+        row = int(table["lookup"][int(np.dot(values, table["strides"]))])
+        assert row >= 0, f"no decision {values} for layer {index}"
+        return row
 
     def _values_of(self, index: int, action: np.ndarray, pin: bool = True) -> tuple[int, ...]:
         """The decision an action stands for, before any budget cap (with ``pin``, pins applied)."""
@@ -419,10 +436,7 @@ class SyntheticCompressionEnv:
         """Start an episode at the first layer. ``seed`` is accepted for the protocol; episodes are deterministic."""
         self._t = 0
         self._done = False
-        self._costs: list[float] = []
-        self._choices: list[int] = []
-        self._raw: list[list[float]] = []
-        self._enforced: list[list[float]] = []
+        self._costs, self._choices, self._raw, self._enforced = [], [], [], []
         return self._observation()
 
     def step(self, action: np.ndarray) -> StepResult:
@@ -440,7 +454,7 @@ class SyntheticCompressionEnv:
         desired = self._values_of(t, a)
         spent = sum(self._costs)
         allowance = self.budget * self.original_cost - spent - self._min_costs[t + 1 :].sum()
-        idx = table["lookup"][desired]
+        idx = self._row(t, desired)
         if table["cost"][idx] > allowance + 1e-9 * self.original_cost:
             idx = self._cap(t, desired, allowance)
         chosen = tuple(int(v) for v in table["vals"][idx])
@@ -484,7 +498,7 @@ class SyntheticCompressionEnv:
             )
         best_cost = cost[candidates].max()
         top = candidates[cost[candidates] >= best_cost - 1e-12 * self.original_cost]
-        want = table["norm"][table["lookup"][desired]]
+        want = table["norm"][self._row(t, desired)]
         dist = np.abs(table["norm"][top] - want).sum(axis=1)
         return int(top[int(np.argmin(dist))])
 
@@ -498,7 +512,7 @@ class SyntheticCompressionEnv:
 
     def choices_of(self, actions: list[list[float]] | np.ndarray) -> list[int]:
         """The decision indices that enforced actions (one per layer) stand for."""
-        return [self._tables[i]["lookup"][self._values_of(i, np.asarray(a))] for i, a in enumerate(actions)]
+        return [self._row(i, self._values_of(i, np.asarray(a))) for i, a in enumerate(actions)]
 
     def _policy(self, choices: list[int]) -> Policy:
         policy = Policy(meta={"source": "synthetic", "layout": self.layout})

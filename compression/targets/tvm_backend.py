@@ -38,7 +38,6 @@ Numbers, costs of each tuning mode and the recommendation: ``docs/targets-tvm.md
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -47,7 +46,7 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -154,7 +153,7 @@ def target_fingerprint(target: Mapping[str, Any] | str) -> str:
             parts.append(str(v).split("-")[0] if attr == "mtriple" else str(v))
     if data.get("num-cores"):
         parts.append(f"{data['num-cores']}c")
-    safe = "-".join("".join(ch if ch.isalnum() or ch in "._" else "_" for ch in p) for p in parts)
+    safe = "-".join("".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in p) for p in parts)
     return f"{safe}-{digest}"
 
 
@@ -255,75 +254,7 @@ def make_backend(spec: TargetSpec) -> TvmBackend:
     return TvmBackend(spec)
 
 
-# ------------------------------------------------------------------------------------------ tuning database
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
-
-
-class TuningDatabase:
-    """A target's persistent MetaSchedule database (JSON files) plus the list of workloads already tuned.
-
-    MetaSchedule keys records by the structural hash of each fused TIR function, so a workload tuned for
-    one model is found for every other model (and process) that has the same layer at the same shape.
-    ``attempted.json`` remembers workloads that were tuned even when no schedule built (so a workload is
-    never tuned twice). Every access holds ``db_dir/.lock``: concurrent tuners wait for each other and then
-    see each other's records instead of tuning the same workload twice.
-    """
-
-    def __init__(self, db_dir: str | Path) -> None:
-        self.dir = Path(db_dir).expanduser()
-        self.lock_path = self.dir / ".lock"
-        self.attempted_path = self.dir / "attempted.json"
-
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[Any]:
-        """Hold the database exclusively; yields a ``JSONDatabase`` loaded under the lock."""
-        from tvm.s_tir import meta_schedule as ms
-
-        self.dir.mkdir(parents=True, exist_ok=True)
-        with _file_lock(self.lock_path):
-            yield ms.database.JSONDatabase(work_dir=str(self.dir), module_equality="structural")
-
-    def attempted(self) -> dict[str, Any]:
-        """Workloads tuned before: structural hash -> {name, trials, seconds, at}."""
-        try:
-            return json.loads(self.attempted_path.read_text())
-        except (OSError, ValueError):
-            return {}
-
-    def mark_attempted(self, entries: dict[str, Any]) -> None:
-        """Record tuned workloads (called under ``locked``)."""
-        data = self.attempted()
-        data.update(entries)
-        tmp = self.attempted_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-        os.replace(tmp, self.attempted_path)
-
-    def n_records(self) -> int:
-        """How many tuning records the database holds."""
-        p = self.dir / "database_tuning_record.json"
-        try:
-            with open(p) as f:
-                return sum(1 for line in f if line.strip())
-        except OSError:
-            return 0
-
-
-def workload_hash(prim_func_mod: Any) -> str:
-    """The structural hash MetaSchedule's database uses for a tuning task's module, as text."""
-    import tvm_ffi
-
-    return str(tvm_ffi.structural_hash(prim_func_mod))
-
-
+# ------------------------------------------------------------------------------------------ backend
 @dataclass
 class Compiled:
     """A compiled model and what it took: the executable, seconds, and how it was scheduled."""
@@ -334,7 +265,6 @@ class Compiled:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-# ------------------------------------------------------------------------------------------ backend
 class TvmBackend:
     """Measures latency of models compiled by TVM, on this CPU or on an RPC device (see module docstring)."""
 
@@ -422,7 +352,7 @@ class TvmBackend:
                 llvm_version=int(codegen.llvm_version_major()),
                 threads=self.threads,
                 db_dir=str(self.db_dir),
-                db_records=TuningDatabase(self.db_dir).n_records(),
+                db_records=_n_records(self.db_dir),
             )
             return info
         from compression.targets import tvm_rpc
@@ -480,84 +410,21 @@ class TvmBackend:
         return self._tune_fused(mod)
 
     def _tune_fused(self, mod: Any) -> dict[str, Any]:
-        from tvm.s_tir import meta_schedule as ms
+        from compression.targets.tvm_tuning import TuningDatabase, tune_missing
 
-        db = TuningDatabase(self.db_dir)
+        # tuning on this CPU times candidates: it must hold the device like any measurement
         lock = contextlib.nullcontext(0.0) if self.rpc else device_lock(self.device, self.wait_s)
-        t0 = time.perf_counter()
-        with lock, db.locked() as jdb:
-            tasks = ms.relax_integration.extract_tasks(mod, self.target)
-            attempted = db.attempted()
-            missing = []
-            for task in tasks:
-                wl = task.dispatched[0]
-                h = workload_hash(wl)
-                if h in attempted or jdb.query_tuning_record(wl, self.target, task.task_name) is not None:
-                    continue
-                missing.append((h, task))
-            report: dict[str, Any] = {"tasks": len(tasks), "tuned": len(missing), "db_dir": str(self.db_dir)}
-            if missing:
-                t_tune = time.perf_counter()
-                self._run_metaschedule([t for _, t in missing], jdb)
-                spent = time.perf_counter() - t_tune
-                stamp = time.time()
-                db.mark_attempted(
-                    {
-                        h: {
-                            "name": t.task_name,
-                            "trials": self.trials_per_task,
-                            "seconds": spent / len(missing),
-                            "at": stamp,
-                        }
-                        for h, t in missing
-                    }
-                )
-        report["seconds"] = time.perf_counter() - t0
-        return report
-
-    def _run_metaschedule(self, tasks: list[Any], jdb: Any) -> None:
-        from tvm.s_tir import meta_schedule as ms
-
-        work_dir = str(self.db_dir / "logs")
-        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-            tasks, work_dir=work_dir, num_threads=max(1, os.cpu_count() or 1)
-        )
-        builder = ms.builder.LocalBuilder(
-            timeout_sec=self.builder_timeout_s, max_workers=max(1, os.cpu_count() or 1)
-        )
-        if self.rpc:
-            from compression.targets import tvm_rpc
-
-            runner: Any = ms.runner.RPCRunner(
-                rpc_config=ms.runner.RPCConfig(
-                    tracker_host=self.rpc["host"],
-                    tracker_port=int(self.rpc["port"]),
-                    tracker_key=self.rpc["key"],
-                    session_timeout_sec=int(self.rpc.get("timeout_s", tvm_rpc.DEFAULT_TIMEOUT_S)),
-                ),
-                timeout_sec=self.runner_timeout_s,
+        with lock:
+            return tune_missing(
+                mod,
+                self.target,
+                TuningDatabase(self.db_dir),
+                trials_per_task=self.trials_per_task,
+                builder_timeout_s=self.builder_timeout_s,
+                runner_timeout_s=self.runner_timeout_s,
+                rpc=self.rpc,
+                what=f"target {self.spec.name}",
             )
-        else:
-            runner = ms.runner.LocalRunner(timeout_sec=self.runner_timeout_s)
-        trials = self.trials_per_task
-        try:
-            ms.tune.tune_tasks(
-                tasks=contexts,
-                task_weights=weights,
-                work_dir=work_dir,
-                max_trials_global=trials * len(contexts),
-                max_trials_per_task=trials,
-                num_trials_per_iter=min(trials, 64),
-                builder=builder,
-                runner=runner,
-                database=jdb,
-                cost_model="xgb",
-            )
-        except Exception as exc:
-            raise TargetError(
-                f"target {self.spec.name}: MetaSchedule tuning failed: {type(exc).__name__}: {first_line(exc)}",
-                "check the versions pinned in docs/targets-tvm.md (apache-tvm-ffi 0.1.15 segfaults while saving records)",
-            ) from exc
 
     def _schedule(self, mod: Any) -> tuple[Any, dict[str, Any]]:
         """Apply database records (modes database/metaschedule) and default schedules; report the counts."""
@@ -581,6 +448,8 @@ class TvmBackend:
         ):
             import tvm
             from tvm import relax
+
+            from compression.targets.tvm_tuning import TuningDatabase
 
             with (
                 TuningDatabase(self.db_dir).locked() as jdb,
@@ -836,6 +705,12 @@ class TvmBackend:
             "target": _target_json(self.target),
             **{k: compiled.details[k] for k in ("tuning",) if k in compiled.details},
         }
+
+
+def _n_records(db_dir: Path) -> int:
+    from compression.targets.tvm_tuning import TuningDatabase
+
+    return TuningDatabase(db_dir).n_records()
 
 
 def export_library(

@@ -31,7 +31,9 @@ class ReplayBuffer:
     def __len__(self) -> int:
         return self.size
 
-    def add(self, obs: np.ndarray, action: np.ndarray, reward: float, next_obs: np.ndarray, done: bool) -> None:
+    def add(
+        self, obs: np.ndarray, action: np.ndarray, reward: float, next_obs: np.ndarray, done: bool
+    ) -> None:
         """Append one transition."""
         i = self.pos
         self.obs[i] = torch.as_tensor(np.asarray(obs, dtype=np.float32))

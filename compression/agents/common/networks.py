@@ -25,7 +25,9 @@ def _linear(n_in: int, n_out: int, gen: torch.Generator, bound: float | None = N
 class Actor(nn.Module):
     """obs -> hidden1 -> hidden2 -> sigmoid actions in [0, 1] (the output layer starts near 0: U(-init_w, init_w))."""
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden1: int, hidden2: int, init_w: float, gen: torch.Generator):
+    def __init__(
+        self, obs_dim: int, act_dim: int, hidden1: int, hidden2: int, init_w: float, gen: torch.Generator
+    ):
         super().__init__()
         self.fc1 = _linear(obs_dim, hidden1, gen)
         self.fc2 = _linear(hidden1, hidden2, gen)
@@ -40,7 +42,9 @@ class Actor(nn.Module):
 class Critic(nn.Module):
     """Q(obs, action): state and action enter the first hidden layer through separate weights (AMC/HAQ)."""
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden1: int, hidden2: int, init_w: float, gen: torch.Generator):
+    def __init__(
+        self, obs_dim: int, act_dim: int, hidden1: int, hidden2: int, init_w: float, gen: torch.Generator
+    ):
         super().__init__()
         self.fc_obs = _linear(obs_dim, hidden1, gen)
         self.fc_act = _linear(act_dim, hidden1, gen)

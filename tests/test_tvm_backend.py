@@ -1,0 +1,429 @@
+"""The TVM backend: local measurements, schedules, settings, and remote devices through an RPC tracker.
+
+The RPC tests start a real ``tvm.exec.rpc_tracker`` and a ``tvm.exec.rpc_server`` registered under a key
+on loopback (free ports), measure through them end to end, and check that every way a device can fail to
+answer ends in a ``TargetError`` within the timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("tvm")
+
+from compression.errors import ModelError, TargetError  # noqa: E402
+from compression.targets.base import TargetSpec  # noqa: E402
+from compression.targets.registry import validate_target  # noqa: E402
+from compression.targets.tvm_backend import (  # noqa: E402
+    TvmBackend,
+    default_local_target,
+    host_cpu_name,
+    make_backend,
+    target_fingerprint,
+    validate_settings,
+)
+
+pytestmark = pytest.mark.tvm
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _spec(name: str = "tvm-test", **settings) -> TargetSpec:
+    return TargetSpec(name, "tvm", settings)
+
+
+def _conv_block(cin: int = 8, cout: int = 16) -> nn.Module:
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+    with torch.no_grad():  # non-trivial batch-norm statistics, so folding them wrongly would show
+        m[1].running_mean.uniform_(-0.5, 0.5)
+        m[1].running_var.uniform_(0.5, 2.0)
+    return m.eval()
+
+
+class _Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn(self.conv(x)) + x)
+        return self.fc(y.mean(dim=(2, 3)))
+
+
+# ------------------------------------------------------------------------------------------ targets, settings
+def test_default_local_target_names_the_host_cpu() -> None:
+    import tvm
+
+    t = default_local_target()
+    assert t["kind"] == "llvm"
+    assert 1 <= t["num-cores"] <= 2
+    cpu = host_cpu_name()
+    if cpu is not None:
+        from tvm.target import codegen
+
+        assert t["mcpu"] == cpu == str(codegen.llvm_get_system_cpu())
+    tvm.target.Target(t)  # TVM accepts it
+
+
+def test_target_fingerprint_is_stable_and_tells_targets_apart() -> None:
+    a = {"kind": "llvm", "mcpu": "skylake-avx512", "num-cores": 2}
+    assert target_fingerprint(a) == target_fingerprint(dict(a))
+    assert target_fingerprint(a).startswith("llvm-skylake-avx512-2c-")
+    assert target_fingerprint(a) != target_fingerprint({**a, "num-cores": 4})
+    arm = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72", "num-cores": 4}
+    assert target_fingerprint(arm).startswith("llvm-aarch64-cortex-a72-4c-")
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"bogus": 1}, "unknown tvm settings"),
+        ({"target": {"kind": "no-such-kind"}}, "TVM does not accept the target"),
+        ({"target": {"kind": "llvm", "num-cores": "two"}}, "TVM does not accept the target"),
+        ({"target": {"kind": "cuda"}}, "cannot run on this machine"),
+        ({"tuning": {"mode": "fast"}}, "unknown tuning mode"),
+        ({"tuning": {"trials_per_task": 0}}, "trials_per_task"),
+        ({"tuning": {"tials": 3}}, "unknown tuning fields"),
+        ({"rpc": {"host": "h", "port": 9190}}, "missing 'key'"),
+        ({"rpc": {"host": "h", "port": 9190, "key": "k", "timeout_s": -1}}, "timeout_s"),
+        ({"threads": 0}, "threads"),
+        ({"min_run_ms": 0}, "min_run_ms"),
+    ],
+)
+def test_invalid_settings_are_refused_clearly(settings: dict, message: str) -> None:
+    with pytest.raises(TargetError, match=message):
+        validate_settings("x", settings)
+    # the registry asks the backend too, so the same description is refused there
+    with pytest.raises(TargetError):
+        validate_target({"name": "x", "backend": "tvm", "settings": settings})
+
+
+def test_cross_target_without_rpc_is_refused_at_measure_time() -> None:
+    backend = make_backend(
+        _spec(target={"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72", "num-cores": 4})
+    )
+    with pytest.raises(TargetError, match="has no rpc device"):
+        backend.check()
+
+
+def test_local_check_reports_the_device() -> None:
+    info = make_backend(_spec()).check()
+    assert info["reachable"] is True and info["device"] == "local"
+    assert info["target"]["kind"] == "llvm" and info["llvm_version"] >= 10
+
+
+# ------------------------------------------------------------------------------------------ measuring
+def test_measure_conv_block_with_default_schedules() -> None:
+    backend = make_backend(_spec())
+    m = backend.measure(_conv_block(), torch.randn(1, 8, 16, 16), warmup=3, repeats=20, timeout_s=120)
+    d = m.details
+    assert d["tuning"] == "default schedules" and d["representative"] is True
+    assert d["unscheduled"] == 0 and d["default_schedules"] == d["functions"] >= 1
+    assert d["max_abs_diff"] < 1e-3
+    assert m.runs == 20 and m.warmup == 3 and m.batch == 1
+    assert 0 < m.min_ms <= m.median_ms and m.compile_s > 0
+    assert d["calls_per_run"] >= 1 and d["dtype"] == "float32"
+
+
+def test_measure_graph_module_with_aten_calls_and_tuple_input() -> None:
+    gm = torch.fx.symbolic_trace(_Residual().eval())
+    x = torch.randn(2, 4, 8, 8)
+    m = make_backend(_spec()).measure(gm, (x,), warmup=2, repeats=10, timeout_s=120)
+    assert m.batch == 2 and m.details["max_abs_diff"] < 1e-3 and m.details["unscheduled"] == 0
+
+
+def test_two_input_op_module() -> None:
+    class Add(nn.Module):
+        def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return torch.relu(a + b)
+
+    a, b = torch.randn(1, 8, 8, 8), torch.randn(1, 8, 8, 8)
+    m = make_backend(_spec()).measure(Add(), (a, b), warmup=2, repeats=10, timeout_s=60)
+    assert m.median_ms > 0 and m.details["max_abs_diff"] == 0.0
+
+
+def test_untuned_code_is_marked_not_representative() -> None:
+    backend = make_backend(_spec(tuning={"mode": "untuned"}))
+    m = backend.measure(_conv_block(4, 4), torch.randn(1, 4, 8, 8), warmup=1, repeats=5, timeout_s=60)
+    assert m.details["tuning"] == "untuned" and m.details["representative"] is False
+
+
+def test_default_schedules_beat_naive_lowering() -> None:
+    """The default schedules are the reason TVM numbers are usable; a regression to naive loops shows here."""
+    model, x = _conv_block(32, 32), torch.randn(1, 32, 32, 32)
+    fast = make_backend(_spec()).measure(model, x, warmup=3, repeats=15, timeout_s=120)
+    slow = make_backend(_spec(tuning={"mode": "untuned"})).measure(
+        model, x, warmup=1, repeats=5, timeout_s=120
+    )
+    # measured ~10x on an idle 2-core machine; min times and a 3x bar keep a busy machine from flaking
+    assert slow.min_ms > 3 * fast.min_ms, (fast.min_ms, slow.min_ms)
+
+
+def test_bits_plan_is_recorded_as_float32() -> None:
+    backend = make_backend(_spec())
+    assert backend.bits_run(4, 8) == (32, 32)
+    m = backend.measure(
+        _conv_block(4, 4), torch.randn(1, 4, 8, 8), warmup=1, repeats=3, timeout_s=60, bits={"0": (4, 8)}
+    )
+    assert m.details["bits_run"] == {"0": "float32"} and "float32" in m.details["note"]
+
+
+def test_unexportable_model_is_a_model_error() -> None:
+    class DataDependent(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * 2 if x.sum() > 0 else x
+
+    with pytest.raises(ModelError, match="torch.export"):
+        make_backend(_spec()).measure(DataDependent(), torch.ones(1, 3), warmup=1, repeats=2, timeout_s=60)
+
+
+def test_all_resnet20_functions_get_default_schedules() -> None:
+    from compression.models.zoo import build_zoo_model
+    from compression.targets.tvm_compile import compile_module
+    from compression.targets.tvm_schedules import schedule_module
+
+    backend = make_backend(_spec())
+    mod = compile_module(build_zoo_model("resnet20"), (torch.randn(1, 3, 32, 32),), backend.target)
+    _, counts = schedule_module(mod, backend.target)
+    # 19 convolutions fuse with their batch norm, ReLU and residual add into 13 distinct conv functions
+    assert counts == {"anchor": 13, "fallback": 1, "unscheduled": 0}
+
+
+def test_fingerprint_changes_with_what_latency_depends_on() -> None:
+    a = make_backend(_spec()).fingerprint()
+    b = make_backend(_spec(tuning={"mode": "untuned"})).fingerprint()
+    c = make_backend(_spec(threads=1)).fingerprint()
+    assert a != b and a != c and a["backend"] == "tvm" and a["device"].startswith("local:")
+
+
+# ------------------------------------------------------------------------------------------ RPC tracker
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(args: list[str], log: Path) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with open(log, "wb") as f:
+        # a session of its own: rpc_server serves from a child process, and killing the group is what
+        # stops (or, in the killed-device test, kills) the whole device
+        return subprocess.Popen(
+            [sys.executable, "-m", *args], stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    _signal_group(proc, signal.SIGTERM)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        pass
+    # the group's children (the server's worker process) may outlive the leader
+    _signal_group(proc, signal.SIGKILL)
+    if proc.poll() is None:
+        proc.wait(10)
+
+
+def _wait_for_server(port: int, key: str, present: bool, timeout: float = 90.0) -> None:
+    from compression.targets.tvm_rpc import servers_for_key, tracker_summary
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            if (servers_for_key(tracker_summary("127.0.0.1", port, 2.0), key) > 0) == present:
+                return
+        except TargetError:
+            pass
+        time.sleep(0.3)
+    raise AssertionError(f"device {key!r} {'never registered' if present else 'never left'} at the tracker")
+
+
+class _Farm:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = _free_port()
+        self.procs: list[subprocess.Popen] = []
+        self.tracker = _spawn(
+            [
+                "tvm.exec.rpc_tracker",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--port-end",
+                str(self.port + 1),
+            ],
+            root / "tracker.log",
+        )
+        self.procs.append(self.tracker)
+
+    def add_server(self, key: str) -> subprocess.Popen:
+        port = _free_port()
+        proc = _spawn(
+            [
+                "tvm.exec.rpc_server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--port-end",
+                str(port + 20),
+                f"--tracker=127.0.0.1:{self.port}",
+                "--key",
+                key,
+            ],
+            self.root / f"server-{key}.log",
+        )
+        self.procs.append(proc)
+        _wait_for_server(self.port, key, present=True)
+        return proc
+
+    def spec(self, key: str, timeout_s: float = 60.0, **extra) -> TargetSpec:
+        rpc = {"host": "127.0.0.1", "port": self.port, "key": key, "timeout_s": timeout_s}
+        return _spec("rpc-test", rpc=rpc, **extra)
+
+    def close(self) -> None:
+        for p in reversed(self.procs):
+            _stop(p)
+
+
+@pytest.fixture(scope="module")
+def farm(tmp_path_factory):
+    """A TVM RPC tracker and one device server under the key ``test-device``, on loopback."""
+    f = _Farm(tmp_path_factory.mktemp("rpc"))
+    try:
+        f.add_server("test-device")
+        yield f
+    finally:
+        f.close()
+
+
+def test_rpc_measurement_goes_through_the_tracker(farm: _Farm) -> None:
+    backend = make_backend(farm.spec("test-device"))
+    assert isinstance(backend, TvmBackend) and backend.remote
+    m = backend.measure(_conv_block(), torch.randn(1, 8, 16, 16), warmup=2, repeats=10, timeout_s=120)
+    d = m.details
+    assert d["device"] == f"rpc://127.0.0.1:{farm.port}/test-device"
+    assert d["tuning"] == "default schedules" and d["max_abs_diff"] < 1e-3
+    assert m.runs == 10 and m.median_ms > 0 and "on the device" in d["timer"]
+
+
+def test_rpc_check_reports_the_queue(farm: _Farm) -> None:
+    info = make_backend(farm.spec("test-device")).check()
+    assert info["reachable"] is True and info["servers"] == 1 and info["device_cpu_exists"] is True
+
+
+def test_rpc_key_without_a_device_fails_within_its_timeout(farm: _Farm) -> None:
+    backend = make_backend(farm.spec("nobody-here", timeout_s=3.0))
+    t0 = time.monotonic()
+    with pytest.raises(TargetError, match="no device server is registered under key 'nobody-here'"):
+        backend.measure(_conv_block(4, 4), torch.randn(1, 4, 8, 8), warmup=1, repeats=2, timeout_s=3.0)
+    # compile happens first (a few seconds), then the tracker request gets what is left of the 3 s
+    assert time.monotonic() - t0 < 30
+
+
+def test_rpc_check_of_a_missing_key_fails_fast(farm: _Farm) -> None:
+    t0 = time.monotonic()
+    with pytest.raises(TargetError, match="within 2 s"):
+        make_backend(farm.spec("nobody-here", timeout_s=2.0)).check()
+    assert time.monotonic() - t0 < 10
+
+
+def test_rpc_killed_device_is_a_clear_error(farm: _Farm) -> None:
+    proc = farm.add_server("doomed")
+    _signal_group(proc, signal.SIGKILL)  # the device dies: server and its session process
+    proc.wait(10)
+    _wait_for_server(farm.port, "doomed", present=False, timeout=30)
+    t0 = time.monotonic()
+    with pytest.raises(TargetError, match="no device server is registered under key 'doomed'"):
+        make_backend(farm.spec("doomed", timeout_s=2.0)).check()
+    assert time.monotonic() - t0 < 10
+
+
+def test_rpc_tracker_down_is_a_clear_error() -> None:
+    port = _free_port()  # nothing listens there
+    backend = make_backend(_spec(rpc={"host": "127.0.0.1", "port": port, "key": "k", "timeout_s": 5.0}))
+    t0 = time.monotonic()
+    with pytest.raises(TargetError, match="tracker at 127.0.0.1:.* is not reachable"):
+        backend.check()
+    assert time.monotonic() - t0 < 5
+
+
+def test_rpc_port_that_is_not_a_tracker_is_a_clear_error() -> None:
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(1)
+        port = srv.getsockname()[1]
+        backend = make_backend(_spec(rpc={"host": "127.0.0.1", "port": port, "key": "k", "timeout_s": 2.0}))
+        with pytest.raises(TargetError, match="did not answer as a TVM RPC tracker"):
+            backend.check()
+
+
+# ------------------------------------------------------------------------------------------ tuning database
+_TUNE_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, time, torch
+    from torch import nn
+    from compression.targets.base import TargetSpec
+    from compression.targets.tvm_backend import make_backend
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU()).eval()
+    spec = TargetSpec("tune-test", "tvm", {"tuning": {"mode": "metaschedule", "db_dir": sys.argv[1],
+                                                       "trials_per_task": 4}})
+    t0 = time.time()
+    m = make_backend(spec).measure(model, torch.randn(1, 4, 8, 8), warmup=2, repeats=5, timeout_s=120)
+    print(json.dumps({"wall_s": time.time() - t0, "details": m.details}, default=str))
+    """
+)
+
+
+@pytest.mark.slow
+def test_tuned_workloads_are_reused_by_another_process(tmp_path: Path) -> None:
+    """A workload tuned in one process is found in the database by the next one and never tuned again."""
+    db = tmp_path / "db"
+
+    def run() -> dict:
+        out = subprocess.run(
+            [sys.executable, "-c", _TUNE_SCRIPT, str(db)],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=900,
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    first = run()
+    assert first["details"]["tuning_report"]["tuned"] >= 1
+    assert (db / "database_tuning_record.json").stat().st_size > 0
+    second = run()
+    report = second["details"]["tuning_report"]
+    assert report["tuned"] == 0 and report["tasks"] == first["details"]["tuning_report"]["tasks"]
+    assert (
+        second["details"]["tuning"].startswith("tuned (") and "from database" in second["details"]["tuning"]
+    )
+    assert second["details"]["from_database"] >= 1
+    assert second["details"]["tuning_s"] < first["details"]["tuning_s"]
