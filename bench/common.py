@@ -497,7 +497,10 @@ def search_floors(
     out: dict[str, Any] = {"original_ms": getattr(run.latency, "original_ms", None), "round_to": run.round_to}
     for layout in layouts:
         pin = 8 if layout in ("bits",) else None  # HAQ pins the first and last layer to 8 bits
-        settings = EnvSettings(layout=layout, objective="latency", budget=1.0, round_to=run.round_to)
+        # enforce_budget off: the environment then reports its floor instead of refusing a budget below it
+        settings = EnvSettings(
+            layout=layout, objective="latency", budget=1.0, round_to=run.round_to, enforce_budget=False
+        )
         settings.pin_first_last_bits = pin
         env = CompressionEnvironment(run.ws.graph, run.val, run.calib, settings, latency=run.latency)
         out[layout] = env.min_cost_ratio

@@ -1,7 +1,7 @@
 """Benchmark 4, deployed speedup: the exported best model against the original, on the target and across
 runtimes.
 
-A search (AMC at 50% latency on ``--target``, default ``local-ort``) runs end to end with its finalize
+A search (AMC at 50% latency on ``--target``, default ``local-tvm`` with channels rounded to 8) runs end to end with its finalize
 phase (fine-tune, export of ``model.pt2`` and ``model.onnx``, end-to-end measurement). The original is
 exported by the same exporter (``compress_and_export`` with no policy) so file sizes compare like for like.
 Then the exported compressed ``.pt2`` and the original ``.pt2`` are loaded back through the engine's
@@ -46,7 +46,8 @@ def run(ctx: Context) -> dict[str, Any]:
     from compression.search.results import SearchConfig
     from compression.training import evaluate
 
-    target = ctx.opt("target", "local-ort", "local-ort")
+    target = ctx.opt("target", "local-tvm", "local-tvm")
+    round_to = ctx.options.get("round_to") or (8 if target == "local-tvm" else None)
     agent = (ctx.options.get("agents") or ["amc"])[0]
     episodes = int(ctx.opt("episodes", 10, 100))
     ft = int(ctx.opt("fine_tune_epochs", 1, 3))
@@ -63,6 +64,7 @@ def run(ctx: Context) -> dict[str, Any]:
         episodes=episodes,
         seed=0,
         agent_config=agent_config(agent, episodes),
+        round_to=round_to,
         top_k=1,
         fine_tune_epochs=ft,
         export_formats=("pt2", "onnx"),
@@ -77,6 +79,7 @@ def run(ctx: Context) -> dict[str, Any]:
     sizes_c, sizes_o = _sizes(out), _sizes(orig_dir)
     result: dict[str, Any] = {
         "target": target,
+        "round_to": round_to,
         "agent": agent,
         "episodes": episodes,
         "fine_tune_epochs": ft,

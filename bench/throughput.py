@@ -364,9 +364,13 @@ def _run(ctx: Context) -> dict[str, Any]:
     os.environ["COMPRESSION_CACHE_DIR"] = str(fresh_dir(base / "cache-round8"))
     try:
         log(ctx, "cold latency table with round_to=8")
-        result["table_cold_round_to_8"] = _search(
-            ctx, model, "amc", target, 0.5, episodes, base / "cold8", round_to=8
-        )
+        try:
+            # 60%: with channels in multiples of 8 the floor of this model sits near 50% on this target
+            result["table_cold_round_to_8"] = _search(
+                ctx, model, "amc", target, 0.6, episodes, base / "cold8", round_to=8
+            )
+        except Exception as exc:
+            result["table_cold_round_to_8"] = {"error": f"{type(exc).__name__}: {exc}"}
     finally:
         os.environ["COMPRESSION_CACHE_DIR"] = saved
 
@@ -429,7 +433,7 @@ def summarize(r: dict[str, Any]) -> str:
         table(["agent", "budget", "ep/min", "ep/min incl. setup", "episode s", *TIMING_KEYS, "load"], rows)
     ]
     cw = dict(r["table_cold_vs_warm"])
-    if r.get("table_cold_round_to_8"):
+    if r.get("table_cold_round_to_8") and "error" not in r["table_cold_round_to_8"]:
         cw["cold, round_to=8"] = r["table_cold_round_to_8"]
     out.append("")
     out.append(

@@ -318,6 +318,9 @@ class TvmBackend:
         }
         if self.mode == "metaschedule":
             fp["trials_per_task"] = self.trials_per_task
+        if self.mode in ("database", "metaschedule"):
+            # which records apply depends on the database: entries measured against another one differ
+            fp["db_dir"] = str(self.db_dir)
         if self.rpc:
             fp["device"] = f"rpc:{self.rpc['key']}"
         else:
