@@ -16,6 +16,7 @@ time passes (the server kills the session process), so the device returns to the
 
 from __future__ import annotations
 
+import gc
 import socket
 import struct
 import threading
@@ -255,8 +256,12 @@ def run_on_device(
         session_timeout_s=session_timeout,
     )
     remaining = deadline - time.monotonic()
+    # the device stays reserved until the last reference to its session is gone: hold it in one place,
+    # drop it when done and collect, so the next request for the key finds the device free at once
+    holder = [session]
+    del session
     try:
-        return call_with_deadline(lambda: fn(session), remaining, f"{what} on device {key!r}")
+        return call_with_deadline(lambda: fn(holder[0]), remaining, f"{what} on device {key!r}")
     except TargetError:
         raise
     except Exception as exc:
@@ -264,3 +269,6 @@ def run_on_device(
             f"{what} on device {key!r} failed: {type(exc).__name__}: {_first_line(exc)}",
             "the device server may have died or cannot load the library (wrong cross-compile target or cc?)",
         ) from exc
+    finally:
+        holder.clear()
+        gc.collect()

@@ -12,7 +12,9 @@ what they cost and give next to MetaSchedule, ONNX Runtime and PyTorch):
   other blocks are injective (the padding before it, batch norm / bias / residual / ReLU after it). The
   reduction's spatial loops are tiled so that a small output tile (``reg`` output channels x ``rows`` rows x
   one vector of output columns) stays in registers while the reduction loops run around it; the tile loop
-  nest is fused and run in parallel; the epilogue is computed per tile while the tile is hot in cache.
+  nest is fused and run in parallel; the epilogue is computed per tile while the tile is hot in cache. A
+  strided input (stride-2 convolutions) is stored de-interleaved (``[..., w % 2, w // 2]``) so the vector
+  axis reads contiguous memory instead of gathering.
 - ``InjectiveFallback``: anything else (reshapes, pads, elementwise functions, functions with several
   reductions): each block gets its leading spatial loops in parallel and, for injective blocks, a vectorized
   inner loop. It schedules every function the normaliser accepts, so no function is left as naive code
