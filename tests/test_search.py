@@ -149,8 +149,10 @@ def test_every_agent_runs_end_to_end(trained_small_cnn, tmp_path, agent):
         assert max(e.cost_ratio for e in rec.episodes) > 0.5 * cfg.budget
 
 
-def test_pt2_model_search(trained_small_cnn, tmp_path):
-    cfg = _config(trained_small_cnn["pt2"], "galen-pq", input_shape=None, episodes=4)
+@pytest.mark.parametrize("agent", ["amc", "haq", "galen-pq", "ajpq", "two-stage", "random", "uniform"])
+def test_pt2_model_search(trained_small_cnn, tmp_path, agent):
+    objective = "macs" if agent in ("amc", "uniform") else "bops"
+    cfg = _config(trained_small_cnn["pt2"], agent, input_shape=None, episodes=4, objective=objective)
     report = run_search(cfg, str(tmp_path), [])
     assert report["status"] == "finished"
     assert report["accuracy"]["original_test"] > 0.8
