@@ -7,11 +7,17 @@
   submodule of the layer called from a forward pre-hook, so layer names and state-dict keys stay the same
   and ``torch.export`` traces it (as plain round/clamp arithmetic, batch dimension kept dynamic).
 - 32 bits means float: nothing is done.
+
+On a runtime that computes in float (TVM and PyTorch here, ONNX Runtime for layers it cannot run in int8)
+the activation quantizers are real work: their round/clamp arithmetic runs before each quantized layer. The
+latency tables charge it (a layer workload with ``act_fq``); ONNX Runtime replaces the quantizers of its
+int8 layers by its own QuantizeLinear nodes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -56,6 +62,7 @@ class ActQuantizer(nn.Module):
         super().__init__()
         self.bits = int(bits)
         self.observing = False
+        self.bypass = False  # True while a latency table records the model's ops (see act_quantizers_bypassed)
         self.register_buffer("lo", torch.tensor(float("inf")))
         self.register_buffer("hi", torch.tensor(float("-inf")))
         self.register_buffer("scale", torch.tensor(1.0))
@@ -79,6 +86,8 @@ class ActQuantizer(nn.Module):
         self.observing = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bypass:
+            return x
         if self.observing:
             with torch.no_grad():
                 lo, hi = torch.aminmax(x.detach())
@@ -131,15 +140,64 @@ def bit_widths(model: nn.Module) -> dict[str, dict[str, object]]:
     return out
 
 
-def strip_act_quantizers(model: nn.Module) -> dict[str, int]:
+def output_tolerance(model: nn.Module, base: float) -> float:
+    """Relative tolerance for comparing a runtime's outputs of ``model`` with PyTorch's.
+
+    A float model only differs by float reordering (``base``). A model with activation quantizers can differ
+    by whole quantization steps: a runtime that sums in another order moves a value across a rounding
+    boundary, and that one step (1/(2^bits-1) of a layer's input range) propagates to the output. So the
+    tolerance grows with the coarsest quantizer: 8 steps of its grid, at most half the output scale. A
+    miscompiled model still fails, since its outputs are unrelated to PyTorch's.
+    """
+    bits = [q.bits for q in act_quantizers(model)]
+    if not bits:
+        return base
+    return max(base, min(0.5, 8.0 / (2 ** min(bits) - 1)))
+
+
+def quantization_plan(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """``{layer: (w_bits, a_bits)}`` of a model compressed by ``apply_policy`` (per-channel bits: the widest).
+
+    This is the plan a runtime needs to run the compressed model as it was searched: ONNX Runtime turns
+    its <= 8-bit layers into int8 kernels, a latency table looks up the matching entries.
+    """
+    out: dict[str, tuple[int, int]] = {}
+    for name, d in bit_widths(model).items():
+        w = d["w_bits"]
+        w_max = max(int(b) for b in w) if isinstance(w, (list, tuple)) else int(w)  # type: ignore[arg-type]
+        out[name] = (w_max, int(d["a_bits"]))  # type: ignore[call-overload]
+    return out
+
+
+@contextlib.contextmanager
+def act_quantizers_bypassed(model: nn.Module) -> Iterator[None]:
+    """Within the block the model's activation quantizers pass their input through unchanged.
+
+    Used to record a compressed model's own operations: the quantizers' arithmetic is accounted per layer
+    (a layer workload with a quantized input), not as separate elementwise operations.
+    """
+    qs = act_quantizers(model)
+    before = [q.bypass for q in qs]
+    for q in qs:
+        q.bypass = True
+    try:
+        yield
+    finally:
+        for q, b in zip(qs, before, strict=True):
+            q.bypass = b
+
+
+def strip_act_quantizers(model: nn.Module, layers: Iterable[str] | None = None) -> dict[str, int]:
     """Remove activation quantizers in place (for runtimes that quantize activations themselves).
 
-    Returns the a_bits each layer had, so the caller can record or re-apply them.
+    ``layers`` limits it to those layer names (all layers when None). Returns the a_bits each layer had,
+    so the caller can record or re-apply them.
     """
+    only = None if layers is None else set(layers)
     removed: dict[str, int] = {}
     for name, m in model.named_modules():
         q = getattr(m, "act_quant", None)
-        if isinstance(q, ActQuantizer):
+        if isinstance(q, ActQuantizer) and (only is None or name in only):
             removed[name] = q.bits
             for key, fn in list(m._forward_pre_hooks.items()):
                 if fn is _pre_hook:

@@ -244,7 +244,7 @@ def export_onnx(
     dynamic_batch: bool = True,
     exporter: str = "auto",
     verify: bool = True,
-    atol: float = 1e-4,
+    atol: float | None = None,
 ) -> OnnxExport:
     """Export ``module`` (called as ``module(*inputs)``) to an ONNX file at ``path`` and verify it.
 
@@ -252,7 +252,8 @@ def export_onnx(
     or does not match). ``dynamic_batch`` makes axis 0 of every input and output symbolic. With ``verify``,
     ONNX Runtime must reproduce PyTorch's outputs within ``atol`` (relative to the output scale), at the
     example batch and at another batch size when the batch is dynamic. The module's train/eval mode is left
-    as it was. Raises ``ModelError`` (with every exporter's reason) when no exporter produces a valid file.
+    as it was; ``atol`` defaults to 1e-4, wider for a model with activation quantizers
+    (``compression.quant.output_tolerance``). Raises ``ModelError`` (with every exporter's reason) when no exporter produces a valid file.
     """
     if exporter not in EXPORTERS:
         raise ModelError(f"unknown ONNX exporter {exporter!r}", f"use one of {', '.join(EXPORTERS)}")
@@ -261,6 +262,10 @@ def export_onnx(
             f"ONNX opset {opset!r} is not supported", f"use an opset >= 13 (default {DEFAULT_OPSET})"
         )
     inputs = tuple(t.detach() for t in as_inputs(example_input))
+    if atol is None:
+        from compression.quant import output_tolerance
+
+        atol = output_tolerance(module, 1e-4)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     in_names = _input_names(len(inputs))

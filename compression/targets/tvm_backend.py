@@ -545,6 +545,9 @@ class TvmBackend:
                 reference = [o.detach().cpu().numpy() for o in _flatten(module(*inputs))]
             finally:
                 module.train(was_training)
+        from compression.quant import output_tolerance
+
+        rtol = output_tolerance(module, _OUTPUT_RTOL)
 
         fused = None
         tuning_details: dict[str, Any] = {}
@@ -562,11 +565,11 @@ class TvmBackend:
 
         if self.rpc:
             stats, compile_s, details = self._measure_remote(
-                module, inputs, fused, warmup, repeats, timeout_s, reference
+                module, inputs, fused, warmup, repeats, timeout_s, reference, rtol
             )
         else:
             stats, compile_s, details = self._measure_local(
-                module, inputs, fused, warmup, repeats, timeout_s, reference
+                module, inputs, fused, warmup, repeats, timeout_s, reference, rtol
             )
         details.update(tuning_details)
         details.update(bits_details)
@@ -586,6 +589,7 @@ class TvmBackend:
         repeats: int,
         timeout_s: float,
         reference: list[np.ndarray],
+        rtol: float = _OUTPUT_RTOL,
     ) -> tuple[dict[str, float], float, dict[str, Any]]:
         import tvm
         from tvm import relax
@@ -607,7 +611,7 @@ class TvmBackend:
                 dev = tvm.cpu(0)
                 vm = relax.VirtualMachine(compiled.executable, dev)
                 args = [tvm.runtime.tensor(t.detach().cpu().numpy(), dev) for t in inputs]
-                diff = _check_output(vm, args, reference, what)
+                diff = _check_output(vm, args, reference, what, rtol)
                 times, number = _time_vm(
                     vm, dev, args, warmup, repeats, self.min_run_ms, deadline, cancel, timeout_s
                 )
@@ -648,6 +652,7 @@ class TvmBackend:
         repeats: int,
         timeout_s: float,
         reference: list[np.ndarray],
+        rtol: float = _OUTPUT_RTOL,
     ) -> tuple[dict[str, float], float, dict[str, Any]]:
         import tvm
         from tvm import relax
@@ -671,7 +676,7 @@ class TvmBackend:
                 dev = sess.cpu(0)
                 vm = relax.VirtualMachine(lib, dev)
                 args = [tvm.runtime.tensor(t.detach().cpu().numpy(), dev) for t in inputs]
-                diff = _check_output(vm, args, reference, what)
+                diff = _check_output(vm, args, reference, what, rtol)
                 times, number = _time_vm(
                     vm, dev, args, warmup, repeats, self.min_run_ms, deadline, None, timeout_s
                 )
@@ -751,8 +756,13 @@ def _config_threads(threads: int) -> None:
     tvm.get_global_func("runtime.config_threadpool")(0, int(threads))
 
 
-def _check_output(vm: Any, args: list[Any], reference: list[np.ndarray], what: str) -> float:
-    """Run once and compare with PyTorch; the largest absolute difference (TargetError when wrong)."""
+def _check_output(
+    vm: Any, args: list[Any], reference: list[np.ndarray], what: str, rtol: float = _OUTPUT_RTOL
+) -> float:
+    """Run once and compare with PyTorch; the largest absolute difference (TargetError when wrong).
+
+    ``rtol`` is relative to the output scale (``compression.quant.output_tolerance`` for quantized models).
+    """
     # the stateful API is the one that works over RPC too (a remote call cannot return a tuple object)
     vm.set_input("main", *args)
     vm.invoke_stateful("main")
@@ -767,7 +777,7 @@ def _check_output(vm: Any, args: list[Any], reference: list[np.ndarray], what: s
             continue
         diff = float(np.max(np.abs(got.astype(np.float64) - want.astype(np.float64))))
         scale = float(np.max(np.abs(want))) + 1e-6
-        if not np.isfinite(diff) or diff > _OUTPUT_RTOL * scale + 1e-5:
+        if not np.isfinite(diff) or diff > rtol * scale + 1e-5:
             raise TargetError(
                 f"{what}: TVM's output differs from PyTorch's by {diff:.3g} (output scale {scale:.3g})",
                 "this is a compiler or schedule bug; report it, and measure with local-ort meanwhile",
