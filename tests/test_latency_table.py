@@ -99,7 +99,33 @@ def test_bits_map_to_what_the_backend_runs(tmp_path: Path) -> None:
 
     torch_table = LatencyTable(TORCH_1, tmp_path / "torch.sqlite", warmup=2, repeats=10)
     torch_table.fill(model, x)
-    assert not torch_table.predict(model, x, {n: (4, 4) for n in names})[2]  # eager runs float anyway
+    # eager runs float: 4-bit weights alone change nothing (they are stored in float)...
+    assert not torch_table.predict(model, x, {n: (4, 32) for n in names})[2]
+    # ...but a quantized input is round/clamp arithmetic before the layer: its own entries, and they cost
+    float_ms = torch_table.predict(model, x)[0]
+    fq_plan = {n: (4, 4) for n in names}
+    fq_missing = torch_table.predict(model, x, fq_plan)[2]
+    assert fq_missing and all(w.act_fq and w.a_bits == 32 for w in fq_missing)
+    torch_table.fill(model, x, fq_plan)
+    assert torch_table.predict(model, x, fq_plan)[0] > float_ms
+
+
+def test_compressed_model_is_recorded_with_its_own_bits() -> None:
+    """A model from apply_policy carries its plan; its quantizers are not separate operations."""
+    from compression.apply import apply_policy
+    from compression.models.graph import LayerGraph
+    from compression.policy import LayerPolicy, Policy
+    from compression.targets.workloads import extract_workloads
+
+    model, x = SmallResNet(), small_input()
+    graph = LayerGraph.build(model.eval(), tuple(x.shape[1:]))
+    names = graph.layer_names
+    policy = Policy(layers={n: LayerPolicy(w_bits=4, a_bits=6) for n in names})
+    compressed = apply_policy(graph, policy, torch.randn(32, *x.shape[1:]))
+    plain = extract_workloads(model, x)
+    recorded = extract_workloads(compressed, x)
+    assert [w.op for w in recorded] == [w.op for w in plain]  # no round/clamp/div ops of the quantizers
+    assert {(w.w_bits, w.a_bits) for w in recorded if w.is_layer} == {(4, 6)}
 
 
 def test_fingerprint_separates_target_settings(tmp_path: Path) -> None:

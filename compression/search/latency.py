@@ -11,6 +11,7 @@ search (``finalize`` confirms the chosen model end to end) and in ``bench/``.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -36,12 +37,51 @@ def table_path() -> Path:
     return cache_dir() / "latency.sqlite"
 
 
-class TableLatency(LatencyModel):
-    """``LatencyModel`` backed by a per-target ``LatencyTable`` (see the module docstring)."""
+CALIBRATION_KEEPS = (0.5, 0.25)  # uniformly pruned copies measured beside the original to fit the line
+CALIBRATION_BITS = 8  # the quantized copies (original and half-pruned) run every layer at this many bits
+CALIBRATION_REUSE_S = 3600.0  # a search reuses calibration measurements this recent (same model, same target)
 
-    def __init__(self, table, graph: LayerGraph, example_input: torch.Tensor) -> None:
+
+class TableLatency(LatencyModel):
+    """``LatencyModel`` backed by a per-target ``LatencyTable`` (see the module docstring).
+
+    A layer's latency is split into its float part ``F`` (the float entry at the pruned shape, less the
+    per-call overhead) and, when quantized, the difference ``Q`` its bits make on this target (the entry at
+    the bits the backend runs, minus the float entry: int8 kernels on ONNX Runtime, or the fake-quantizer's
+    arithmetic on a runtime that computes in float; negative when quantizing is faster).
+
+    Per-entry timings miss what the runtime does across layers (fusions, boundary costs, per-operation
+    costs that do not shrink with the channels), so the table is calibrated in the search's own terms:
+    the original model, uniformly pruned copies (``CALIBRATION_KEEPS``, rounded like the search) and, for a
+    search that quantizes, copies at ``CALIBRATION_BITS`` bits are measured end to end once, and
+    ``measured = overhead + a * F + b * Q + rest`` is fitted by least squares over them. ``rest`` holds the
+    residual operations (additions, pooling) and per-operation costs. A fit that is not determined or not
+    increasing falls back to one factor (the table's own calibration). ``calibration`` keeps the points,
+    the fit and its residuals. The measurements are stored in the table and reused by searches of the same
+    model on the same target for ``reuse_s`` seconds (``COMPRESSION_CALIBRATION_REUSE_S``, default one
+    hour; 0 always measures).
+    """
+
+    def __init__(
+        self,
+        table,
+        graph: LayerGraph,
+        example_input: torch.Tensor,
+        *,
+        round_to: int = 1,
+        quantized: bool = True,
+        reuse_s: float | None = None,
+    ) -> None:
+        import numpy as np
+
+        from compression.apply import apply_policy
+        from compression.costs import compute_costs
+        from compression.policy import LayerPolicy, Policy
+        from compression.prune import group_keeps, prune_module
         from compression.targets.workloads import extract_workloads
 
+        if reuse_s is None:
+            reuse_s = float(os.environ.get("COMPRESSION_CALIBRATION_REUSE_S", CALIBRATION_REUSE_S))
         self.table = table
         self.graph = graph
         x = example_input[:1]
@@ -50,30 +90,114 @@ class TableLatency(LatencyModel):
         if missing:
             raise RuntimeError(f"no workload found for layers {missing[:5]}")
         self.templates = templates
-        # Per-entry timings miss what the runtime does across layers (fusions, boundary costs). The table's
-        # calibration measures the original model end to end and stores the factor that maps the sum of
-        # its entries onto that measurement; it holds for every pruned/quantized variant of the same
-        # structure, which is exactly what a search tries.
+        self.scale = 1.0
+        self.q_scale = 1.0
+        self._cache: dict[tuple, float] = {}
         _, rows, _ = table.predict(graph.module, x, measure_missing=True, calibrated=False)
-        self.calibration = table.calibrate(graph.module, x)
-        self.scale = float(self.calibration.get("scale") or 1.0)
         base = float(rows[-1]["ms"] or 0.0)  # the runtime's per-call overhead
         layer_kinds = ("conv2d", "linear")
-        layer_raw = sum(r["ms"] for r in rows[:-1] if r.get("kind") in layer_kinds and r["ms"] is not None)
         rest_raw = sum(r["ms"] for r in rows[:-1] if r.get("kind") not in layer_kinds and r["ms"] is not None)
-        self._cache: dict[tuple, float] = {}
-        super().__init__(self._layer_ms, residual_ms=base + self.scale * rest_raw)
-        self.original_ms = base + self.scale * (layer_raw + rest_raw)
+
+        policies: list[Policy] = [Policy()]
+        kinds = ["original"]
+        if graph.prunable_leaders:
+            for k in CALIBRATION_KEEPS:
+                policies.append(Policy(layers={n: LayerPolicy(keep_ratio=k) for n in graph.prunable_leaders}))
+                kinds.append(f"keep {k}")
+        if quantized and graph.quantizable:
+            b = CALIBRATION_BITS
+            for k in (1.0, CALIBRATION_KEEPS[0]) if graph.prunable_leaders else (1.0,):
+                layers = {n: LayerPolicy(w_bits=b, a_bits=b) for n in graph.quantizable}
+                for n in graph.prunable_leaders:
+                    layers.setdefault(n, LayerPolicy()).keep_ratio = k
+                policies.append(Policy(layers=layers))
+                kinds.append(f"keep {k}, {b} bits")
+        from compression.targets.table import structure_key
+
+        memo_key = "search-calibration|" + json.dumps(
+            [structure_key(table.workloads(graph.module, x)), round_to, kinds, CALIBRATION_BITS]
+        )
+        recalled = table.recall(memo_key, reuse_s)
+        if recalled is not None:
+            # measured on this target (same backend fingerprint) minutes ago: the device has not changed
+            self.calibration = {**recalled[0], "reused": True, "age_s": recalled[1]}
+            log.info("%s: calibration measurements reused (%.0f s old)", table.spec.name, recalled[1])
+        else:
+            variants = []
+            g = torch.Generator().manual_seed(0)
+            calib = torch.randn((16, *x.shape[1:]), generator=g)  # ranges matter to accuracy, not to time
+            for p in policies[1:]:
+                if any(lp.a_bits < 32 or lp.w_bits < 32 for lp in p.layers.values()):
+                    variants.append(apply_policy(graph, p, calib, round_to=round_to))
+                else:
+                    variants.append(prune_module(graph, group_keeps(graph, p, round_to)))
+            self.calibration = table.calibrate(graph.module, x, variants=variants)
+            self.calibration.pop("measurement", None)
+            table.remember(memo_key, {k: v for k, v in self.calibration.items() if k != "measurement"})
+        measured = [float(pt["measured_ms"]) for pt in self.calibration["points"]]
+        fs, qs = [], []
+        for p in policies:
+            costs = compute_costs(graph, p, round_to)
+            parts = [self._parts(n, c.in_channels, c.out_channels, c.w_bits, c.a_bits) for n, c in costs.layers.items()]
+            fs.append(sum(f for f, _ in parts))
+            qs.append(sum(q for _, q in parts))
+        ys = [m - base for m in measured]
+        fit = None
+        has_q = any(abs(q) > 1e-9 for q in qs)
+        if len(measured) >= (4 if has_q else 2):
+            cols = [fs, qs, [1.0] * len(fs)] if has_q else [fs, [1.0] * len(fs)]
+            sol, *_ = np.linalg.lstsq(np.array(cols).T, np.array(ys), rcond=None)
+            a = float(sol[0])
+            bq = float(sol[1]) if has_q else 1.0
+            rest = float(sol[-1])
+            if a > 0 and bq > 0:
+                fit = (a, bq, rest)
+        if fit is None:
+            # one factor, as the table's own calibration found it, with the residual operations scaled alike
+            a = float(self.calibration.get("scale") or 1.0)
+            fit = (a, a, a * rest_raw + float(self.calibration.get("offset_ms") or 0.0))
+        self.scale, self.q_scale, rest = max(fit[0], 1e-3), fit[1], fit[2]
+        super().__init__(self._layer_ms, residual_ms=base + rest)
+        self.original_ms = base + self.scale * fs[0] + rest
+        predicted = [base + self.scale * f + self.q_scale * q + rest for f, q in zip(fs, qs, strict=True)]
+        self.calibration["search_fit"] = {
+            "models": kinds,
+            "float_ms": fs,
+            "quant_delta_ms": qs,
+            "measured_ms": measured,
+            "predicted_ms": predicted,
+            "scale": self.scale,
+            "quant_scale": self.q_scale,
+            "rest_ms": rest,
+            "overhead_ms": base,
+            "residuals": [(pr - m) / m if m > 0 else 0.0 for pr, m in zip(predicted, measured, strict=True)],
+        }
         log.info(
-            "latency table for %s: original %.3f ms predicted, %.3f ms measured (factor %.2f, rest %.3f ms)",
+            "latency table for %s: original %.3f ms predicted, %.3f ms measured (scale %.2f, quantized %.2f, "
+            "rest %.3f ms; fit over %d models, worst residual %.1f%%)",
             table.spec.name,
             self.original_ms,
-            float(self.calibration.get("measured_ms") or 0.0),
+            measured[0],
             self.scale,
+            self.q_scale,
             self.residual_ms,
+            len(measured),
+            100 * max(abs(r) for r in self.calibration["search_fit"]["residuals"]),
         )
 
     def _layer_ms(self, name: str, in_c: int, out_c: int, w_bits: float, a_bits: int) -> float:
+        f, q = self._parts(name, in_c, out_c, w_bits, a_bits)
+        return self.scale * f + self.q_scale * q
+
+    def _parts(self, name: str, in_c: int, out_c: int, w_bits: float, a_bits: int) -> tuple[float, float]:
+        """(float part, quantization delta) of one layer, unscaled (see the class docstring)."""
+        f = self._raw_layer_ms(name, in_c, out_c, 32, 32)
+        if int(round(w_bits)) >= 32 and int(a_bits) >= 32:
+            return f, 0.0
+        return f, self._raw_layer_ms(name, in_c, out_c, w_bits, a_bits) - f
+
+    def _raw_layer_ms(self, name: str, in_c: int, out_c: int, w_bits: float, a_bits: int) -> float:
+        """One layer's table entry at this shape and bits, less the per-call overhead (measured if missing)."""
         key = (name, in_c, out_c, int(round(w_bits)), int(a_bits))
         v = self._cache.get(key)
         if v is not None:
@@ -109,7 +233,7 @@ class TableLatency(LatencyModel):
         if o is None:
             self.table.measure_workload(over)
             o = self.table.lookup(over)
-        v = self.scale * max(0.0, float(ms) - float(o or 0.0))
+        v = max(0.0, float(ms) - float(o or 0.0))
         self._cache[key] = v
         return v
 
@@ -120,13 +244,17 @@ def build_latency_model(
     artifact: ModelArtifact,
     *,
     round_to: int = 1,
+    quantized: bool = True,
     progress: Callable[[int, int, dict], None] | None = None,
 ) -> LatencyModel | None:
-    """The search's latency model for a target (None for the analytic target, which has no time)."""
+    """The search's latency model for a target (None for the analytic target, which has no time).
+
+    ``quantized=False`` (a pruning-only search) skips measuring the quantized calibration models.
+    """
     if target.backend == "analytic":
         return None
     from compression.targets import LatencyTable
 
     # fewer repeats than a benchmark: an entry is measured once and reused by every later run
     table = LatencyTable(target, table_path(), warmup=5, repeats=40)
-    return TableLatency(table, graph, artifact.example_input(1))
+    return TableLatency(table, graph, artifact.example_input(1), round_to=round_to, quantized=quantized)

@@ -191,6 +191,7 @@ class SearchRun:
             self.ws.graph,
             self.ws.artifact,
             round_to=self.round_to,
+            quantized=any(st.layout != "prune" for st in self.stages),
             progress=self._progress("latency table"),
         )
         if config.objective == "latency" and self.latency is None:

@@ -21,6 +21,7 @@ layer with only one side at <= 8 bits runs float (ONNX Runtime's int8 convolutio
 from __future__ import annotations
 
 import collections
+import copy
 import logging
 import os
 import tempfile
@@ -277,13 +278,23 @@ class OrtBackend:
         timeout_s: float = 120.0,
         bits: Any = None,
     ) -> Measurement:
-        """Export ``module``, quantize the plan's <= 8-bit layers to int8, and time ``session.run``."""
+        """Export ``module``, quantize the plan's <= 8-bit layers to int8, and time ``session.run``.
+
+        Without ``bits``, the plan a compressed model carries is used (``quantization_plan``): a model from
+        ``apply_policy`` runs as it would be deployed here. The activation quantizers of int8 layers are
+        removed first (ONNX Runtime quantizes those inputs itself); those of layers kept in float stay.
+        """
         import onnx
         import onnxruntime as ort
 
+        from compression.quant import act_quantizers, quantization_plan, strip_act_quantizers
+
         inputs = as_inputs(example_input)
-        plan = normalize_bits(bits)
+        plan = normalize_bits(bits) if bits is not None else quantization_plan(module)
         int8_layers = sorted(n for n, (w, a) in plan.items() if int8_bits(w, a))
+        if int8_layers and act_quantizers(module):
+            module = copy.deepcopy(module)
+            strip_act_quantizers(module, int8_layers)
         # checks the plan's layer names (PolicyError) before the device is taken
         layer_workloads = extract_workloads(module, inputs, plan) if plan else []
         tmp_holder = tempfile.TemporaryDirectory(prefix="compression-ort-")

@@ -42,9 +42,10 @@ import logging
 import sqlite3
 import time
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -98,6 +99,14 @@ CREATE TABLE IF NOT EXISTS confirmations (
     at REAL NOT NULL,
     details TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS memos (
+    target TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    key TEXT NOT NULL,
+    data TEXT NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (target, fingerprint, key)
+);
 CREATE TABLE IF NOT EXISTS calibrations (
     target TEXT NOT NULL,
     fingerprint TEXT NOT NULL,
@@ -106,6 +115,8 @@ CREATE TABLE IF NOT EXISTS calibrations (
     predicted_ms REAL NOT NULL,
     measured_ms REAL NOT NULL,
     at REAL NOT NULL,
+    offset_ms REAL NOT NULL DEFAULT 0,
+    details TEXT NOT NULL DEFAULT '{}',
     PRIMARY KEY (target, fingerprint, structure)
 );
 """
@@ -181,6 +192,10 @@ class LatencyTable:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with closing(self._connect()) as db:
                 db.executescript(_SCHEMA)
+                cols = {r[1] for r in db.execute("PRAGMA table_info(calibrations)")}
+                for col, decl in (("offset_ms", "REAL NOT NULL DEFAULT 0"), ("details", "TEXT NOT NULL DEFAULT '{}'")):
+                    if col not in cols:  # a table file written before the affine calibration
+                        db.execute(f"ALTER TABLE calibrations ADD COLUMN {col} {decl}")
                 db.execute(
                     "INSERT OR IGNORE INTO fingerprints VALUES (?, ?)",
                     (self.fingerprint, json.dumps(self.fingerprint_data, sort_keys=True, default=str)),
@@ -272,7 +287,9 @@ class LatencyTable:
             wb, ab = self._bits_run(w.w_bits, w.a_bits)
         else:  # a backend that does not say how it runs bits runs float
             wb, ab = FLOAT_BITS, FLOAT_BITS
-        return w.with_bits(wb, ab)
+        # computed in float, yet the deployed model fake-quantizes the layer's input: that arithmetic runs
+        fq = (wb, ab) == (FLOAT_BITS, FLOAT_BITS) and (w.a_bits < FLOAT_BITS or w.act_fq)  # idempotent
+        return replace(w.with_bits(wb, ab), act_fq=fq)
 
     def workloads(
         self, module: nn.Module, example_input: torch.Tensor | tuple[torch.Tensor, ...], bits: Any = None
@@ -408,8 +425,8 @@ class LatencyTable:
                 missing.setdefault(o.key, o)
             else:
                 over[o.key] = v
-        scale = self._calibration(structure_key(ws)) if calibrated else None
-        factor = 1.0 if scale is None else scale
+        cal = self._calibration(structure_key(ws)) if calibrated else None
+        factor, offset = (1.0, 0.0) if cal is None else cal
         rows: list[dict[str, Any]] = []
         for w in ws:
             v = self.lookup(w)
@@ -422,6 +439,18 @@ class LatencyTable:
             o = over.get(overhead_workload(torch.empty(w.in_shape)).key, 0.0)
             rows.append(self._row(w, max(0.0, v - o), factor))
         base = over.get(overhead_workload(example_input).key, 0.0)
+        if offset:
+            rows.append(
+                {
+                    "name": "calibration offset",
+                    "kind": "offset",
+                    "op": "calibration",
+                    "ms": offset,
+                    "raw_ms": 0.0,
+                    "fused": [],
+                    "key": "",
+                }
+            )
         rows.append(
             {
                 "name": "overhead",
@@ -450,13 +479,14 @@ class LatencyTable:
             "key": w.key,
         }
 
-    def _calibration(self, structure: str) -> float | None:
+    def _calibration(self, structure: str) -> tuple[float, float] | None:
+        """(scale, offset_ms) stored for a structure, or None."""
         with closing(self._connect()) as db:
             row = db.execute(
-                "SELECT scale FROM calibrations WHERE target=? AND fingerprint=? AND structure=?",
+                "SELECT scale, offset_ms FROM calibrations WHERE target=? AND fingerprint=? AND structure=?",
                 (self.spec.name, self.fingerprint, structure),
             ).fetchone()
-        return None if row is None else float(row[0])
+        return None if row is None else (float(row[0]), float(row[1]))
 
     def _measure_model(
         self,
@@ -483,61 +513,130 @@ class LatencyTable:
         example_input: torch.Tensor | tuple[torch.Tensor, ...],
         bits: Any = None,
         *,
+        variants: Sequence[nn.Module] = (),
         rounds: int = 3,
         warmup: int | None = None,
         repeats: int | None = None,
         timeout_s: float | None = None,
     ) -> dict[str, Any]:
-        """Measure a reference model end to end and store the factor that makes the table match it.
+        """Measure a reference model (and variants of it) end to end and store how the table maps onto them.
 
-        The factor applies to every model of the same *structure* (the same sequence of operations, kernels,
+        The mapping applies to every model of the same *structure* (the same sequence of operations, kernels,
         strides, fusions and input resolution, whatever the channel counts and bits): i.e. to the pruned
         and quantized variants a search tries. It absorbs what per-workload timing cannot see (runtime
-        fusions, per-layer boundary costs); ``confirm`` on other variants measures how well it transfers.
-        The reference is measured ``rounds`` times and the median of the rounds is used, because one bad
-        window on a shared machine would skew every later prediction. Returns ``scale``,
-        ``raw_predicted_ms``, ``measured_ms``, the per-round values and, when the rounds disagree or are
-        noisy, a ``warning``.
+        fusions, per-layer boundary costs).
+
+        With the reference alone, one factor: ``measured - overhead = scale * layers``. That factor is wrong
+        for variants much smaller than the reference, because part of what it absorbs is a per-operation
+        cost that does not shrink with the channels (measured: a ResNet-20 pruned to half was predicted
+        ~25% too fast). Hence ``variants``: models of the same structure at other sizes (e.g. uniformly
+        pruned copies); with them a line is fitted by least squares over all the models,
+        ``measured - overhead = scale * layers + offset_ms``, and a prediction is
+        ``overhead + scale * layers + offset_ms``. Each model is measured ``rounds`` times and the median of
+        the rounds is used (one bad window on a shared machine would skew every later prediction).
+
+        Returns ``scale``, ``offset_ms``, ``raw_predicted_ms`` / ``measured_ms`` of the reference, the
+        ``points`` fitted (layers, measured, rounds per model), the fit's ``residuals`` and, when the
+        measurements were noisy or the fit had to fall back to one factor, a ``warning``.
         """
         if self.analytic:
-            return {"scale": 1.0, "raw_predicted_ms": None, "measured_ms": None}
+            return {"scale": 1.0, "offset_ms": 0.0, "raw_predicted_ms": None, "measured_ms": None}
         if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
             raise TargetError(f"calibration rounds must be an integer >= 1, got {rounds!r}")
         plan = normalize_bits(bits)
-        raw, rows, _ = self.predict(module, example_input, plan, measure_missing=True, calibrated=False)
-        runs = [
-            self._measure_model(module, example_input, plan, warmup, repeats, timeout_s)
-            for _ in range(rounds)
-        ]
-        values = sorted(v for _, v in runs)
-        measured = values[len(values) // 2]
-        m = next(mm for mm, v in runs if v == measured)
-        base = rows[-1]["ms"]
-        layers = raw - base
-        scale = (measured - base) / layers if layers > 0 else 1.0
-        scale = max(scale, 1e-3)  # a non-positive factor would mean noise swamped the measurement
         structure = structure_key(self.workloads(module, example_input, plan))
+        models: list[tuple[nn.Module, Any]] = [(module, plan)]
+        for v in variants:
+            if structure_key(self.workloads(v, example_input)) != structure:
+                raise TargetError(
+                    "a calibration variant differs from the reference in structure (operations, kernels, "
+                    "strides or resolution), not only in channels and bits",
+                    "calibrate with pruned or quantized copies of the same model",
+                )
+            models.append((v, None))
+        points: list[dict[str, Any]] = []
+        warnings: list[str] = []
+        ref_m: Measurement | None = None
+        base = 0.0
+        for i, (m, mplan) in enumerate(models):
+            raw, rows, _ = self.predict(m, example_input, mplan, measure_missing=True, calibrated=False)
+            base = rows[-1]["ms"]
+            runs = [
+                self._measure_model(m, example_input, mplan or {}, warmup, repeats, timeout_s)
+                for _ in range(rounds)
+            ]
+            values = sorted(v for _, v in runs)
+            measured = values[len(values) // 2]
+            mm = next(x for x, v in runs if v == measured)
+            if i == 0:
+                ref_m = mm
+            spread = (values[-1] - values[0]) / measured if measured > 0 else 0.0
+            if mm.cv > NOISY_CV or spread > NOISY_CV:
+                warnings.append(f"model {i}: cv {mm.cv:.0%}, rounds spread {spread:.0%}")
+            points.append(
+                {"raw_ms": raw, "layers_ms": raw - base, "measured_ms": measured, "rounds_ms": [v for _, v in runs]}
+            )
+        xs = [p["layers_ms"] for p in points]
+        ys = [p["measured_ms"] - base for p in points]
+        scale, offset = self._fit(xs, ys)
+        if scale is None:
+            # one point, or points too close together / a non-increasing fit: one factor from the reference
+            if len(points) > 1:
+                warnings.append("the variants did not give an increasing line; one factor from the reference")
+            scale = ys[0] / xs[0] if xs[0] > 0 else 1.0
+            offset = 0.0
+        scale = max(scale, 1e-3)  # a non-positive factor would mean noise swamped the measurement
+        residuals = [(base + scale * x + offset - (y + base)) / (y + base) for x, y in zip(xs, ys, strict=True)]
         with closing(self._connect()) as db:
             db.execute(
-                "INSERT OR REPLACE INTO calibrations VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (self.spec.name, self.fingerprint, structure, scale, raw, measured, time.time()),
+                "INSERT OR REPLACE INTO calibrations (target, fingerprint, structure, scale, predicted_ms, "
+                "measured_ms, at, offset_ms, details) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    self.spec.name,
+                    self.fingerprint,
+                    structure,
+                    scale,
+                    points[0]["raw_ms"],
+                    points[0]["measured_ms"],
+                    time.time(),
+                    offset,
+                    json.dumps({"points": points, "residuals": residuals}),
+                ),
             )
         result = {
             "scale": scale,
-            "raw_predicted_ms": raw,
-            "measured_ms": measured,
-            "rounds_ms": [v for _, v in runs],
-            "measurement": m,
+            "offset_ms": offset,
+            "raw_predicted_ms": points[0]["raw_ms"],
+            "measured_ms": points[0]["measured_ms"],
+            "rounds_ms": points[0]["rounds_ms"],
+            "points": points,
+            "residuals": residuals,
+            "measurement": ref_m,
         }
-        spread = (values[-1] - values[0]) / measured if measured > 0 else 0.0
-        if m.cv > NOISY_CV or spread > NOISY_CV:
+        if warnings:
             # a calibration from a noisy measurement skews every variant's prediction: say so
             result["warning"] = (
-                f"the reference measurements were noisy (cv {m.cv:.0%}, rounds spread {spread:.0%}); the factor "
-                f"{scale:.2f} may be off: calibrate again on a quieter device"
+                "the calibration measurements were noisy or inconsistent ("
+                + "; ".join(warnings)
+                + f"); scale {scale:.2f}, offset {offset:.3f} ms may be off: calibrate again on a quieter device"
             )
             log.warning("%s: %s", self.spec.name, result["warning"])
         return result
+
+    @staticmethod
+    def _fit(xs: list[float], ys: list[float]) -> tuple[float | None, float]:
+        """Least-squares line y = scale * x + offset; (None, 0) when it is not determined or not increasing."""
+        n = len(xs)
+        if n < 2:
+            return None, 0.0
+        mx, my = sum(xs) / n, sum(ys) / n
+        sxx = sum((x - mx) ** 2 for x in xs)
+        if sxx <= (0.05 * mx) ** 2 * n:  # the models are too alike in size to separate scale from offset
+            return None, 0.0
+        scale = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
+        if scale <= 0:
+            return None, 0.0
+        return scale, my - scale * mx
 
     def confirm(
         self,
@@ -627,6 +726,30 @@ class LatencyTable:
             **summary([r[0] for r in rows], ""),
             **summary([r[1] for r in rows], "raw_"),
         }
+
+    def remember(self, key: str, data: dict[str, Any]) -> None:
+        """Store a JSON record for this target (e.g. a search's calibration measurements) under ``key``."""
+        if self.analytic:
+            return
+        with closing(self._connect()) as db:
+            db.execute(
+                "INSERT OR REPLACE INTO memos VALUES (?, ?, ?, ?, ?)",
+                (self.spec.name, self.fingerprint, key, json.dumps(data, default=str), time.time()),
+            )
+
+    def recall(self, key: str, max_age_s: float) -> tuple[dict[str, Any], float] | None:
+        """The record stored under ``key`` and its age in seconds, if younger than ``max_age_s``."""
+        if self.analytic or max_age_s <= 0:
+            return None
+        with closing(self._connect()) as db:
+            row = db.execute(
+                "SELECT data, at FROM memos WHERE target=? AND fingerprint=? AND key=?",
+                (self.spec.name, self.fingerprint, key),
+            ).fetchone()
+        if row is None:
+            return None
+        age = time.time() - float(row[1])
+        return (json.loads(row[0]), age) if 0 <= age < max_age_s else None
 
     def stats(self) -> dict[str, Any]:
         """Counters of this object: hits, misses, entries measured, seconds spent measuring."""

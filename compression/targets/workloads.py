@@ -75,6 +75,8 @@ class LayerWorkload:
     fused: operations executed as part of this workload: ``bn``, then one of ``relu``/``relu6``/``hardswish``.
     w_bits / a_bits: requested bit-widths (32 = float). A table replaces them with what its backend
         really runs before looking up.
+    act_fq: the layer computes in float but its input is fake-quantized first (a quantized layer on a
+        runtime without integer kernels for it): the quantizer's arithmetic is part of the workload.
     signature: for ``op`` workloads, canonical JSON of the arguments (tensors as shapes/dtypes).
     name: where it occurs (layer name, or ``<op>:<index>``); not part of the key.
     """
@@ -95,13 +97,16 @@ class LayerWorkload:
     w_bits: int = FLOAT_BITS
     a_bits: int = FLOAT_BITS
     signature: str = ""
+    act_fq: bool = False
     name: str = field(default="", compare=False, hash=False)
 
     @property
     def key(self) -> str:
-        """Canonical JSON of the workload (everything but ``name``): the table's key."""
+        """Canonical JSON of the workload (everything but ``name``; ``act_fq`` only when set): the table's key."""
         d = asdict(self)
         del d["name"]
+        if not d["act_fq"]:
+            del d["act_fq"]  # keys of float/int8 workloads stay those of tables written before the field
         return json.dumps(d, sort_keys=True, separators=(",", ":"))
 
     @property
@@ -399,11 +404,16 @@ def extract_workloads(
     """The model's workloads in execution order (see the module docstring).
 
     ``bits`` is a quantization plan (``{layer: (w_bits, a_bits)}``, a ``Policy`` ...); conv/linear workloads
-    carry their layer's bits (float when absent). Raises ``PolicyError`` when the plan names a layer that is
-    not a convolution or linear layer of the model.
+    carry their layer's bits (float when absent). Without a plan, the bits a compressed model carries
+    (``compression.quant.quantization_plan``) are used. Activation quantizers are not recorded as operations
+    of their own: their cost belongs to the quantized layer's workload (see ``LayerWorkload.act_fq``).
+    Raises ``PolicyError`` when the plan names a layer that is not a convolution or linear layer of the model.
     """
-    plan = normalize_bits(bits)
-    rec, out = record_ops(module, example_input)
+    from compression.quant import act_quantizers_bypassed, quantization_plan
+
+    plan = normalize_bits(bits) if bits is not None else quantization_plan(module)
+    with act_quantizers_bypassed(module):
+        rec, out = record_ops(module, example_input)
     consumers: dict[int, list[int]] = {}
     for op in rec.ops:
         for v in op.inputs:
@@ -713,10 +723,20 @@ def build_workload_module(
     g = torch.Generator().manual_seed(1)
     if w.is_layer:
         module: nn.Module = FusedLayer(w)
+        x = torch.randn(w.in_shape, generator=g)
         plan = (
             {} if (w.w_bits, w.a_bits) == (FLOAT_BITS, FLOAT_BITS) else {WORKLOAD_LAYER: (w.w_bits, w.a_bits)}
         )
-        return module, (torch.randn(w.in_shape, generator=g),), plan
+        if w.act_fq:
+            # float compute with a fake-quantized input: the quantizer's arithmetic (same at any bit-width)
+            from compression.quant import attach_act_quantizer
+
+            q = attach_act_quantizer(module.op, 8)
+            assert q is not None
+            with torch.no_grad():
+                module(x)
+            q.finish_calibration()
+        return module, (x,), plan
     if w.kind == "op":
         om = OpModule(w)
         return om, om.example_inputs(), {}
