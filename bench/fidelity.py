@@ -64,7 +64,7 @@ def _one_target(
     log(ctx, f"fidelity on {target}: building the search's latency model")
     latency = build_latency_model(tspec, ws.graph, ws.artifact, round_to=round_to)
     rng = np.random.default_rng(0)
-    kinds = ["prune", "joint"] if tspec.backend == "onnxruntime" else ["prune"]
+    kinds = ["prune", "joint"]  # joint on a float runtime: the quantizers' arithmetic is real work there
     rows: list[dict[str, Any]] = []
     original_runs: list[dict[str, float]] = []
 
@@ -107,6 +107,7 @@ def _one_target(
         "policies": len(rows),
         "measured": len(ok),
         "original_predicted_ms": getattr(latency, "original_ms", None),
+        "calibration": _calibration_summary(getattr(latency, "calibration", None)),
         "original_measured": original_runs,
         "original_between_runs_cv": (
             statistics.stdev(r["median_ms"] for r in original_runs)
@@ -133,6 +134,14 @@ def _one_target(
             **rank_correlations([r["predicted_ms"] for r in sel], [r["measured_ms"] for r in sel]),
         }
     return out
+
+
+def _calibration_summary(cal: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The latency model's calibration: the models measured, the fitted line and its residuals."""
+    if not cal:
+        return None
+    keep = ("scale", "offset_ms", "points", "residuals", "search_fit", "warning")
+    return {k: cal[k] for k in keep if k in cal}
 
 
 def rounding(ctx: Context, spec: str, target: str, n: int, rounds: int) -> dict[str, Any]:

@@ -169,6 +169,7 @@ def _tp_method(
     ft_epochs: int,
     round_to: int,
     bisect_steps: int,
+    grid_step: float = 0.05,
 ) -> tuple[dict[str, Any], Any]:
     """torch-pruning global magnitude pruning at the budget's latency, then the agents' fine-tune."""
     from compression.apply import recalibrate
@@ -184,22 +185,32 @@ def _tp_method(
     # the search's own table settings, so a prediction here means what it means in the search
     lt = LatencyTable(target, table_path(), warmup=5, repeats=40)
     base_ms = lt.predict(original, x, measure_missing=True)[0]
-    lo, hi = 0.0, 1.0 - MIN_KEEP
-    best = None
-    trace = []
+    trace: list[tuple[float, float]] = []
     with LoadSampler() as load:
-        # smallest pruning ratio whose predicted latency meets the budget: predicted latency falls as
-        # the ratio grows (not strictly: channel rounding makes it a staircase), so bisect on the ratio
-        m_hi = _tp_prune(original, x, hi, round_to)
-        r_hi = lt.predict(m_hi, x, measure_missing=True)[0] / base_ms
-        trace.append((hi, r_hi))
-        if r_hi > budget * (1 + 1e-6):
+        # The pruned size is not monotone in the ratio: with a per-layer cap (max_pruning_ratio) and
+        # rounding, torch-pruning skips groups whose share would pass the cap, so a large global ratio can
+        # prune less than a smaller one. Hence a scan over a grid, then a bisection inside the first grid
+        # step that meets the budget (the least pruning that does).
+        grid = [round(g * grid_step, 4) for g in range(1, int(round((1.0 - MIN_KEEP) / grid_step)) + 1)]
+        best = None
+        prev = 0.0
+        for g in grid:
+            m = _tp_prune(original, x, g, round_to)
+            r = lt.predict(m, x, measure_missing=True)[0] / base_ms
+            trace.append((g, r))
+            if r <= budget * (1 + 1e-6):
+                best = (g, m, r)
+                break
+            prev = g
+        if best is None:
+            floor = min(r for _, r in trace)
             return {
                 "status": "unreachable",
-                "floor": r_hi,
-                "note": f"pruning {hi:.0%} of channels globally still costs {r_hi:.1%}",
+                "floor": floor,
+                "note": f"no global pruning ratio up to {grid[-1]:.0%} meets the budget (lowest {floor:.1%})",
+                "scan": trace,
             }, None
-        best = (hi, m_hi, r_hi)
+        lo, hi = prev, best[0]
         for _ in range(bisect_steps):
             mid = (lo + hi) / 2
             m = _tp_prune(original, x, mid, round_to)
@@ -221,7 +232,7 @@ def _tp_method(
         "method": "tp-magnitude",
         "layout": "prune (torch-pruning global magnitude)",
         "pruning_ratio": ratio,
-        "bisection": trace,
+        "scan_and_bisection": trace,
         "test_accuracy": test,
         "test_accuracy_before_fine_tune": before,
         "original_test_accuracy": evaluate(original, ws.data.test).top1,
@@ -304,7 +315,7 @@ def run(ctx: Context) -> dict[str, Any]:
     ft_epochs = int(ctx.opt("fine_tune_epochs", 1, 3))
     methods = ctx.options.get("agents") or list(METHODS)
     rounds = 3 if ctx.quick else 5
-    bisect_steps = 6 if ctx.quick else 10
+    bisect_steps = 4 if ctx.quick else 6
     result: dict[str, Any] = {
         "target": target,
         "budgets": budgets,
@@ -318,8 +329,30 @@ def run(ctx: Context) -> dict[str, Any]:
     # is a table entry that TVM compiles for seconds); elsewhere the target's own unless given
     rt_opt = ctx.options.get("round_to") or (8 if target == "local-tvm" else None)
     result["round_to"] = rt_opt
+    prev = {} if ctx.options.get("fresh") else _previous(ctx, result)
     log(ctx, f"quality: {models} on {target}, budgets {budgets}, seeds {seeds}, {episodes} episodes")
     base = ctx.work_dir / "quality"
+    # the side experiments first: they are short, and the per-model grid below is what may be interrupted
+    if ctx.options.get("agents") is None and not ctx.options.get("skip_extra"):
+        lay = prev.get("layouts")
+        if lay and all(v["test_accuracy"]["n"] == len(seeds) for v in lay["runs"].values()):
+            result["layouts"] = lay
+        else:
+            result["layouts"] = _layouts(ctx, target, rt_opt, seeds, episodes, ft_epochs, base)
+        write_result(ctx, "quality", result)
+        cross = prev.get("cross_target")
+        if cross and all(r.get("status") == "ok" for r in cross["searches"].values()):
+            result["cross_target"] = cross
+        else:
+            result["cross_target"] = _cross_target(ctx, episodes, ft_epochs, base)
+        write_result(ctx, "quality", result)
+    elif prev:
+        for k in ("layouts", "cross_target"):
+            if k in prev:
+                result[k] = prev[k]
+    for k, v in prev.get("models", {}).items():
+        if k not in models:
+            result["models"][k] = v  # another invocation's model (e.g. --models dwnet after resnet20)
     for key in models:
         bm = resnet20_digits(ctx) if key == "resnet20" else dwnet_digits(ctx)
         floors = search_floors(bm.spec, target, rt_opt, sorted(set(LAYOUT.values())))
@@ -334,7 +367,13 @@ def run(ctx: Context) -> dict[str, Any]:
             for seed in seeds:
                 cells: dict[str, dict[str, Any]] = {}
                 tp_model = None
+                reuse = prev.get("models", {}).get(key, {}).get("cells", {}).get(f"{budget}/{seed}", {})
                 for method in methods:
+                    pc = reuse.get(method)
+                    if method != "tp-magnitude" and pc and _reusable(pc):
+                        cells[method] = pc  # finished in an earlier invocation with the same settings
+                        log(ctx, f"{key} budget {budget:.0%} seed {seed}: {method} (reused: {pc['status']})")
+                        continue
                     floor = floors[LAYOUT[method]]
                     if method != "tp-magnitude" and floor > budget * (1 + 1e-9):
                         cells[method] = {
@@ -371,11 +410,8 @@ def run(ctx: Context) -> dict[str, Any]:
                     )
                     ms, x = _compressed_models(bm, cells, tp_model, seed, round_to)
                     mres["latency"][f"{budget}/{seed}"] = measure_side_by_side(ctx, ms, x, target, rounds)
+                result["summary"] = summarize_cells(result)
                 write_result(ctx, "quality", result)  # partial results survive an interrupted run
-    if ctx.options.get("agents") is None:
-        result["layouts"] = _layouts(ctx, target, rt_opt, seeds, episodes, ft_epochs, base)
-        write_result(ctx, "quality", result)
-        result["cross_target"] = _cross_target(ctx, episodes, ft_epochs, base)
     result["summary"] = summarize_cells(result)
     path = write_result(ctx, "quality", result)
     print(summarize(result))
@@ -384,6 +420,25 @@ def run(ctx: Context) -> dict[str, Any]:
 
 
 LAYOUT_BOPS_BUDGET = 0.02  # of the float model's BOPs: tight enough that no single layout wins for free
+
+
+def _previous(ctx: Context, result: dict[str, Any]) -> dict[str, Any]:
+    """An earlier result file of this benchmark with the same settings (its finished cells are reused)."""
+    path = ctx.results_dir / f"quality{'-quick' if ctx.quick else ''}.json"
+    if not path.exists():
+        return {}
+    try:
+        prev = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    same = all(prev.get(k) == result.get(k) for k in ("target", "episodes", "fine_tune_epochs", "round_to"))
+    return prev if same else {}
+
+
+def _reusable(cell: dict[str, Any]) -> bool:
+    if cell.get("status") == "unreachable":
+        return True
+    return cell.get("status") == "ok" and Path(cell.get("policy_path", "")).exists()
 
 
 def _layouts(
@@ -479,12 +534,14 @@ def summarize_cells(result: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, mres in result["models"].items():
         per: dict[str, Any] = {}
+        # the seeds this model has cells for (an interrupted run summarises what it finished)
+        seeds = sorted({int(k.split("/")[1]) for k in mres["cells"]}) or list(result["seeds"])
         for budget in result["budgets"]:
             for method in result["methods"]:
-                cells = [mres["cells"].get(f"{budget}/{s}", {}).get(method, {}) for s in result["seeds"]]
+                cells = [mres["cells"].get(f"{budget}/{s}", {}).get(method, {}) for s in seeds]
                 ok = [c for c in cells if c.get("status") == "ok"]
                 measured = []
-                for s in result["seeds"]:
+                for s in seeds:
                     lat = mres["latency"].get(f"{budget}/{s}", {}).get("models", {})
                     if (
                         method in lat

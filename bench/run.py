@@ -40,6 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", help="use this .pt2 instead of the trained ResNet-20 (throughput, fidelity)")
     p.add_argument("--budgets", help="comma-separated latency budgets for quality, e.g. 0.5,0.25,0.1")
     p.add_argument("--round-to", type=int, help="quality: channel rounding (default: the target's own)")
+    p.add_argument(
+        "--fresh", action="store_true", help="quality: do not reuse finished cells of a stored result"
+    )
+    p.add_argument(
+        "--skip-extra", action="store_true", help="quality: skip the layout and cross-target experiments"
+    )
     p.add_argument("--parts", help="memory: comma-separated parts to run: web,worker")
     p.add_argument("--tables", action="store_true", help="print the tables of stored results, run nothing")
     p.add_argument(
@@ -87,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         "agents": args.agents.split(",") if args.agents else None,
         "model": args.model,
         "round_to": args.round_to,
+        "fresh": args.fresh,
+        "skip_extra": args.skip_extra,
         "parts": args.parts.split(",") if args.parts else None,
         "models": args.models.split(",") if args.models else None,
         "budgets": [float(b) for b in args.budgets.split(",")] if args.budgets else None,
