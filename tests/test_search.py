@@ -231,3 +231,21 @@ def test_latency_objective_on_a_measured_target(trained_small_cnn, tmp_path, mon
     assert lat["original"]["median_ms"] > 0 and lat["compressed"]["median_ms"] > 0
     assert "prediction_error" in lat
     assert os.path.exists(tmp_path / "cache" / "latency.sqlite")
+
+
+def test_two_stage_run_whose_quantization_stage_cannot_reach_the_budget_is_refused_before_it_starts(
+    trained_small_cnn, tmp_path
+):
+    # 8-bit minimum: the quantization stage cannot go below 64/1024 of the BOPs of what pruning leaves, so a
+    # budget of 1e-4 is out of its reach even after the most pruning; the pruning stage (to 50%) alone is fine
+    cfg = _config(
+        trained_small_cnn["weights_spec"],
+        "two-stage",
+        budget=1e-4,
+        min_bits=8,
+        agent_config={"prune_budget": 0.5},
+    )
+    rec = Record()
+    with pytest.raises(SearchError, match="the quantize stage .* cannot reach its budget"):
+        run_search(cfg, str(tmp_path), [rec])
+    assert rec.episodes == []  # refused before the pruning stage spent any episode

@@ -231,9 +231,39 @@ class SearchRun:
             json.dump(sens, f)
         return sens
 
-    def make_env(self, stage: Stage, base_policy: Policy | None) -> CompressionEnvironment:
+    def check_stage_budgets(self) -> None:
+        """Refuse a multi-stage run whose later stage cannot reach its budget even after the most pruning
+        the first stage may do: found before the first stage runs, not after it (e.g. quantization on a
+        runtime that computes in float, where bits cost latency instead of saving it)."""
+        from compression.policy import LayerPolicy
+
+        if len(self.stages) < 2 or not _enforce(self.config):
+            return
+        graph = self.ws.graph
+        most = None
+        if self.stages[0].layout == "prune":
+            most = Policy(layers={n: LayerPolicy(keep_ratio=self.config.min_keep) for n in graph.prunable_leaders})
+        for stage in self.stages[1:]:
+            try:
+                CompressionEnvironment(
+                    graph,
+                    self.val,
+                    self.calib,
+                    self._settings(stage),
+                    latency=self.latency,
+                    base_policy=most,
+                    original_accuracy=self.original_accuracy,
+                )
+            except SearchError as exc:
+                raise SearchError(
+                    f"the {stage.name} stage ({stage.agent}, {stage.layout} actions) cannot reach its budget even "
+                    f"after the most pruning the first stage may do: {exc.what}",
+                    exc.hint,
+                ) from exc
+
+    def _settings(self, stage: Stage) -> EnvSettings:
         c = self.config
-        settings = EnvSettings(
+        return EnvSettings(
             layout=stage.layout,
             objective=c.objective,
             budget=stage.budget,
@@ -249,6 +279,9 @@ class SearchRun:
             calib_samples=c.calib_samples,
             seed=c.seed,
         )
+
+    def make_env(self, stage: Stage, base_policy: Policy | None) -> CompressionEnvironment:
+        settings = self._settings(stage)
         env = CompressionEnvironment(
             self.ws.graph,
             self.val,
@@ -335,6 +368,8 @@ def run_search(
     emit.on_start({**run.start_info(), "resumed_from": done})
     emit.on_phase("search", {"episodes_done": done, "episodes_total": config.episodes})
 
+    if state is None:
+        run.check_stage_budgets()
     stage_idx = int(state["stage"]) if state else 0
     stage_base = Policy.from_json(state["base_policy"]) if state and state.get("base_policy") else None
     agent = None
