@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from compression.errors import SearchError
+from compression.memory import release_freed_memory
 from compression.policy import Policy
 from compression.search.env import CompressionEnvironment, EnvSettings, layer_sensitivity
 from compression.search.results import EpisodeResult, SearchCallback, SearchConfig
@@ -402,6 +403,7 @@ def run_search(
             with open(ep_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(result.to_dict()) + "\n")
             done += 1
+            release_freed_memory()  # each episode's pruned copy leaves fragmented heap behind (memory.py)
             emit.on_episode(result)
             if done % config.checkpoint_every == 0 or done == stage_end:
                 _save_checkpoint(ckpt_path, _state(config, stage_idx, done, agent, stage_base))
