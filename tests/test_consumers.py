@@ -263,3 +263,35 @@ def test_live_daphne_websocket_with_session_login(live_stack):
                 pass
 
     asyncio.run(scenario())
+
+
+def test_long_history_goes_out_in_parts_under_daphnes_message_limit(users, settings):
+    """Daphne closes a socket on a message over 1 MiB; 600 episodes with 60-layer policies are ~4 MB."""
+    settings.STREAM_HISTORY_MAX = 2000
+    run = make_run(users[0])
+    layers = {f"block{i}.conv": {"keep_ratio": 0.5, "w_bits": 8, "a_bits": 8, "sparsity": 0.0} for i in range(60)}
+    Episode.objects.bulk_create(
+        [
+            Episode(
+                run=run, number=n, reward=0.1, accuracy=0.5, latency_ms=1.0, macs=1, bops=1, params=1, bytes=1.0,
+                cost_ratio=0.5, meets_budget=True, is_best=False, policy={"layers": layers},
+            )
+            for n in range(1, 601)
+        ]
+    )
+
+    async def scenario():
+        comm = communicator(run.pk, users[0])
+        await comm.connect()
+        messages = [await comm.receive_json_from(timeout=10)]
+        while messages[-1].get("more"):
+            messages.append(await comm.receive_json_from(timeout=10))
+        await comm.disconnect()
+        return messages
+
+    messages = asyncio.run(scenario())
+    assert len(messages) > 1 and messages[0]["type"] == "history" and messages[0]["total"] == 600
+    assert all(m["type"] == "history_more" for m in messages[1:])
+    assert all(len(json.dumps(m)) < 1024 * 1024 for m in messages)
+    numbers = [e["number"] for m in messages for e in m["episodes"]]
+    assert numbers == list(range(1, 601))

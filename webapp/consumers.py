@@ -1,6 +1,7 @@
 """The live stream of one run: history first, then increments, each episode exactly once.
 
-On connect the consumer joins the run's group, THEN reads the history from the database, so an episode
+On connect the consumer joins the run's group, THEN reads the history from the database (sent in parts
+under Daphne's 1 MiB message limit: "history", then "history_more" until ``more`` is false), so an episode
 written in between is either in the history or arrives as an increment; increments whose number is not
 above the last one already sent are dropped (they also occur when a resumed search recomputes episodes
 after its checkpoint). The browser drops any number it already has, so after a reconnect nothing is lost
@@ -9,6 +10,7 @@ or drawn twice. The consumer computes nothing: it reads, filters by sequence num
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from channels.db import database_sync_to_async
@@ -19,6 +21,23 @@ from webapp.models import Episode, Run, RunLog
 
 CLOSE_FORBIDDEN = 4403
 LOG_TAIL = 200
+# Daphne refuses to send a websocket message over 1 MiB (websocket_max_message_size) and closes the socket:
+# a run of ~500 episodes has a bigger history. It goes out in parts of at most this many bytes of episodes.
+HISTORY_CHUNK_BYTES = 512 * 1024
+
+
+def chunk_episodes(episodes: list[dict[str, Any]], limit: int = HISTORY_CHUNK_BYTES) -> list[list[dict[str, Any]]]:
+    """Split episode events into consecutive parts whose JSON stays under ``limit`` bytes (at least one part)."""
+    parts: list[list[dict[str, Any]]] = [[]]
+    size = 0
+    for e in episodes:
+        n = len(json.dumps(e, separators=(",", ":"))) + 2
+        if parts[-1] and size + n > limit:
+            parts.append([])
+            size = 0
+        parts[-1].append(e)
+        size += n
+    return parts
 
 
 def downsample_numbers(rows: list[tuple], limit: int) -> tuple[list[int], bool]:
@@ -104,7 +123,11 @@ class RunConsumer(AsyncJsonWebsocketConsumer):
         self.last_number = history["last_number"]
         if history["logs"]:
             self.last_log_seq = history["logs"][-1]["seq"]
-        await self.send_json(history)
+        # the first part carries status, logs and totals; "more" says further "history_more" parts follow
+        parts = chunk_episodes(history["episodes"])
+        await self.send_json({**history, "episodes": parts[0], "more": len(parts) > 1})
+        for i, part in enumerate(parts[1:], start=2):
+            await self.send_json({"type": "history_more", "episodes": part, "more": i < len(parts)})
 
     async def disconnect(self, code: int) -> None:
         """Leave the group."""

@@ -1,7 +1,8 @@
 /* The live run page.
  *
- * Data arrives over the run's websocket (/ws/runs/<id>/): one "history" message on connect (episodes,
- * possibly downsampled, the run's status and the log tail), then "episode", "status" and "log" increments.
+ * Data arrives over the run's websocket (/ws/runs/<id>/): a "history" message on connect (episodes,
+ * possibly downsampled, the run's status and the log tail; a long history continues in "history_more"
+ * parts, each under the server's 1 MiB message limit), then "episode", "status" and "log" increments.
  * Every episode carries its number; an episode whose number is not above the last one drawn is dropped, so
  * nothing is drawn twice, also after a reconnect (the server sends the history again). Charts are built once
  * and then grown with Plotly.extendTraces, so a zoomed chart stays zoomed while points arrive. While the
@@ -419,9 +420,20 @@
     el.className = "conn " + (cls || "");
   }
 
+  function historyNote(more) {
+    var note = "";
+    if (more) {
+      note = "loading history: " + state.historyCount + " of " + state.historyTotal + " episodes…";
+    } else if (state.historyDownsampled) {
+      note = "overview: " + state.historyCount + " of " + state.historyTotal + " episodes";
+    }
+    document.getElementById("downsampled-note").textContent = note;
+  }
+
   function onMessage(msg) {
     state.messages += 1;
-    state.received.push([msg.type, msg.type === "history" ? msg.episodes.map(function (e) { return e.number; }) :
+    state.received.push([msg.type, (msg.type === "history" || msg.type === "history_more") ?
+      msg.episodes.map(function (e) { return e.number; }) :
       msg.type === "episode" ? [msg.episode.number] : []]);
     if (state.received.length > 300) { state.received.shift(); }
     if (msg.type === "history") {
@@ -429,8 +441,16 @@
       if (msg.run) { setStatus(msg.run); }
       append(msg.episodes);
       if (msg.logs) { addLog(msg.logs); }
-      document.getElementById("downsampled-note").textContent = msg.downsampled ?
-        "overview: " + msg.episodes.length + " of " + msg.total + " episodes" : "";
+      state.historyCount = msg.episodes.length;
+      state.historyTotal = msg.total;
+      state.historyDownsampled = msg.downsampled;
+      historyNote(msg.more);
+      progress();
+    } else if (msg.type === "history_more") {
+      // a long history arrives in parts (the server keeps each message under 1 MiB)
+      append(msg.episodes);
+      state.historyCount += msg.episodes.length;
+      historyNote(msg.more);
       progress();
     } else if (msg.type === "episode") {
       queue(msg.episode);
