@@ -115,7 +115,7 @@ class Stack:
 
         cmd = [
             sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "-Q", "celery,quick", "-c", "1",
-            "-P", "prefork", "-n", "bench@%h", "--without-gossip", "--without-mingle", "-l", "warning",
+            "-P", "prefork", "-n", "bench@%h", "--without-gossip", "--without-mingle", "-l", "info",
         ]  # fmt: skip
         self.worker = ServiceProcess(
             "worker", cmd, {**os.environ, **self.env}, self.dir / "logs" / "worker.log"
