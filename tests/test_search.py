@@ -249,3 +249,13 @@ def test_two_stage_run_whose_quantization_stage_cannot_reach_the_budget_is_refus
     with pytest.raises(SearchError, match="the quantize stage .* cannot reach its budget"):
         run_search(cfg, str(tmp_path), [rec])
     assert rec.episodes == []  # refused before the pruning stage spent any episode
+
+
+def test_finalize_chooses_among_candidates_on_the_validation_split(trained_small_cnn, tmp_path):
+    cfg = _config(trained_small_cnn["weights_spec"], "random", objective="macs", top_k=3, fine_tune_epochs=1)
+    report = run_search(cfg, str(tmp_path), [Record()])
+    cands = report["candidates"]
+    assert len(cands) >= 2 and all("val_accuracy_after_fine_tune" in c for c in cands)
+    chosen = next(c for c in cands if c["episode"] == report["best_episode"])
+    assert chosen["val_accuracy_after_fine_tune"] == max(c["val_accuracy_after_fine_tune"] for c in cands)
+    assert report["accuracy"]["compressed_test"] == chosen["test_accuracy"]
