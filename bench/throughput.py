@@ -361,7 +361,10 @@ def _run(ctx: Context) -> dict[str, Any]:
         os.environ["COMPRESSION_CACHE_DIR"] = saved_cache
     result["floors"] = floors
     budget = pick_budget(floors["prune"])
-    log(ctx, f"cold latency table: AMC with an empty table (budget {budget:.0%}, the prune floor is {floors['prune']:.1%})")
+    log(
+        ctx,
+        f"cold latency table: AMC with an empty table (budget {budget:.0%}, the prune floor is {floors['prune']:.1%})",
+    )
     cold = _search(ctx, model, "amc", target, budget, episodes, base / "cold")
     log(ctx, "warm latency table: the same search again")
     warm = _search(ctx, model, "amc", target, budget, episodes, base / "warm")

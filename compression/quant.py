@@ -62,7 +62,9 @@ class ActQuantizer(nn.Module):
         super().__init__()
         self.bits = int(bits)
         self.observing = False
-        self.bypass = False  # True while a latency table records the model's ops (see act_quantizers_bypassed)
+        self.bypass = (
+            False  # True while a latency table records the model's ops (see act_quantizers_bypassed)
+        )
         self.register_buffer("lo", torch.tensor(float("inf")))
         self.register_buffer("hi", torch.tensor(float("-inf")))
         self.register_buffer("scale", torch.tensor(1.0))

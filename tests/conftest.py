@@ -33,5 +33,6 @@ def trained_small_cnn(tmp_path_factory):
     """A small CNN trained on digits at 1x8x8 (a few seconds): .pt2, weights and the zoo spec."""
     return _train(tmp_path_factory, "small_cnn", (1, 8, 8), epochs=4)
 
+
 # Service fixtures (own Redis on a free port, real Celery workers, a live daphne): tests/conftest_services.py
 from tests.conftest_services import *  # noqa: E402, F401, F403

@@ -269,12 +269,25 @@ def test_long_history_goes_out_in_parts_under_daphnes_message_limit(users, setti
     """Daphne closes a socket on a message over 1 MiB; 600 episodes with 60-layer policies are ~4 MB."""
     settings.STREAM_HISTORY_MAX = 2000
     run = make_run(users[0])
-    layers = {f"block{i}.conv": {"keep_ratio": 0.5, "w_bits": 8, "a_bits": 8, "sparsity": 0.0} for i in range(60)}
+    layers = {
+        f"block{i}.conv": {"keep_ratio": 0.5, "w_bits": 8, "a_bits": 8, "sparsity": 0.0} for i in range(60)
+    }
     Episode.objects.bulk_create(
         [
             Episode(
-                run=run, number=n, reward=0.1, accuracy=0.5, latency_ms=1.0, macs=1, bops=1, params=1, bytes=1.0,
-                cost_ratio=0.5, meets_budget=True, is_best=False, policy={"layers": layers},
+                run=run,
+                number=n,
+                reward=0.1,
+                accuracy=0.5,
+                latency_ms=1.0,
+                macs=1,
+                bops=1,
+                params=1,
+                bytes=1.0,
+                cost_ratio=0.5,
+                meets_budget=True,
+                is_best=False,
+                policy={"layers": layers},
             )
             for n in range(1, 601)
         ]

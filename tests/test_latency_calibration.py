@@ -54,7 +54,9 @@ class SimulatedDevice:
             + FQ_MS[where] * len(act_quantizers(module))
         )
 
-    def measure(self, module, example_input, *, warmup=0, repeats=1, timeout_s=60.0, bits=None) -> Measurement:
+    def measure(
+        self, module, example_input, *, warmup=0, repeats=1, timeout_s=60.0, bits=None
+    ) -> Measurement:
         ms = self.latency(module, example_input)
         return Measurement("simulated", "simulated", ms, ms, 0.0, ms, repeats, warmup, 0.0)
 
@@ -72,7 +74,9 @@ def test_variants_give_a_line_that_predicts_smaller_models(tmp_path: Path) -> No
     one_err = one.confirm(smaller, x)["rel_error"]
 
     fit = _table(tmp_path / "fit")
-    cal = fit.calibrate(reference, x, variants=[SmallResNet((8, 8, 16, 16)), SmallResNet((4, 4, 8, 8))], rounds=1)
+    cal = fit.calibrate(
+        reference, x, variants=[SmallResNet((8, 8, 16, 16)), SmallResNet((4, 4, 8, 8))], rounds=1
+    )
     assert cal["scale"] == pytest.approx(1.0, rel=1e-6)
     assert cal["offset_ms"] < 0  # the per-layer boundary costs a one-layer model pays and the model does not
     assert max(abs(r) for r in cal["residuals"]) < 1e-9
@@ -125,7 +129,9 @@ def test_search_latency_model_matches_the_device_on_pruned_and_quantized_policie
     calib = torch.randn(16, *x.shape[1:])
     rng = random.Random(0)
     for _ in range(6):
-        layers = {n: LayerPolicy(keep_ratio=rng.choice([0.25, 0.5, 0.75, 1.0])) for n in graph.prunable_leaders}
+        layers = {
+            n: LayerPolicy(keep_ratio=rng.choice([0.25, 0.5, 0.75, 1.0])) for n in graph.prunable_leaders
+        }
         for n in graph.quantizable:
             if rng.random() < 0.5:
                 lp = layers.setdefault(n, LayerPolicy())

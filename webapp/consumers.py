@@ -26,7 +26,9 @@ LOG_TAIL = 200
 HISTORY_CHUNK_BYTES = 512 * 1024
 
 
-def chunk_episodes(episodes: list[dict[str, Any]], limit: int = HISTORY_CHUNK_BYTES) -> list[list[dict[str, Any]]]:
+def chunk_episodes(
+    episodes: list[dict[str, Any]], limit: int = HISTORY_CHUNK_BYTES
+) -> list[list[dict[str, Any]]]:
     """Split episode events into consecutive parts whose JSON stays under ``limit`` bytes (at least one part)."""
     parts: list[list[dict[str, Any]]] = [[]]
     size = 0
@@ -81,7 +83,9 @@ def _load_run(run_id: int, user) -> Run | None:
 def _history(run_id: int) -> dict[str, Any]:
     """The run's status, episodes (downsampled when long) and log tail, read in one go."""
     run = Run.objects.get(pk=run_id)
-    rows = list(Episode.objects.filter(run_id=run_id).order_by("number").values_list("number", "reward", "is_best"))
+    rows = list(
+        Episode.objects.filter(run_id=run_id).order_by("number").values_list("number", "reward", "is_best")
+    )
     numbers, downsampled = downsample_numbers(rows, settings.STREAM_HISTORY_MAX)
     if downsampled:
         qs = Episode.objects.filter(run_id=run_id, number__in=numbers)

@@ -186,7 +186,11 @@ else:
             "BACKEND": "channels_redis.core.RedisChannelLayer",
             # socket_timeout None: redis-py 8 defaults to 5 s, shorter than channels_redis's 5 s blocking
             # read, which killed every websocket consumer every few seconds (django/channels_redis#422)
-            "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": None}], "capacity": 1500, "expiry": 60},
+            "CONFIG": {
+                "hosts": [{"address": REDIS_URL, "socket_timeout": None}],
+                "capacity": 1500,
+                "expiry": 60,
+            },
         }
     }
 

@@ -588,7 +588,11 @@ class _Lifter:
                 if target_buf in owned:
                     continue  # e.g. num_batches_tracked += 1: the lifted BatchNorm does this itself
                 functional = _functional_variant(node.target)
-                if isinstance(target_buf, fx.Node) and target_buf.op != "placeholder" and functional is not None:
+                if (
+                    isinstance(target_buf, fx.Node)
+                    and target_buf.op != "placeholder"
+                    and functional is not None
+                ):
                     # An in-place op on an intermediate activation (nn.ReLU(inplace=True), x += y): the
                     # out-of-place op computes the same, and every later use of the mutated value reads it.
                     new = g.call_function(functional, tuple(arg(a) for a in node.args), dict(node.kwargs))

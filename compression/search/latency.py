@@ -139,7 +139,10 @@ class TableLatency(LatencyModel):
         fs, qs = [], []
         for p in policies:
             costs = compute_costs(graph, p, round_to)
-            parts = [self._parts(n, c.in_channels, c.out_channels, c.w_bits, c.a_bits) for n, c in costs.layers.items()]
+            parts = [
+                self._parts(n, c.in_channels, c.out_channels, c.w_bits, c.a_bits)
+                for n, c in costs.layers.items()
+            ]
             fs.append(sum(f for f, _ in parts))
             qs.append(sum(q for _, q in parts))
         ys = [m - base for m in measured]

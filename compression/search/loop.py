@@ -243,7 +243,9 @@ class SearchRun:
         graph = self.ws.graph
         most = None
         if self.stages[0].layout == "prune":
-            most = Policy(layers={n: LayerPolicy(keep_ratio=self.config.min_keep) for n in graph.prunable_leaders})
+            most = Policy(
+                layers={n: LayerPolicy(keep_ratio=self.config.min_keep) for n in graph.prunable_leaders}
+            )
         for stage in self.stages[1:]:
             try:
                 CompressionEnvironment(

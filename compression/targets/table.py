@@ -41,11 +41,11 @@ import json
 import logging
 import sqlite3
 import time
+from collections.abc import Sequence
 from contextlib import closing
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
-from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -193,7 +193,10 @@ class LatencyTable:
             with closing(self._connect()) as db:
                 db.executescript(_SCHEMA)
                 cols = {r[1] for r in db.execute("PRAGMA table_info(calibrations)")}
-                for col, decl in (("offset_ms", "REAL NOT NULL DEFAULT 0"), ("details", "TEXT NOT NULL DEFAULT '{}'")):
+                for col, decl in (
+                    ("offset_ms", "REAL NOT NULL DEFAULT 0"),
+                    ("details", "TEXT NOT NULL DEFAULT '{}'"),
+                ):
                     if col not in cols:  # a table file written before the affine calibration
                         db.execute(f"ALTER TABLE calibrations ADD COLUMN {col} {decl}")
                 db.execute(
@@ -580,7 +583,12 @@ class LatencyTable:
                     f"model {i}: rounds spread {spread:.0%}, median {above_min:.0%} above the fastest run"
                 )
             points.append(
-                {"raw_ms": raw, "layers_ms": raw - base, "measured_ms": measured, "rounds_ms": [v for _, v in runs]}
+                {
+                    "raw_ms": raw,
+                    "layers_ms": raw - base,
+                    "measured_ms": measured,
+                    "rounds_ms": [v for _, v in runs],
+                }
             )
         xs = [p["layers_ms"] for p in points]
         ys = [p["measured_ms"] - base for p in points]
@@ -592,7 +600,9 @@ class LatencyTable:
             scale = ys[0] / xs[0] if xs[0] > 0 else 1.0
             offset = 0.0
         scale = max(scale, 1e-3)  # a non-positive factor would mean noise swamped the measurement
-        residuals = [(base + scale * x + offset - (y + base)) / (y + base) for x, y in zip(xs, ys, strict=True)]
+        residuals = [
+            (base + scale * x + offset - (y + base)) / (y + base) for x, y in zip(xs, ys, strict=True)
+        ]
         with closing(self._connect()) as db:
             db.execute(
                 "INSERT OR REPLACE INTO calibrations (target, fingerprint, structure, scale, predicted_ms, "
