@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from compression.agents.base import Agent, Param
-from compression.agents.common.buffers import ReplayBuffer
+from compression.agents.common.buffers import Pending, ReplayBuffer, load_pending, pending_state
 from compression.agents.common.networks import Actor, Critic, hard_update, soft_update
 from compression.agents.common.noise import TruncatedNormalNoise
 from compression.agents.common.rng import make_generators, numpy_state, set_numpy_state
@@ -135,7 +135,7 @@ class DDPGAgent(Agent):
         self.buffer = ReplayBuffer(c["buffer_episodes"] * env_spec.num_steps, self.obs_dim, self.act_dim)
         self.noise = TruncatedNormalNoise(c["noise_sigma"], c["noise_decay"])
         self.baseline: float | None = None
-        self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray, bool]] = []
+        self._pending: Pending = []
 
     @classmethod
     def params(cls) -> list[Param]:
@@ -272,15 +272,7 @@ class DDPGAgent(Agent):
             "buffer": self.buffer.state_dict(),
             "baseline": self.baseline,
             "sigma": self.current_sigma(),
-            "pending": [
-                {
-                    "obs": torch.from_numpy(o),
-                    "action": torch.from_numpy(a),
-                    "next_obs": torch.from_numpy(n),
-                    "done": d,
-                }
-                for o, a, n, d in self._pending
-            ],
+            "pending": pending_state(self._pending),
         }
 
     def _load_state(self, state: dict[str, Any]) -> None:
@@ -292,12 +284,4 @@ class DDPGAgent(Agent):
             o.load_state_dict(state["optims"][k])
         self.buffer.load_state_dict(state["buffer"])
         self.baseline = None if state["baseline"] is None else float(state["baseline"])
-        self._pending = [
-            (
-                p["obs"].numpy().copy(),
-                p["action"].numpy().copy(),
-                p["next_obs"].numpy().copy(),
-                bool(p["done"]),
-            )
-            for p in state["pending"]
-        ]
+        self._pending = load_pending(state["pending"])

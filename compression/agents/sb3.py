@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from compression.agents.base import Agent, Param
+from compression.agents.common.buffers import Pending, load_pending, pending_state
 from compression.agents.common.rng import make_generators, numpy_state, set_numpy_state
 from compression.errors import SearchError
 from compression.search.spaces import EnvSpec
@@ -94,7 +95,7 @@ class SB3Agent(Agent):
         with self._own_rng():
             self.model = (TD3 if self.algo == "td3" else SAC)("MlpPolicy", env, **kwargs)
         self.model.set_logger(Logger(folder=None, output_formats=[]))
-        self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray, bool]] = []
+        self._pending: Pending = []
 
     @classmethod
     def params(cls) -> list[Param]:
@@ -212,15 +213,7 @@ class SB3Agent(Agent):
                 "full": bool(buf.full),
                 **{k: torch.from_numpy(getattr(buf, k).copy()) for k in _BUFFER_KEYS},
             },
-            "pending": [
-                {
-                    "obs": torch.from_numpy(o),
-                    "action": torch.from_numpy(a),
-                    "next_obs": torch.from_numpy(n),
-                    "done": d,
-                }
-                for o, a, n, d in self._pending
-            ],
+            "pending": pending_state(self._pending),
         }
         if self.algo == "sac" and m.ent_coef_optimizer is not None:
             state["log_ent_coef"] = m.log_ent_coef.detach().clone()
@@ -251,15 +244,7 @@ class SB3Agent(Agent):
             with torch.no_grad():
                 m.log_ent_coef.copy_(state["log_ent_coef"])
             m.ent_coef_optimizer.load_state_dict(state["ent_coef_optimizer"])
-        self._pending = [
-            (
-                p["obs"].numpy().copy(),
-                p["action"].numpy().copy(),
-                p["next_obs"].numpy().copy(),
-                bool(p["done"]),
-            )
-            for p in state["pending"]
-        ]
+        self._pending = load_pending(state["pending"])
 
 
 class SB3TD3Agent(SB3Agent):

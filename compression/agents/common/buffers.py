@@ -79,3 +79,27 @@ class ReplayBuffer:
             getattr(self, key)[:n] = state[key]
         self.size = n
         self.pos = int(state["pos"])
+
+
+Pending = list[tuple[np.ndarray, np.ndarray, np.ndarray, bool]]
+
+
+def pending_state(pending: Pending) -> list[dict[str, Any]]:
+    """An episode's transitions not yet stored (their reward comes at the episode's end), as checkpoint data."""
+    return [
+        {
+            "obs": torch.from_numpy(o),
+            "action": torch.from_numpy(a),
+            "next_obs": torch.from_numpy(n),
+            "done": d,
+        }
+        for o, a, n, d in pending
+    ]
+
+
+def load_pending(state: list[dict[str, Any]]) -> Pending:
+    """The inverse of ``pending_state``."""
+    return [
+        (p["obs"].numpy().copy(), p["action"].numpy().copy(), p["next_obs"].numpy().copy(), bool(p["done"]))
+        for p in state
+    ]
