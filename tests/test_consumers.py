@@ -36,7 +36,16 @@ def make_run(owner) -> Run:
 
 
 def add_episode(run: Run, number: int, reward: float = 0.1, is_best: bool = False) -> Episode:
-    return Episode.objects.create(
+    e = episode_row(run, number, reward, is_best)
+    e.save()
+    return e
+
+
+def episode_row(
+    run: Run, number: int, reward: float = 0.1, is_best: bool = False, policy: dict | None = None
+) -> Episode:
+    """An unsaved episode row (``bulk_create`` many at once)."""
+    return Episode(
         run=run,
         number=number,
         reward=reward,
@@ -49,7 +58,7 @@ def add_episode(run: Run, number: int, reward: float = 0.1, is_best: bool = Fals
         cost_ratio=0.5,
         meets_budget=True,
         is_best=is_best,
-        policy={"layers": {}},
+        policy=policy or {"layers": {}},
     )
 
 
@@ -272,26 +281,7 @@ def test_long_history_goes_out_in_parts_under_daphnes_message_limit(users, setti
     layers = {
         f"block{i}.conv": {"keep_ratio": 0.5, "w_bits": 8, "a_bits": 8, "sparsity": 0.0} for i in range(60)
     }
-    Episode.objects.bulk_create(
-        [
-            Episode(
-                run=run,
-                number=n,
-                reward=0.1,
-                accuracy=0.5,
-                latency_ms=1.0,
-                macs=1,
-                bops=1,
-                params=1,
-                bytes=1.0,
-                cost_ratio=0.5,
-                meets_budget=True,
-                is_best=False,
-                policy={"layers": layers},
-            )
-            for n in range(1, 601)
-        ]
-    )
+    Episode.objects.bulk_create([episode_row(run, n, policy={"layers": layers}) for n in range(1, 601)])
 
     async def scenario():
         comm = communicator(run.pk, users[0])
