@@ -259,3 +259,26 @@ def test_user_journey(live_stack, tmp_path):  # noqa: F811
         b.goto(f"{url}/runs/{run1}/")
         b.screenshot(SHOTS / "16-other-user-404.png")
         assert "Not found" in b.js("document.body.innerText")
+
+
+@pytest.mark.timeout(300)
+def test_long_run_history_arrives_in_parts_and_is_drawn_whole(live_stack):  # noqa: F811
+    """A finished 2000-episode run: its history (over 1 MB) is over daphne's 1 MiB websocket message limit, so it
+    comes in parts; the page draws every episode once, and says nothing about an overview (none was made)."""
+    from tests.ui_helpers import make_model, make_run, make_user
+
+    carol = make_user("carol")
+    run = make_run(carol, make_model(carol), episodes=2000, status="finished")
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with Browser() as b:
+        sign_in(b, live_stack.url, "carol")
+        b.goto(f"{live_stack.url}/runs/{run.pk}/")
+        b.wait("window.runPage && window.runPage.drawn === 2000", 90, "all 2000 episodes drawn")
+        kinds = b.js("window.runPage.received.map(r => r[0])")
+        numbers = b.js(
+            "[].concat(...window.runPage.received.filter(r => r[0].startsWith('history')).map(r => r[1]))"
+        )
+        assert kinds[0] == "history" and "history_more" in kinds
+        assert numbers == list(range(1, 2001))
+        assert b.js("document.getElementById('downsampled-note').textContent") == ""
+        b.screenshot(SHOTS / "17-long-run-2000-episodes.png")
