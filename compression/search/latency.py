@@ -73,8 +73,6 @@ class TableLatency(LatencyModel):
         quantized: bool = True,
         reuse_s: float | None = None,
     ) -> None:
-        import numpy as np
-
         from compression.apply import apply_policy
         from compression.costs import compute_costs
         from compression.policy import LayerPolicy, Policy
@@ -113,7 +111,7 @@ class TableLatency(LatencyModel):
                     layers.setdefault(n, LayerPolicy()).keep_ratio = k
                 policies.append(Policy(layers=layers))
                 kinds.append(f"keep {k}, {b} bits")
-        from compression.targets.table import structure_key
+        from compression.targets.table import fit_scales, structure_key
 
         memo_key = "search-calibration|" + json.dumps(
             [structure_key(table.workloads(graph.module, x)), round_to, kinds, CALIBRATION_BITS]
@@ -146,16 +144,12 @@ class TableLatency(LatencyModel):
             fs.append(sum(f for f, _ in parts))
             qs.append(sum(q for _, q in parts))
         ys = [m - base for m in measured]
-        fit = None
         has_q = any(abs(q) > 1e-9 for q in qs)
-        if len(measured) >= (4 if has_q else 2):
-            cols = [fs, qs, [1.0] * len(fs)] if has_q else [fs, [1.0] * len(fs)]
-            sol, *_ = np.linalg.lstsq(np.array(cols).T, np.array(ys), rcond=None)
-            a = float(sol[0])
-            bq = float(sol[1]) if has_q else 1.0
-            rest = float(sol[-1])
-            if a > 0 and bq > 0:
-                fit = (a, bq, rest)
+        found = fit_scales([fs, qs] if has_q else [fs], ys)
+        fit = None
+        if found is not None:
+            scales, rest = found
+            fit = (scales[0], scales[1] if has_q else 1.0, rest)
         if fit is None:
             # one factor, as the table's own calibration found it, with the residual operations scaled alike
             a = float(self.calibration.get("scale") or 1.0)

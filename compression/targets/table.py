@@ -592,7 +592,8 @@ class LatencyTable:
             )
         xs = [p["layers_ms"] for p in points]
         ys = [p["measured_ms"] - base for p in points]
-        scale, offset = self._fit(xs, ys)
+        fit = fit_scales([xs], ys)
+        scale, offset = (fit[0][0], fit[1]) if fit else (None, 0.0)
         if scale is None:
             # one point, or points too close together / a non-increasing fit: one factor from the reference
             if len(points) > 1:
@@ -638,21 +639,6 @@ class LatencyTable:
             )
             log.warning("%s: %s", self.spec.name, result["warning"])
         return result
-
-    @staticmethod
-    def _fit(xs: list[float], ys: list[float]) -> tuple[float | None, float]:
-        """Least-squares line y = scale * x + offset; (None, 0) when it is not determined or not increasing."""
-        n = len(xs)
-        if n < 2:
-            return None, 0.0
-        mx, my = sum(xs) / n, sum(ys) / n
-        sxx = sum((x - mx) ** 2 for x in xs)
-        if sxx <= (0.05 * mx) ** 2 * n:  # the models are too alike in size to separate scale from offset
-            return None, 0.0
-        scale = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
-        if scale <= 0:
-            return None, 0.0
-        return scale, my - scale * mx
 
     def confirm(
         self,
@@ -775,6 +761,26 @@ class LatencyTable:
             "measured": self.measured,
             "measure_s": self.measure_s,
         }
+
+
+def fit_scales(columns: list[list[float]], ys: list[float]) -> tuple[list[float], float] | None:
+    """Least squares ``y = sum(scale_i * column_i) + offset``: (scales, offset), or None when the fit is not
+    determined (fewer points than unknowns, or the first column too alike across points to separate its scale
+    from the offset) or a scale is not positive (time cannot fall as work grows)."""
+    import numpy as np
+
+    n, k = len(ys), len(columns)
+    if n < k + 1:
+        return None
+    first = np.asarray(columns[0], dtype=float)
+    if float(first.std()) <= 0.05 * abs(float(first.mean())):
+        return None
+    a = np.column_stack([*(np.asarray(c, dtype=float) for c in columns), np.ones(n)])
+    sol, *_ = np.linalg.lstsq(a, np.asarray(ys, dtype=float), rcond=None)
+    scales = [float(v) for v in sol[:k]]
+    if min(scales) <= 0:
+        return None
+    return scales, float(sol[k])
 
 
 def structure_key(workloads: list[LayerWorkload]) -> str:
