@@ -176,3 +176,27 @@ def test_a_second_search_reuses_recent_calibration_measurements(tmp_path: Path) 
     assert second.calibration["search_fit"]["scale"] == pytest.approx(first.scale)
     TableLatency(table, graph, x, quantized=True, reuse_s=0)  # 0: always measure
     assert Counting.models == 30
+
+
+def test_a_line_that_predicts_the_most_pruned_model_for_free_falls_back_to_one_factor(tmp_path: Path) -> None:
+    """A device whose end-to-end time is not linear in the layer sums (as ONNX Runtime at this size): the line
+    through keep 1 / 0.5 / 0.25 would price the most pruned model at <= 0 ms; one factor is used instead."""
+    from compression.costs import compute_costs
+    from compression.models.graph import LayerGraph
+    from compression.policy import LayerPolicy, Policy
+    from compression.search.latency import MIN_KEEP, TableLatency
+
+    class Convex(SimulatedDevice):
+        def latency(self, module, x):
+            if isinstance(module, (FusedLayer, OpModule, OverheadModule)):
+                return super().latency(module, x)
+            macs = sum(w.macs for w in extract_workloads(module, x) if w.is_layer)
+            return CALL_MS + 1e-13 * macs**2  # small models nearly free end to end, big ones dear
+
+    x = small_input()
+    graph = LayerGraph.build(SmallResNet().eval(), tuple(x.shape[1:]), num_classes=10)
+    table = LatencyTable(SIM, tmp_path / "t.sqlite", backend=Convex(), warmup=0, repeats=1)
+    lat = TableLatency(table, graph, x, quantized=False, reuse_s=0)
+    thin = Policy(layers={n: LayerPolicy(keep_ratio=MIN_KEEP) for n in graph.prunable_leaders})
+    assert lat.total(compute_costs(graph, thin)) > 0
+    assert lat.calibration["search_fit"]["rest_ms"] >= 0  # the one-factor fallback, not the line

@@ -40,6 +40,7 @@ def table_path() -> Path:
 
 CALIBRATION_KEEPS = (0.5, 0.25)  # uniformly pruned copies measured beside the original to fit the line
 CALIBRATION_BITS = 8  # the quantized copies (original and half-pruned) run every layer at this many bits
+MIN_KEEP = 0.1  # the search's default min_keep: the most pruned model the line must still predict sensibly
 CALIBRATION_REUSE_S = 3600.0  # a search reuses calibration measurements this recent (same model, same target)
 
 
@@ -150,10 +151,29 @@ class TableLatency(LatencyModel):
         if found is not None:
             scales, rest = found
             fit = (scales[0], scales[1] if has_q else 1.0, rest)
+        if fit is not None and graph.prunable_leaders:
+            # a line fitted between keep 1 and 0.25 must not predict the most pruned model (keep MIN_KEEP) at or
+            # below the bare call overhead: measured on ONNX Runtime, whose times are not linear in the layer sums
+            # at this size, the extrapolation went negative and candidates got latencies <= 0
+            thin = Policy(layers={n: LayerPolicy(keep_ratio=MIN_KEEP) for n in graph.prunable_leaders})
+            f_min = sum(
+                self._parts(n, c.in_channels, c.out_channels, 32, 32)[0]
+                for n, c in compute_costs(graph, thin, round_to).layers.items()
+            )
+            if fit[0] * f_min + fit[2] <= 0:
+                log.warning(
+                    "%s: the calibration line predicts the most pruned model at no cost (scale %.2f, rest %.3f ms); "
+                    "using one factor instead",
+                    table.spec.name,
+                    fit[0],
+                    fit[2],
+                )
+                fit = None
         if fit is None:
-            # one factor, as the table's own calibration found it, with the residual operations scaled alike
-            a = float(self.calibration.get("scale") or 1.0)
-            fit = (a, a, a * rest_raw + float(self.calibration.get("offset_ms") or 0.0))
+            # one factor through the original alone, the residual operations scaled alike: never below zero
+            whole = fs[0] + rest_raw
+            a = (measured[0] - base) / whole if whole > 0 and measured[0] > base else 1.0
+            fit = (a, a, a * rest_raw)
         self.scale, self.q_scale, rest = max(fit[0], 1e-3), fit[1], fit[2]
         super().__init__(self._layer_ms, residual_ms=base + rest)
         self.original_ms = base + self.scale * fs[0] + rest
