@@ -1,6 +1,7 @@
 """Apply a policy: the one function that turns (model, policy) into a compressed model.
 
-Steps, in order: channel pruning (dependency-aware, rounded per target) -> fine-grained sparsity ->
+Steps, in order: channel pruning (dependency-aware, rounded per target) -> least-squares reconstruction of
+the layers reading pruned channels (``compression.reconstruct``) -> fine-grained sparsity ->
 weight fake quantization -> activation quantizers -> one calibration pass over training samples that
 re-estimates batch-norm statistics of the pruned model and observes activation ranges -> eval mode.
 
@@ -17,6 +18,7 @@ from compression.models.graph import LayerGraph
 from compression.policy import FLOAT_BITS, Policy
 from compression.prune import apply_sparsity, group_keeps, prune_module
 from compression.quant import act_quantizers, attach_act_quantizer, quantize_layer_weights
+from compression.reconstruct import reconstruct as reconstruct_layers
 
 
 def _channel_bits(graph: LayerGraph, name: str, bits: list[int], keep: int) -> list[int]:
@@ -62,17 +64,23 @@ def apply_policy(
     *,
     round_to: int = 1,
     batch_size: int = 128,
+    reconstruct: bool = True,
 ) -> nn.Module:
     """Return a compressed copy of ``graph.module`` under ``policy``; the original is not modified.
 
     ``calib`` is a batch of training inputs for batch-norm re-estimation and activation calibration
-    (a few hundred samples is enough). Policies that prune or quantize activations need it.
+    (a few hundred samples is enough). Policies that prune or quantize activations need it. With
+    ``reconstruct`` (the default) the layers that read pruned channels are re-fitted by least squares to the
+    original's outputs on ``calib`` (``compression.reconstruct``) before anything is quantized.
     """
     policy.validate(graph.layer_names)
     keeps = group_keeps(graph, policy, round_to)
     model = prune_module(graph, keeps)
+    pruned = any(keeps[g.id] < g.channels for g in graph.groups)
+    if pruned and reconstruct and calib is not None:
+        reconstruct_layers(graph, model, keeps, calib)
     apply_sparsity(model, {n: lp.sparsity for n, lp in policy.layers.items() if lp.sparsity > 0})
-    needs_calibration = any(keeps[g.id] < g.channels for g in graph.groups)
+    needs_calibration = pruned
     for name, lp in policy.layers.items():
         layer = model.get_submodule(name)
         if lp.channel_bits is not None:

@@ -1,0 +1,106 @@
+"""Least-squares reconstruction of the layers that read pruned channels (compression/reconstruct.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from compression.apply import apply_policy, recalibrate
+from compression.models import LayerGraph
+from compression.models.zoo import build_zoo_model
+from compression.policy import LayerPolicy, Policy
+from compression.prune import group_keeps, prune_module
+from compression.reconstruct import reconstruct
+
+
+def _graph(name: str, size: int = 16) -> LayerGraph:
+    """A zoo model whose batch-norm statistics fit the (random) inputs, as a trained model's fit its data."""
+    torch.manual_seed(0)
+    model = build_zoo_model(name, num_classes=10, in_channels=3, input_size=size)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):  # zoo inits some gammas to zero: give every branch a signal
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+    recalibrate(model, torch.randn(256, 3, size, size))
+    return LayerGraph.build(model.eval(), (3, size, size), num_classes=10)
+
+
+@pytest.mark.parametrize("name", ["resnet20", "mobilenetv2", "vgg11"])
+def test_only_layers_reading_pruned_channels_are_refitted_and_only_when_it_helps(name):
+    graph = _graph(name)
+    policy = Policy.uniform(graph.prunable_leaders, keep_ratio=0.5)
+    keeps = group_keeps(graph, policy)
+    model = prune_module(graph, keeps)
+    plain = prune_module(graph, keeps)
+    errors = reconstruct(graph, model, keeps, torch.randn(128, 3, 16, 16))
+    judged = [k for k in errors if not k.endswith(":before")]
+    assert judged, f"{name}: no layer was judged at half the channels"
+    for n in graph.layer_names:
+        layer, orig = model.get_submodule(n), graph.module.get_submodule(n)
+        changed = not torch.equal(layer.weight, plain.get_submodule(n).weight)
+        if n not in errors:
+            assert not changed, n
+            continue
+        # a dense layer whose inputs were pruned (a depthwise convolution loses whole filters: nothing to fit)
+        assert not (isinstance(layer, nn.Conv2d) and layer.groups > 1), n
+        assert layer.weight.shape[1] < orig.weight.shape[1], n
+        # kept only if it lowered the error on the held-out images
+        assert changed == (errors[n] < errors[f"{n}:before"]), (n, errors[n], errors[f"{n}:before"])
+    # batch-norm statistics are left as they were (apply_policy re-estimates them afterwards)
+    for (k, a), b in zip(plain.state_dict().items(), model.state_dict().values(), strict=True):
+        if "running" in k or "num_batches" in k:
+            assert torch.equal(a, b), k
+
+
+def test_same_policy_gives_the_same_weights_whatever_was_applied_before():
+    """The sampled positions depend on the layer only: finalize, export and a search get identical models."""
+    calib = torch.randn(64, 3, 16, 16)
+    first = _graph("resnet20")
+    other = Policy(layers={first.prunable_leaders[0]: LayerPolicy(keep_ratio=0.25)})
+    apply_policy(first, other, calib)  # warms the graph's target cache with a different pruned layer set
+    policy = Policy.uniform(first.prunable_leaders, keep_ratio=0.5)
+    a = apply_policy(first, policy, calib).state_dict()
+    b = apply_policy(_graph("resnet20"), policy, calib).state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_unpruned_or_disabled_policies_are_untouched():
+    graph = _graph("resnet20")
+    calib = torch.randn(32, 3, 16, 16)
+    policy = Policy.uniform(graph.prunable_leaders, keep_ratio=0.5)
+    off = apply_policy(graph, policy, calib, reconstruct=False)
+    plain = prune_module(graph, group_keeps(graph, policy))
+    for n in graph.layer_names:
+        assert torch.equal(off.get_submodule(n).weight, plain.get_submodule(n).weight), n
+    # quantization alone prunes nothing: no layer is re-fitted
+    q = apply_policy(graph, Policy.uniform(graph.quantizable, w_bits=8, a_bits=32), calib)
+    ref = {n: graph.module.get_submodule(n).weight for n in graph.layer_names}
+    for n in graph.layer_names:
+        w = q.get_submodule(n).weight
+        assert w.shape == ref[n].shape
+        assert (w - ref[n]).abs().max() <= ref[n].abs().max() / 100  # only 8-bit rounding
+
+
+def test_reconstruction_recovers_most_of_a_trained_models_accuracy(trained_small_cnn):
+    from compression.pipeline import open_workspace
+    from compression.training import evaluate
+
+    ws = open_workspace(trained_small_cnn["pt2"], "digits", seed=0)
+    calib = ws.calibration_batch(256, seed=0)
+    policy = Policy.uniform(ws.graph.prunable_leaders, keep_ratio=0.4)
+    original = evaluate(ws.artifact.module, ws.data.test).top1
+    without = evaluate(apply_policy(ws.graph, policy, calib, reconstruct=False), ws.data.test).top1
+    with_fit = evaluate(apply_policy(ws.graph, policy, calib), ws.data.test).top1
+    assert with_fit > without + 0.05, (original, without, with_fit)
+    assert with_fit > original - 0.15, (original, without, with_fit)
+    # and the re-fitted layers do match the original's outputs better on held-out images
+    keeps = group_keeps(ws.graph, policy)
+    errors = reconstruct(ws.graph, prune_module(ws.graph, keeps), keeps, calib)
+    fitted = [n for n in errors if not n.endswith(":before")]
+    assert fitted and all(errors[n] < errors[f"{n}:before"] for n in fitted), errors
+    linears = [n for n in ws.graph.layer_names if isinstance(ws.graph.module.get_submodule(n), nn.Linear)]
+    assert any(n in fitted for n in linears), (
+        f"the classifier reads pruned features and was not re-fitted: {errors}"
+    )
