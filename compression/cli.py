@@ -353,6 +353,7 @@ def cmd_search(args: argparse.Namespace) -> None:
             round_to=args.round_to,
             agent_config=agent_config,
             layout=args.layout,
+            float_bits=not args.no_float_bits,
             top_k=args.top_k,
             fine_tune_epochs=args.fine_tune_epochs,
         )
@@ -523,6 +524,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--val-samples", type=int, default=500)
     sp.add_argument("--round-to", type=int)
     sp.add_argument("--layout", choices=["prune", "bits", "joint", "ajpq"], help="for random/uniform agents")
+    sp.add_argument(
+        "--no-float-bits",
+        action="store_true",
+        help="latency objective: every layer a bits/joint search decides is quantized (2..8 bits, no float choice)",
+    )
     sp.add_argument("--agent-config", help="agent hyper-parameters as JSON")
     sp.add_argument("--top-k", type=int, default=3)
     sp.add_argument("--fine-tune-epochs", type=int, default=2)

@@ -259,3 +259,86 @@ def test_finalize_chooses_among_candidates_on_the_validation_split(trained_small
     chosen = next(c for c in cands if c["episode"] == report["best_episode"])
     assert chosen["val_accuracy_after_fine_tune"] == max(c["val_accuracy_after_fine_tune"] for c in cands)
     assert report["accuracy"]["compressed_test"] == chosen["test_accuracy"]
+
+
+# --- latency objective where fewer bits can cost more -------------------------------------------------------
+
+
+def _device(kind: str):
+    """A simulated runtime's per-layer latency (a true boundary: the real tables are tested elsewhere).
+
+    ``float``: computes in float, a fake-quantized input costs extra arithmetic (TVM here): float is cheapest.
+    ``int8``: 8-bit kernels are fast, below 8 bits the layer is emulated and slower than float (ONNX Runtime's
+    shape of costs): 8 bits is cheapest.
+    """
+    from compression.search.env import LatencyModel
+
+    def layer_ms(name, in_c, out_c, w_bits, a_bits):
+        work = in_c * out_c * 1e-4
+        if kind == "float":
+            return work * (1.5 if a_bits < 32 else 1.0)
+        if w_bits == 8 and a_bits == 8:
+            return work * 0.5
+        return work * (1.3 if (w_bits < 32 or a_bits < 32) else 1.0)
+
+    return LatencyModel(layer_ms, residual_ms=0.01)
+
+
+def _latency_env(ws, kind, layout, budget, **kw):
+    return CompressionEnvironment(
+        ws.graph,
+        subset(ws.data.val, 60),
+        ws.calibration_batch(32),
+        EnvSettings(layout=layout, objective="latency", budget=budget, **kw),
+        latency=_device(kind),
+    )
+
+
+def _run(env, actions):
+    env.reset()
+    done = False
+    while not done:
+        _, _, done, info = env.step(np.asarray(actions, dtype=np.float64))
+    return info
+
+
+def test_float_is_the_top_bit_choice_and_the_cheapest_on_a_float_runtime(workspace):
+    from compression.search import spaces
+
+    assert spaces.bit_levels(2, 8, True) == [2, 3, 4, 5, 6, 7, 8, 32]
+    assert spaces.action_to_bits(1.0, 2, 8, True) == 32 and spaces.action_to_bits(0.9, 2, 8, True) == 32
+    assert spaces.action_to_bits(0.8, 2, 8, True) == 8 and spaces.action_to_bits(0.0, 2, 8, True) == 2
+    for b in (2, 5, 8, 32):
+        assert spaces.action_to_bits(spaces.bits_to_action(b, 2, 8, True), 2, 8, True) == b
+    assert spaces.action_to_bits(1.0, 2, 8) == 8  # without float: HAQ's 2..8 bins, as before
+
+    prune = _latency_env(workspace, "float", "prune", 0.9)
+    joint = _latency_env(workspace, "float", "joint", 0.9)
+    # the joint floor is the pruning floor: its cheapest choice per layer is float, not 2 bits (which costs more)
+    assert joint.min_cost_ratio == pytest.approx(prune.min_cost_ratio)
+    assert set(joint._cheap_bits.values()) <= {(b, 32) for b in range(2, 9)} | {(32, 32)}
+    without = _latency_env(workspace, "float", "joint", 2.0, float_bits=False)
+    assert without.min_cost_ratio > prune.min_cost_ratio  # forced to quantize, the floor rises
+    # a budget only pruning reaches: the cap prunes and keeps the layers' activations float
+    budget = (prune.min_cost_ratio + 1.0) / 2
+    env = _latency_env(workspace, "float", "joint", budget)
+    info = _run(env, [1.0, 0.0, 0.0])  # keep everything, 2 bits: over budget and slower than float
+    assert info["metrics"]["meets_budget"], info["metrics"]
+    policy = info["policy"]
+    assert any(policy[n].keep_ratio < 1.0 for n in env.steps)
+    # the agent's 2 bits were not what made it fit: where the cap changed a layer it chose the cheaper float input
+    assert all(policy[n].a_bits in (2, 32) for n in env.steps)
+
+
+def test_cap_and_repair_find_the_fast_int8_kernels_when_fewer_bits_cost_more(workspace):
+    # bits only, a budget only 8-bit kernels reach: the fewest bits (emulated) would be slower than float
+    env = _latency_env(workspace, "int8", "bits", 0.7)
+    assert set(env._cheap_bits.values()) == {(8, 8)}
+    assert env.min_cost_ratio < 0.7
+    for mode in ("cap", "repair"):
+        env = _latency_env(workspace, "int8", "bits", 0.7, budget_mode=mode)
+        info = _run(env, [1.0, 1.0])  # float everywhere: over budget
+        assert info["metrics"]["meets_budget"], (mode, info["metrics"])
+        bits = {(info["policy"][n].w_bits, info["policy"][n].a_bits) for n in env.steps}
+        assert (8, 8) in bits, (mode, bits)
+        assert all(b[0] >= 8 or b == (8, 8) for b in bits), (mode, bits)  # never the slow emulated widths

@@ -56,6 +56,9 @@ class EnvSettings:
     min_keep: float = 0.1
     min_bits: int = 2
     max_bits: int = 8
+    # latency objective, bits/joint layouts: the top bin of a bits action is float (32 bits), because on most
+    # runtimes some bit-widths are no faster than float (TVM computes in float here; ORT has no kernels below 8)
+    float_bits: bool = True
     groups: int = spaces.DEFAULT_GROUPS
     pin_first_last_bits: int | None = None
     val_samples: int = 500
@@ -119,6 +122,8 @@ class CompressionEnvironment:
         self.val = val_set
         self.calib = calib
         self.action_spec = ActionSpec.for_layout(s.layout, s.groups)
+        self._float_top = bool(s.float_bits and s.objective == "latency" and s.layout in ("bits", "joint"))
+        self._levels = spaces.bit_levels(s.min_bits, s.max_bits, self._float_top)
         if s.layout == "prune":
             self.steps = list(graph.prunable_leaders)
         else:
@@ -146,6 +151,7 @@ class CompressionEnvironment:
             feature_names=tuple(names),
         )
         self._static = self._static_features()
+        self._cheap_bits = self._cheapest_bits()
         self.reset()
         self.min_cost_ratio = self._min_cost_ratio()
         if s.enforce_budget and self.min_cost_ratio > s.budget * (1 + 1e-9):
@@ -156,6 +162,43 @@ class CompressionEnvironment:
                 "raise the budget above that, lower min_keep / min_bits, or (for latency) use a larger model or "
                 "input: the target's fixed per-call overhead does not shrink with the model",
             )
+
+    @property
+    def _costs_fall_with_bits(self) -> bool:
+        """False when fewer bits can cost more (latency: a fake-quantized layer on a float runtime, tiny int8 layers
+        on ONNX Runtime); the budget cap and HAQ's repair then compare costs instead of assuming an order."""
+        return not ("w_bits" in self.action_spec.names and self.settings.objective == "latency")
+
+    def _cheapest_bits(self) -> dict[str, tuple[int, int]]:
+        """Per layer, the (w_bits, a_bits) of the bits action that cost least, at the most pruned shape.
+
+        For MACs / BOPs / bytes that is the fewest bits; for latency it is measured: on TVM (float compute) float
+        itself, on ONNX Runtime usually 8 bits. The most compressed policy (the floor, the cap's look-ahead) uses it.
+        """
+        s = self.settings
+        if "w_bits" not in self.action_spec.names:
+            return {}
+        if self._costs_fall_with_bits:
+            return {n: (s.min_bits, s.min_bits) for n in self.steps}
+        assert self.latency is not None
+        thin = Policy(layers={n: LayerPolicy(**lp.to_dict()) for n, lp in self.base_policy.layers.items()})
+        if "keep_ratio" in self.action_spec.names:
+            for n in self.steps:
+                if self._is_leader(n):
+                    thin.layers.setdefault(n, LayerPolicy()).keep_ratio = self._snap_keep(n, s.min_keep)
+        costs = self.base_policy_costs(thin)
+        out: dict[str, tuple[int, int]] = {}
+        for n in self.steps:
+            c = costs.layers[n]
+            best: tuple[float, int, int] | None = None
+            for w in self._levels:  # fewest bits first: a tie keeps the smaller model
+                for a in self._levels:
+                    ms = self.latency.layer_ms(n, c.in_channels, c.out_channels, w, a)
+                    if best is None or ms < best[0] - 1e-12:
+                        best = (ms, w, a)
+            assert best is not None
+            out[n] = (best[1], best[2])
+        return out
 
     def _min_cost_ratio(self) -> float:
         """Cost of the most compressed policy the action space allows, over the original cost."""
@@ -330,8 +373,9 @@ class CompressionEnvironment:
             keep = spaces.action_to_keep_ratio(float(a[names.index("keep_ratio")]), s.min_keep)
             entry.keep_ratio = self._snap_keep(name, keep) if fixed is None else fixed
         if "w_bits" in names:
-            entry.w_bits = spaces.action_to_bits(float(a[names.index("w_bits")]), s.min_bits, s.max_bits)
-            entry.a_bits = spaces.action_to_bits(float(a[names.index("a_bits")]), s.min_bits, s.max_bits)
+            ft = self._float_top
+            entry.w_bits = spaces.action_to_bits(float(a[names.index("w_bits")]), s.min_bits, s.max_bits, ft)
+            entry.a_bits = spaces.action_to_bits(float(a[names.index("a_bits")]), s.min_bits, s.max_bits, ft)
         if s.layout == "ajpq":
             fixed = self._group_keep_fixed(name)
             bits = [spaces.action_to_bits(float(x), s.min_bits, s.max_bits) for x in a[1:]]
@@ -394,9 +438,9 @@ class CompressionEnvironment:
             if dim == "keep_ratio":
                 out.append(spaces.keep_ratio_to_action(entry.keep_ratio, s.min_keep))
             elif dim == "w_bits":
-                out.append(spaces.bits_to_action(entry.w_bits, s.min_bits, s.max_bits))
+                out.append(spaces.bits_to_action(entry.w_bits, s.min_bits, s.max_bits, self._float_top))
             elif dim == "a_bits":
-                out.append(spaces.bits_to_action(entry.a_bits, s.min_bits, s.max_bits))
+                out.append(spaces.bits_to_action(entry.a_bits, s.min_bits, s.max_bits, self._float_top))
             elif dim == "sparsity":
                 pruned = sum(1 for b in (entry.channel_bits or []) if b == 0)
                 out.append(spaces.pruned_groups_to_action(pruned, s.groups))
@@ -414,7 +458,7 @@ class CompressionEnvironment:
         if "keep_ratio" in names and self._is_leader(name):
             entry.keep_ratio = self._snap_keep(name, s.min_keep)
         if "w_bits" in names:
-            entry.w_bits = entry.a_bits = s.min_bits
+            entry.w_bits, entry.a_bits = self._cheap_bits[name]
         if s.layout == "ajpq":
             pruned = s.groups - 1 if self._is_leader(name) else 0
             entry.channel_bits = [s.min_bits] * (s.groups - pruned) + [0] * pruned
@@ -427,15 +471,32 @@ class CompressionEnvironment:
         g = self.graph.group_of(name)
         return g is not None and g.prunable and g.leader == name
 
-    def _fits(self, name: str, entry: LayerPolicy) -> bool:
-        """Can the budget still be met with ``entry`` here and the rest compressed as far as allowed?"""
+    def _lookahead_cost(self, name: str, entry: LayerPolicy) -> float:
+        """Cost of the policy so far with ``entry`` here and the layers after it compressed as far as allowed."""
         trial = Policy(layers=dict(self._policy.layers))
         trial.layers[name] = entry
         idx = self.steps.index(name)
         for later in self.steps[idx + 1 :]:
             trial.layers[later] = self._most_compressed(later)
         cost, _ = self.cost_of(trial)
-        return cost <= self.budget_cost * (1 + 1e-9)
+        return cost
+
+    def _fits(self, name: str, entry: LayerPolicy) -> bool:
+        """Can the budget still be met with ``entry`` here and the rest compressed as far as allowed?"""
+        return self._lookahead_cost(name, entry) <= self.budget_cost * (1 + 1e-9)
+
+    def _lower_bits(self, w: int, a: int) -> tuple[int, int] | None:
+        """One bit level less for the wider of (w, a) (weights first on a tie), or None at the lowest level."""
+
+        def below(b: int) -> int | None:
+            return max((x for x in self._levels if x < b), default=None)
+
+        lw, la = below(w), below(a)
+        if w >= a and lw is not None:
+            return lw, a
+        if la is not None:
+            return w, la
+        return (lw, a) if lw is not None else None
 
     def _candidates(self, name: str, entry: LayerPolicy) -> list[LayerPolicy]:
         """Entries from the proposed one towards more compression, in the order the cap tries them."""
@@ -476,16 +537,15 @@ class CompressionEnvironment:
             floor_k = self.graph.kept_channels(g, s.min_keep, r)
             keeps = [c / g.channels for c in range(k, floor_k - 1, -r)] or [entry.keep_ratio]
         bit_steps: list[tuple[int, int]] = [(entry.w_bits, entry.a_bits)]
-        if layout in ("bits", "joint") and not (
-            s.pin_first_last_bits and name in (self.steps[0], self.steps[-1])
-        ):
-            w, a = entry.w_bits, entry.a_bits
-            while w > s.min_bits or a > s.min_bits:
-                if w >= a and w > s.min_bits:
-                    w -= 1
-                else:
-                    a -= 1
-                bit_steps.append((w, a))
+        pinned = bool(s.pin_first_last_bits and name in (self.steps[0], self.steps[-1]))
+        if layout in ("bits", "joint") and not pinned:
+            step = self._lower_bits(entry.w_bits, entry.a_bits)
+            while step is not None:
+                bit_steps.append(step)
+                step = self._lower_bits(*step)
+            cheap = self._cheap_bits[name]
+            if not self._costs_fall_with_bits and cheap not in bit_steps:
+                bit_steps.append(cheap)  # fewer bits can cost more: the cheapest choice may lie elsewhere
         # prune first at the chosen bits (AMC), then lower bits at the lowest keep (HAQ-style)
         for keep in keeps[1:]:
             out.append(LayerPolicy(keep, entry.w_bits, entry.a_bits, entry.sparsity))
@@ -499,6 +559,14 @@ class CompressionEnvironment:
         if not (s.enforce_budget and s.budget_mode == "cap"):
             return entry
         candidates = self._candidates(name, entry)
+        if not self._costs_fall_with_bits:
+            # the cap: the first candidate (least changed) with which the budget stays reachable; costs are not
+            # monotone along the list here, so every candidate is priced (a few dictionary look-ups each)
+            costs = [self._lookahead_cost(name, c) for c in candidates]
+            for c, cost in zip(candidates, costs, strict=True):
+                if cost <= self.budget_cost * (1 + 1e-9):
+                    return c
+            return candidates[min(range(len(costs)), key=costs.__getitem__)]  # unreachable: the cheapest
         # the cap: the least-compressed candidate with which the budget stays reachable (binary search on
         # a list ordered from least to most compressed; cost is monotone along it)
         lo, hi = 0, len(candidates) - 1
@@ -527,14 +595,23 @@ class CompressionEnvironment:
                 if name in pinned:
                     continue
                 lp = self._policy[name]
-                if lp.w_bits > s.min_bits or lp.a_bits > s.min_bits:
-                    if lp.w_bits >= lp.a_bits and lp.w_bits > s.min_bits:
-                        lp.w_bits -= 1
-                    else:
-                        lp.a_bits -= 1
+                options = [self._lower_bits(lp.w_bits, lp.a_bits)]
+                if not self._costs_fall_with_bits:
+                    # one level less may cost more here: then the layer's cheapest bits, if that is cheaper
+                    options.append(self._cheap_bits[name])
+                for opt in options:
+                    if opt is None or opt == (lp.w_bits, lp.a_bits):
+                        continue
+                    before = (lp.w_bits, lp.a_bits, lp.channel_bits)
+                    lp.w_bits, lp.a_bits = opt
                     if lp.channel_bits is not None:
                         lp.channel_bits = [min(b, lp.w_bits) if b > 0 else 0 for b in lp.channel_bits]
+                    if not self._costs_fall_with_bits and self.cost_of(self._policy)[0] >= cost - 1e-12:
+                        lp.w_bits, lp.a_bits, lp.channel_bits = before  # no cheaper: try the next option
+                        continue
                     changed = True
+                    break
+                if changed:
                     break
             if not changed:
                 return

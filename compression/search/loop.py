@@ -278,6 +278,7 @@ class SearchRun:
             min_keep=c.min_keep,
             min_bits=c.min_bits,
             max_bits=c.max_bits,
+            float_bits=c.float_bits,
             val_samples=c.val_samples,
             calib_samples=c.calib_samples,
             seed=c.seed,

@@ -33,7 +33,9 @@ class SearchConfig:
     round_to: channel rounding (None: the target's own).
     agent_config: the agent's hyper-parameters (see the agent's ``config_schema``).
     layout: what the agent decides per layer (prune | bits | joint | ajpq); None: the agent's own (random and
-        uniform default to joint). min_keep / min_bits / max_bits bound the actions.
+        uniform default to joint). min_keep / min_bits / max_bits bound the actions. float_bits: with the latency
+        objective, a bits action may also leave a layer float (the top bin); on runtimes where a quantized layer
+        is no faster (TVM computes in float here) that is how the bits and joint layouts stay usable.
     budget_mode: cap (AMC: each action capped so the budget stays reachable) or repair (HAQ: bits lowered
         from the last layer after the episode). enforce_budget: None means on for the acc and haq rewards and
         off for galen and acc-log-cost, which price the cost in the reward instead.
@@ -61,6 +63,7 @@ class SearchConfig:
     min_keep: float = 0.1
     min_bits: int = 2
     max_bits: int = 8
+    float_bits: bool = True
     budget_mode: str = "cap"
     enforce_budget: bool | None = None
     top_k: int = 3

@@ -36,7 +36,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from compression.errors import SearchError
-from compression.policy import Policy
+from compression.policy import FLOAT_BITS, Policy
 
 # Action layouts an environment can offer; agents declare which ones they can drive.
 LAYOUTS = ("prune", "bits", "joint", "ajpq")
@@ -231,16 +231,28 @@ def keep_ratio_to_action(keep: float, min_keep: float) -> float:
     return _clip01((keep - min_keep) / (1.0 - min_keep))
 
 
-def action_to_bits(a: float, min_bits: int, max_bits: int) -> int:
-    """Map an action in [0, 1] to a bit-width in [min_bits, max_bits]: equal-width bins (as HAQ rounds)."""
-    n = max_bits - min_bits + 1
-    return min_bits + min(int(math.floor(_clip01(a) * n)), n - 1)
+def bit_levels(min_bits: int, max_bits: int, float_top: bool = False) -> list[int]:
+    """The bit-widths a bits action can choose, fewest first; ``float_top`` adds float (``FLOAT_BITS``) on top."""
+    levels = list(range(min_bits, max_bits + 1))
+    return [*levels, FLOAT_BITS] if float_top and max_bits < FLOAT_BITS else levels
 
 
-def bits_to_action(bits: int, min_bits: int, max_bits: int) -> float:
+def action_to_bits(a: float, min_bits: int, max_bits: int, float_top: bool = False) -> int:
+    """Map an action in [0, 1] to a bit-width in [min_bits, max_bits]: equal-width bins (as HAQ rounds).
+
+    With ``float_top`` the highest bin is float (32 bits): on a runtime where quantizing a layer does not make it
+    faster (TVM computes in float here), leaving it unquantized is a choice the search must be able to make.
+    """
+    levels = bit_levels(min_bits, max_bits, float_top)
+    return levels[min(int(math.floor(_clip01(a) * len(levels))), len(levels) - 1)]
+
+
+def bits_to_action(bits: int, min_bits: int, max_bits: int, float_top: bool = False) -> float:
     """The action at the centre of a bit-width's bin (inverse of ``action_to_bits``)."""
-    n = max_bits - min_bits + 1
-    return (min(max(bits, min_bits), max_bits) - min_bits + 0.5) / n
+    levels = bit_levels(min_bits, max_bits, float_top)
+    if float_top and bits > max_bits:
+        return (len(levels) - 0.5) / len(levels)
+    return (levels.index(min(max(int(bits), min_bits), max_bits)) + 0.5) / len(levels)
 
 
 def action_to_pruned_groups(a: float, groups: int) -> int:
