@@ -515,6 +515,14 @@ class RunForm(OwnedForm):
     )
     min_bits = forms.IntegerField(min_value=1, max_value=8, initial=_SEARCH_DEFAULTS.min_bits)
     max_bits = forms.IntegerField(min_value=1, max_value=8, initial=_SEARCH_DEFAULTS.max_bits)
+    float_bits = forms.ChoiceField(
+        required=False,
+        choices=[("true", "yes (default)"), ("false", "no: quantize every layer it decides")],
+        initial="true",
+        label="Layers may stay float",
+        help_text="latency objective, bits/joint actions: the top choice leaves a layer float; on runtimes that "
+        "compute in float (TVM here) quantizing a layer only slows it down",
+    )
     budget_mode = forms.ChoiceField(
         choices=[
             ("cap", "cap (AMC: cap each action)"),
@@ -661,6 +669,7 @@ class RunForm(OwnedForm):
             min_keep=d["min_keep"],
             min_bits=d["min_bits"],
             max_bits=d["max_bits"],
+            float_bits=(d.get("float_bits") or "true") == "true",
             budget_mode=d["budget_mode"],
             enforce_budget={"true": True, "false": False}.get(d.get("enforce_budget") or ""),
             export_formats=tuple(d["export_formats"]),
