@@ -355,6 +355,7 @@ def run(ctx: Context) -> dict[str, Any]:
     rt_opt = ctx.options.get("round_to") or (8 if target == "local-tvm" else None)
     result["round_to"] = rt_opt
     prev = {} if ctx.options.get("fresh") else _previous(ctx, result)
+    result["methods"] = [m for m in METHODS if m in methods or m in prev.get("methods", [])]
     log(ctx, f"quality: {models} on {target}, budgets {budgets}, seeds {seeds}, {episodes} episodes")
     base = ctx.work_dir / "quality"
     # the side experiments first: they are short, and the per-model grid below is what may be interrupted
@@ -390,12 +391,13 @@ def run(ctx: Context) -> dict[str, Any]:
         result["models"][key] = mres
         for budget in budgets:
             for seed in seeds:
-                cells: dict[str, dict[str, Any]] = {}
                 tp_model = None
                 reuse = prev.get("models", {}).get(key, {}).get("cells", {}).get(f"{budget}/{seed}", {})
+                # the other methods' finished cells stay (``--agents`` reruns some methods only)
+                cells: dict[str, dict[str, Any]] = {m: c for m, c in reuse.items() if m not in methods}
                 for method in methods:
                     pc = reuse.get(method)
-                    if method != "tp-magnitude" and pc and _reusable(pc):
+                    if method != "tp-magnitude" and pc and _reusable(pc, floors[LAYOUT[method]], budget):
                         cells[method] = pc  # finished in an earlier invocation with the same settings
                         log(ctx, f"{key} budget {budget:.0%} seed {seed}: {method} (reused: {pc['status']})")
                         continue
@@ -434,7 +436,13 @@ def run(ctx: Context) -> dict[str, Any]:
                         f"{key} budget {budget:.0%} seed {seed}: end-to-end latency, {rounds} interleaved rounds",
                     )
                     ms, x = _compressed_models(bm, cells, tp_model, seed, round_to)
-                    mres["latency"][f"{budget}/{seed}"] = measure_side_by_side(ctx, ms, x, target, rounds)
+                    lat = measure_side_by_side(ctx, ms, x, target, rounds)
+                    old = prev.get("models", {}).get(key, {}).get("latency", {}).get(f"{budget}/{seed}", {})
+                    for label, v in old.get("models", {}).items():
+                        # a model not rebuilt here (torch-pruning's) keeps its earlier measurement
+                        if label not in lat["models"] and label in cells:
+                            lat["models"][label] = {**v, "measured_in_an_earlier_invocation": True}
+                    mres["latency"][f"{budget}/{seed}"] = lat
                 result["summary"] = summarize_cells(result)
                 write_result(ctx, "quality", result)  # partial results survive an interrupted run
     result["summary"] = summarize_cells(result)
@@ -460,9 +468,9 @@ def _previous(ctx: Context, result: dict[str, Any]) -> dict[str, Any]:
     return prev if same else {}
 
 
-def _reusable(cell: dict[str, Any]) -> bool:
+def _reusable(cell: dict[str, Any], floor: float, budget: float) -> bool:
     if cell.get("status") == "unreachable":
-        return True
+        return floor > budget * (1 + 1e-9)  # the engine may have lowered the floor since
     return cell.get("status") == "ok" and Path(cell.get("policy_path", "")).exists()
 
 
