@@ -365,21 +365,21 @@ def run(ctx: Context) -> dict[str, Any]:
             result["layouts"] = lay
         else:
             result["layouts"] = _layouts(ctx, target, rt_opt, seeds, episodes, ft_epochs, base)
-        write_result(ctx, "quality", result)
+        write_result(ctx, _name(target), result)
         cross = prev.get("cross_target")
         if cross and all(r.get("status") == "ok" for r in cross["searches"].values()):
             result["cross_target"] = cross
         else:
             result["cross_target"] = _cross_target(ctx, episodes, ft_epochs, base)
-        write_result(ctx, "quality", result)
+        write_result(ctx, _name(target), result)
     elif prev:
         for k in ("layouts", "cross_target"):
             if k in prev:
                 result[k] = prev[k]
     for k, v in prev.get("models", {}).items():
-        if k not in models:
+        if k not in models or ctx.options.get("extra_only"):
             result["models"][k] = v  # another invocation's model (e.g. --models dwnet after resnet20)
-    for key in models:
+    for key in [] if ctx.options.get("extra_only") else models:
         bm = resnet20_digits(ctx) if key == "resnet20" else dwnet_digits(ctx)
         floors = search_floors(bm.spec, target, rt_opt, sorted(set(LAYOUT.values())))
         round_to = int(floors["round_to"])
@@ -444,9 +444,9 @@ def run(ctx: Context) -> dict[str, Any]:
                             lat["models"][label] = {**v, "measured_in_an_earlier_invocation": True}
                     mres["latency"][f"{budget}/{seed}"] = lat
                 result["summary"] = summarize_cells(result)
-                write_result(ctx, "quality", result)  # partial results survive an interrupted run
+                write_result(ctx, _name(target), result)  # partial results survive an interrupted run
     result["summary"] = summarize_cells(result)
-    path = write_result(ctx, "quality", result)
+    path = write_result(ctx, _name(target), result)
     print(summarize(result))
     log(ctx, f"wrote {path}")
     return result
@@ -455,9 +455,14 @@ def run(ctx: Context) -> dict[str, Any]:
 LAYOUT_BOPS_BUDGET = 0.02  # of the float model's BOPs: tight enough that no single layout wins for free
 
 
+def _name(target: str) -> str:
+    """The result file: ``quality`` for the default target, ``quality-<target>`` for another one."""
+    return "quality" if target == "local-tvm" else f"quality-{target}"
+
+
 def _previous(ctx: Context, result: dict[str, Any]) -> dict[str, Any]:
     """An earlier result file of this benchmark with the same settings (its finished cells are reused)."""
-    path = ctx.results_dir / f"quality{'-quick' if ctx.quick else ''}.json"
+    path = ctx.results_dir / f"{_name(result['target'])}{'-quick' if ctx.quick else ''}.json"
     if not path.exists():
         return {}
     try:

@@ -46,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--skip-extra", action="store_true", help="quality: skip the layout and cross-target experiments"
     )
+    p.add_argument(
+        "--extra-only",
+        action="store_true",
+        help="quality: only the layout and cross-target experiments (the per-model cells are kept as stored)",
+    )
     p.add_argument("--parts", help="memory: comma-separated parts to run: web,worker")
     p.add_argument("--tables", action="store_true", help="print the tables of stored results, run nothing")
     p.add_argument(
@@ -95,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         "round_to": args.round_to,
         "fresh": args.fresh,
         "skip_extra": args.skip_extra,
+        "extra_only": args.extra_only,
         "parts": args.parts.split(",") if args.parts else None,
         "models": args.models.split(",") if args.models else None,
         "budgets": [float(b) for b in args.budgets.split(",")] if args.budgets else None,
