@@ -356,6 +356,8 @@ def run(ctx: Context) -> dict[str, Any]:
     result["round_to"] = rt_opt
     prev = {} if ctx.options.get("fresh") else _previous(ctx, result)
     result["methods"] = [m for m in METHODS if m in methods or m in prev.get("methods", [])]
+    result["budgets"] = sorted(set(budgets) | set(prev.get("budgets", [])), reverse=True)
+    result["seeds"] = sorted(set(seeds) | set(prev.get("seeds", [])))
     log(ctx, f"quality: {models} on {target}, budgets {budgets}, seeds {seeds}, {episodes} episodes")
     base = ctx.work_dir / "quality"
     # the side experiments first: they are short, and the per-model grid below is what may be interrupted
@@ -387,7 +389,14 @@ def run(ctx: Context) -> dict[str, Any]:
             ctx,
             f"{key}: floors {json.dumps({k: round(v, 3) for k, v in floors.items() if k in LAYOUT.values()})}",
         )
-        mres: dict[str, Any] = {"model": bm.info, "floors": floors, "cells": {}, "latency": {}}
+        # cells of other budgets and seeds stored by an earlier invocation stay (a partial rerun adds to them)
+        pm = prev.get("models", {}).get(key, {})
+        mres: dict[str, Any] = {
+            "model": bm.info,
+            "floors": floors,
+            "cells": dict(pm.get("cells", {})),
+            "latency": dict(pm.get("latency", {})),
+        }
         result["models"][key] = mres
         for budget in budgets:
             for seed in seeds:
