@@ -98,6 +98,22 @@ def _outputs(y: torch.Tensor) -> torch.Tensor:
     return y.reshape(-1, y.shape[-1])
 
 
+def _sample(layer: nn.Module, ys: torch.Tensor, seed: int, images: int) -> dict[str, Any]:
+    """The rows of a layer's output the fit uses: a seeded sample, enough for its unknowns, held-out marked."""
+    shape = _layer_shape(layer)
+    assert shape is not None
+    k = layer.kernel_size[0] * layer.kernel_size[1] if isinstance(layer, nn.Conv2d) else 1
+    rows = min(ys.shape[0], MAX_ROWS, max(ROWS_PER_UNKNOWN * shape[0] * k, 256))
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(ys.shape[0], generator=g)[:rows] if rows < ys.shape[0] else None
+    y = ys if idx is None else ys[idx]
+    if getattr(layer, "bias", None) is not None:
+        y = y - layer.bias.detach()
+    per_image = max(1, ys.shape[0] // images)
+    image = (idx if idx is not None else torch.arange(ys.shape[0])) // per_image
+    return {"idx": idx, "y": y.contiguous(), "held": image % HOLDOUT == 0}
+
+
 def _targets(graph: LayerGraph, names: list[str], calib: torch.Tensor) -> dict[str, dict[str, Any]]:
     """The original layers' outputs at sampled positions (cached on the graph per calibration batch)."""
     cache: dict = graph.__dict__.setdefault("_reconstruction_targets", {})
@@ -111,15 +127,14 @@ def _targets(graph: LayerGraph, names: list[str], calib: torch.Tensor) -> dict[s
     # every layer that can be re-fitted, whatever this policy prunes: the sampled positions then depend on the
     # layer alone, so the same policy gives the same weights in every process (search, finalize, export)
     todo = [n for n in graph.layer_names if _layer_shape(graph.module.get_submodule(n)) is not None]
-    captured: dict[str, torch.Tensor] = {}
-    captured_hw: dict[str, tuple[int, ...]] = {}
     hooks = []
     for n in todo:
         layer = graph.module.get_submodule(n)
 
         def grab(mod: nn.Module, inputs: tuple, output: torch.Tensor, n: str = n) -> None:
-            captured[n] = _outputs(output.detach())
-            captured_hw[n] = tuple(output.shape[2:]) if output.dim() == 4 else (1, 1)
+            # only the sampled rows are kept, so the pass never holds every layer's whole output at once
+            entry[n] = _sample(mod, _outputs(output.detach()), graph.layer_names.index(n), len(calib))
+            entry[n]["out_hw"] = tuple(output.shape[2:]) if output.dim() == 4 else (1, 1)
 
         hooks.append(layer.register_forward_hook(grab))
     try:
@@ -128,26 +143,6 @@ def _targets(graph: LayerGraph, names: list[str], calib: torch.Tensor) -> dict[s
     finally:
         for h in hooks:
             h.remove()
-    for n in todo:
-        i = graph.layer_names.index(n)
-        layer = graph.module.get_submodule(n)
-        ys = captured[n]
-        shape = _layer_shape(layer)
-        assert shape is not None
-        unknowns = shape[0] * (
-            layer.kernel_size[0] * layer.kernel_size[1] if isinstance(layer, nn.Conv2d) else 1
-        )
-        rows = min(ys.shape[0], MAX_ROWS, max(ROWS_PER_UNKNOWN * unknowns, 256))
-        g = torch.Generator().manual_seed(i)
-        idx = torch.randperm(ys.shape[0], generator=g)[:rows] if rows < ys.shape[0] else None
-        bias = layer.bias.detach() if getattr(layer, "bias", None) is not None else None
-        y = ys if idx is None else ys[idx]
-        if bias is not None:
-            y = y - bias
-        out_hw = tuple(captured_hw[n])
-        per_image = ys.shape[0] // len(calib)
-        image = (idx if idx is not None else torch.arange(ys.shape[0])) // max(1, per_image)
-        entry[n] = {"idx": idx, "y": y.contiguous(), "out_hw": out_hw, "held": image % HOLDOUT == 0}
     return entry
 
 
