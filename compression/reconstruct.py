@@ -132,6 +132,8 @@ def _targets(graph: LayerGraph, names: list[str], calib: torch.Tensor) -> dict[s
         layer = graph.module.get_submodule(n)
 
         def grab(mod: nn.Module, inputs: tuple, output: torch.Tensor, n: str = n) -> None:
+            if n in entry:
+                return  # a layer called twice in one forward (shared weights): its first call is the target
             # only the sampled rows are kept, so the pass never holds every layer's whole output at once
             entry[n] = _sample(mod, _outputs(output.detach()), graph.layer_names.index(n), len(calib))
             entry[n]["out_hw"] = tuple(output.shape[2:]) if output.dim() == 4 else (1, 1)
@@ -177,8 +179,12 @@ def reconstruct(
         return {}
     targets = _targets(graph, todo, calib)
     errors: dict[str, float] = {}
+    solved: set[str] = set()
 
     def solve(mod: nn.Module, inputs: tuple, name: str) -> None:
+        if name in solved:
+            return  # shared weights: fitted at their first call only
+        solved.add(name)
         t = targets[name]
         x = _rows(mod, inputs[0].detach(), t["idx"], t["out_hw"])
         y = t["y"] if outs[name] is None else t["y"][:, outs[name]]
