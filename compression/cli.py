@@ -210,7 +210,13 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     policy = _policy_arg(args)
     model = ws.artifact.module
     if policy is not None:
-        model = apply_policy(ws.graph, policy, ws.calibration_batch(), round_to=args.round_to)
+        model = apply_policy(
+            ws.graph,
+            policy,
+            ws.calibration_batch(),
+            round_to=args.round_to,
+            reconstruct=not args.no_reconstruct,
+        )
     split = getattr(ws.data, args.split)
     acc = evaluate(model, split, max_samples=args.max_samples)
     res = {
@@ -260,6 +266,7 @@ def cmd_apply(args: argparse.Namespace) -> None:
             round_to=args.round_to,
             fine_tune_epochs=args.fine_tune_epochs,
             distill=not args.no_distill,
+            reconstruct=not args.no_reconstruct,
             formats=tuple(args.formats.split(",")),
             input_shape=_shape(args.input_shape),
             progress=bar,
@@ -354,6 +361,7 @@ def cmd_search(args: argparse.Namespace) -> None:
             agent_config=agent_config,
             layout=args.layout,
             float_bits=not args.no_float_bits,
+            reconstruct=not args.no_reconstruct,
             top_k=args.top_k,
             fine_tune_epochs=args.fine_tune_epochs,
         )
@@ -447,6 +455,12 @@ def cmd_search(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- parser
+NO_RECONSTRUCT_HELP = (
+    "apply pruning by slicing and batch-norm re-estimation only, without re-fitting the layers that read pruned "
+    "channels to the original's outputs (compression/reconstruct.py)"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m compression", description=__doc__.split("\n")[0])
     p.add_argument("-v", "--verbose", action="store_true", help="log what the engine does")
@@ -490,6 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--split", choices=["train", "val", "test"], default="test")
     sp.add_argument("--max-samples", type=int)
     sp.add_argument("--round-to", type=int, default=1)
+    sp.add_argument("--no-reconstruct", action="store_true", help=NO_RECONSTRUCT_HELP)
 
     for name, fn, help_ in (
         ("apply", cmd_apply, "apply a policy, fine-tune, evaluate and write the compressed model"),
@@ -502,6 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--round-to", type=int, default=1)
         sp.add_argument("--formats", default="pt2,onnx", help="comma-separated: pt2,onnx")
         sp.add_argument("--quiet", action="store_true", help="no progress bar")
+        sp.add_argument("--no-reconstruct", action="store_true", help=NO_RECONSTRUCT_HELP)
         if name == "apply":
             sp.add_argument("--fine-tune-epochs", type=int, default=2)
             sp.add_argument(
@@ -529,6 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="latency objective: every layer a bits/joint search decides is quantized (2..8 bits, no float choice)",
     )
+    sp.add_argument("--no-reconstruct", action="store_true", help=NO_RECONSTRUCT_HELP)
     sp.add_argument("--agent-config", help="agent hyper-parameters as JSON")
     sp.add_argument("--top-k", type=int, default=3)
     sp.add_argument("--fine-tune-epochs", type=int, default=2)

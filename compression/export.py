@@ -193,6 +193,7 @@ def compress_and_export(
     round_to: int = 1,
     fine_tune_epochs: int = 0,
     distill: bool = True,
+    reconstruct: bool = True,
     formats: tuple[str, ...] = ("pt2", "onnx"),
     input_shape: tuple[int, int, int] | None = None,
     progress=None,
@@ -212,7 +213,7 @@ def compress_and_export(
     acc_before = evaluate(original, ws.data.test)
     t0 = time.perf_counter()
     if policy is not None:
-        model = apply_policy(ws.graph, policy, calib, round_to=round_to)
+        model = apply_policy(ws.graph, policy, calib, round_to=round_to, reconstruct=reconstruct)
     else:
         model = copy.deepcopy(original)
     acc_applied = evaluate(model, ws.data.test)

@@ -61,6 +61,9 @@ def test_evaluate_apply_export_and_search(trained_small_cnn, tmp_path):
     ev = json.loads(cli("evaluate", "--model", model, "--policy", str(policy), "--json").stdout)
     assert 0 <= ev["accuracy"]["top1"] <= 1
     assert ev["costs"]["ratio"]["macs"] < 0.6
+    # without the least-squares re-fit of the layers after the pruned ones, half the channels cost far more
+    plain = cli("evaluate", "--model", model, "--policy", str(policy), "--no-reconstruct", "--json")
+    assert json.loads(plain.stdout)["accuracy"]["top1"] < ev["accuracy"]["top1"] - 0.05
 
     out = tmp_path / "applied"
     res = cli(
@@ -108,6 +111,8 @@ def test_evaluate_apply_export_and_search(trained_small_cnn, tmp_path):
     assert res.returncode == 0, res.stderr
     assert "best episode" in res.stdout
     assert len((run / "episodes.jsonl").read_text().splitlines()) == 3
+    stored = json.loads((run / "config.json").read_text())
+    assert stored["reconstruct"] is True and stored["float_bits"] is True
     again = cli("search", "--model", model, "--out", str(run))
     assert again.returncode == 2 and "already holds a search" in again.stderr
 

@@ -372,20 +372,26 @@ def test_new_run_creates_run_and_queues_search(client, alice, dispatch, django_c
         "digits",
     )
     assert cfg.agent_config == {"warmup_episodes": 4}  # defaults are not stored
-    assert cfg.float_bits is True  # not posted (an older form, an API client): the engine's default
+    assert (
+        cfg.float_bits is True and cfg.reconstruct is True
+    )  # not posted (an API client): the engine's defaults
     assert (run.episodes_total, run.status, run.model_id) == (12, "queued", m.pk)
     assert dispatch.calls == [("enqueue_run", (run,))]
 
 
-def test_new_run_can_forbid_float_layers(client, alice, dispatch, django_capture_on_commit_callbacks):
+def test_new_run_can_forbid_float_layers_and_reconstruction(
+    client, alice, dispatch, django_capture_on_commit_callbacks
+):
     m = make_model(alice)
-    assert 'name="float_bits"' in client.get(reverse("ui:run-new")).content.decode()
+    html = client.get(reverse("ui:run-new")).content.decode()
+    assert 'name="float_bits"' in html and 'name="reconstruct"' in html
     with django_capture_on_commit_callbacks(execute=True):
-        client.post(reverse("ui:run-new"), run_post(m, float_bits="false"))
+        client.post(reverse("ui:run-new"), run_post(m, float_bits="false", reconstruct="false"))
     from compression.search.results import SearchConfig
     from webapp.models import Run
 
-    assert SearchConfig.from_dict(Run.objects.get().config).float_bits is False
+    cfg = SearchConfig.from_dict(Run.objects.get().config)
+    assert cfg.float_bits is False and cfg.reconstruct is False
 
 
 @pytest.mark.parametrize(

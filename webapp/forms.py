@@ -523,6 +523,14 @@ class RunForm(OwnedForm):
         help_text="latency objective, bits/joint actions: the top choice leaves a layer float; on runtimes that "
         "compute in float (TVM here) quantizing a layer only slows it down",
     )
+    reconstruct = forms.ChoiceField(
+        required=False,
+        choices=[("true", "yes (default)"), ("false", "no: slice and re-estimate batch norms only")],
+        initial="true",
+        label="Re-fit layers after pruned ones",
+        help_text="least-squares re-fit of every layer that reads pruned channels to the original's outputs "
+        "(AMC's channel pruning); far better accuracy before fine-tuning for ~0.1 s per candidate",
+    )
     budget_mode = forms.ChoiceField(
         choices=[
             ("cap", "cap (AMC: cap each action)"),
@@ -670,6 +678,7 @@ class RunForm(OwnedForm):
             min_bits=d["min_bits"],
             max_bits=d["max_bits"],
             float_bits=(d.get("float_bits") or "true") == "true",
+            reconstruct=(d.get("reconstruct") or "true") == "true",
             budget_mode=d["budget_mode"],
             enforce_budget={"true": True, "false": False}.get(d.get("enforce_budget") or ""),
             export_formats=tuple(d["export_formats"]),

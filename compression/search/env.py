@@ -59,6 +59,9 @@ class EnvSettings:
     # latency objective, bits/joint layouts: the top bin of a bits action is float (32 bits), because on most
     # runtimes some bit-widths are no faster than float (TVM computes in float here; ORT has no kernels below 8)
     float_bits: bool = True
+    reconstruct: bool = (
+        True  # least-squares re-fit of the layers reading pruned channels (compression/reconstruct.py)
+    )
     groups: int = spaces.DEFAULT_GROUPS
     pin_first_last_bits: int | None = None
     val_samples: int = 500
@@ -620,7 +623,8 @@ class CompressionEnvironment:
     def evaluate_policy(self, policy: Policy) -> tuple[float, dict[str, float]]:
         """Accuracy of a policy on the validation subset (applied with batch-norm re-estimation)."""
         t0 = time.perf_counter()
-        model = apply_policy(self.graph, policy, self.calib, round_to=self.settings.round_to)
+        s = self.settings
+        model = apply_policy(self.graph, policy, self.calib, round_to=s.round_to, reconstruct=s.reconstruct)
         t1 = time.perf_counter()
         acc = evaluate(model, self.val).top1
         t2 = time.perf_counter()
@@ -681,6 +685,7 @@ def layer_sensitivity(
     round_to: int = 1,
     samples: int = 200,
     progress: Callable[[int, int, dict], None] | None = None,
+    reconstruct: bool = True,
 ) -> tuple[dict[str, list[float]], float]:
     """Accuracy drop when only one layer is compressed, at a few settings (Galen's sensitivity features).
 
@@ -707,7 +712,7 @@ def layer_sensitivity(
                 drops.append(0.0)
             else:
                 pol = Policy(layers={name: LayerPolicy(**trial)})
-                model = apply_policy(graph, pol, calib, round_to=round_to)
+                model = apply_policy(graph, pol, calib, round_to=round_to, reconstruct=reconstruct)
                 drops.append(max(0.0, base - evaluate(model, data).top1))
             done += 1
             if progress is not None:

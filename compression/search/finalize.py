@@ -65,7 +65,7 @@ def finalize(run: SearchRun, episodes: list[EpisodeResult], *, search_s: float) 
         if emit.should_stop():
             raise Cancelled()
         policy = Policy.from_dict(cand.policy)
-        model = apply_policy(ws.graph, policy, run.calib, round_to=run.round_to)
+        model = apply_policy(ws.graph, policy, run.calib, round_to=run.round_to, reconstruct=cfg.reconstruct)
         before = evaluate(model, ws.data.test).top1
         if cfg.fine_tune_epochs > 0:
             fine_tune(model, ws.data.train, epochs=cfg.fine_tune_epochs, teacher=original, seed=cfg.seed)

@@ -227,6 +227,7 @@ class SearchRun:
             layout,
             round_to=self.round_to,
             progress=self._progress("sensitivity"),
+            reconstruct=self.config.reconstruct,
         )
         with open(path, "w", encoding="utf-8") as f:
             json.dump(sens, f)
@@ -279,6 +280,7 @@ class SearchRun:
             min_bits=c.min_bits,
             max_bits=c.max_bits,
             float_bits=c.float_bits,
+            reconstruct=c.reconstruct,
             val_samples=c.val_samples,
             calib_samples=c.calib_samples,
             seed=c.seed,
