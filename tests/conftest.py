@@ -35,4 +35,7 @@ def trained_small_cnn(tmp_path_factory):
 
 
 # Service fixtures (own Redis on a free port, real Celery workers, a live daphne): tests/conftest_services.py
+# (``import *`` skips names with a leading underscore: the autouse guard that keeps every other test off the
+# machine's Redis is imported by name, or it would silently not exist)
 from tests.conftest_services import *  # noqa: E402, F401, F403
+from tests.conftest_services import _keep_off_the_machines_redis  # noqa: E402, F401

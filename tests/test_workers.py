@@ -356,6 +356,15 @@ def test_reaper_resends_queued_runs_whose_message_was_lost(owner, monkeypatch):
     assert sent == []
 
 
+def test_tests_without_services_never_reach_the_machines_redis(settings):
+    from tests.conftest_services import NO_REDIS
+    from workers.celery_app import app
+
+    assert settings.CELERY_BROKER_URL == settings.REDIS_URL == NO_REDIS
+    assert app.conf.broker_url == NO_REDIS
+    assert settings.CHANNEL_LAYERS["default"]["BACKEND"] == "channels.layers.InMemoryChannelLayer"
+
+
 def test_dispatch_without_a_broker_says_so(owner):
     run = make_run(owner)
     t0 = time.monotonic()
