@@ -316,7 +316,7 @@ def test_float_is_the_top_bit_choice_and_the_cheapest_on_a_float_runtime(workspa
     joint = _latency_env(workspace, "float", "joint", 0.9)
     # the joint floor is the pruning floor: its cheapest choice per layer is float, not 2 bits (which costs more)
     assert joint.min_cost_ratio == pytest.approx(prune.min_cost_ratio)
-    assert set(joint._cheap_bits.values()) <= {(b, 32) for b in range(2, 9)} | {(32, 32)}
+    assert set(joint._cheap_bits.values()) == {(32, 32)}  # weight bits cost no time there: the precise choice
     without = _latency_env(workspace, "float", "joint", 2.0, float_bits=False)
     assert without.min_cost_ratio > prune.min_cost_ratio  # forced to quantize, the floor rises
     # a budget only pruning reaches: the cap prunes and keeps the layers' activations float

@@ -175,8 +175,9 @@ class CompressionEnvironment:
     def _cheapest_bits(self) -> dict[str, tuple[int, int]]:
         """Per layer, the (w_bits, a_bits) of the bits action that cost least, at the most pruned shape.
 
-        For MACs / BOPs / bytes that is the fewest bits; for latency it is measured: on TVM (float compute) float
-        itself, on ONNX Runtime usually 8 bits. The most compressed policy (the floor, the cap's look-ahead) uses it.
+        For MACs / BOPs / bytes that is the fewest bits; for latency it is measured (the most bits among equally
+        cheap choices): on TVM (float compute) float itself, on ONNX Runtime usually 8 bits. The most compressed
+        policy (the floor, the cap's look-ahead) uses it.
         """
         s = self.settings
         if "w_bits" not in self.action_spec.names:
@@ -194,8 +195,10 @@ class CompressionEnvironment:
         for n in self.steps:
             c = costs.layers[n]
             best: tuple[float, int, int] | None = None
-            for w in self._levels:  # fewest bits first: a tie keeps the smaller model
-                for a in self._levels:
+            # most bits first, so a tie keeps the more precise choice: on TVM weight bits cost no time (it
+            # computes in float), and 2-bit weights would only lose accuracy for nothing
+            for w in reversed(self._levels):
+                for a in reversed(self._levels):
                     ms = self.latency.layer_ms(n, c.in_channels, c.out_channels, w, a)
                     if best is None or ms < best[0] - 1e-12:
                         best = (ms, w, a)
