@@ -259,6 +259,32 @@ def test_finalize_chooses_among_candidates_on_the_validation_split(trained_small
     chosen = next(c for c in cands if c["episode"] == report["best_episode"])
     assert chosen["val_accuracy_after_fine_tune"] == max(c["val_accuracy_after_fine_tune"] for c in cands)
     assert report["accuracy"]["compressed_test"] == chosen["test_accuracy"]
+    for c in cands:  # a fine-tune is kept only when it does not lower validation accuracy
+        if c["fine_tune_kept"]:
+            assert c["val_accuracy_after_fine_tune"] >= c["val_accuracy_before_fine_tune"]
+        else:
+            assert c["val_accuracy_after_fine_tune"] == c["val_accuracy_before_fine_tune"]
+
+
+def test_a_fine_tune_that_hurts_is_undone(trained_small_cnn, tmp_path, monkeypatch):
+    import compression.search.finalize as fin
+
+    def harmful(
+        model, *args, **kwargs
+    ):  # stands in for a fine-tune that diverges (too high a rate, too few steps)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(-1.0)
+        return []
+
+    monkeypatch.setattr(fin, "fine_tune", harmful)
+    cfg = _config(trained_small_cnn["weights_spec"], "random", objective="macs", top_k=2, fine_tune_epochs=1)
+    report = run_search(cfg, str(tmp_path), [Record()])
+    for c in report["candidates"]:
+        assert c["fine_tune_kept"] is False
+        assert c["val_accuracy_after_fine_tune"] == c["val_accuracy_before_fine_tune"]
+        assert c["test_accuracy"] == c["test_accuracy_before_fine_tune"]
+    assert report["accuracy"]["compressed_test"] == report["accuracy"]["compressed_test_before_fine_tune"]
 
 
 # --- latency objective where fewer bits can cost more -------------------------------------------------------

@@ -479,7 +479,14 @@ def test_finished_run_shows_results_and_downloads(client, alice):
         "costs": {"before": {"bytes": 400000}, "after": {"bytes": 100000}, "ratio": {"macs": 0.3}},
         "timing": {"search_s": 61.0, "finalize_s": 5.0},
         "candidates": [
-            {"episode": run.best["number"], "reward": 0.9, "val_accuracy": 0.9, "test_accuracy": 0.931}
+            {"episode": run.best["number"], "reward": 0.9, "val_accuracy": 0.9, "test_accuracy": 0.931},
+            {
+                "episode": 999,
+                "reward": 0.8,
+                "val_accuracy": 0.8,
+                "test_accuracy": 0.7,
+                "fine_tune_kept": False,
+            },
         ],
     }
     run.save()
@@ -487,6 +494,7 @@ def test_finished_run_shows_results_and_downloads(client, alice):
     html = client.get(reverse("ui:run", args=[run.pk])).content.decode()
     assert "93.10%" in html and "2.50×" in html and "800 µs" in html and "2.00 ms" in html
     assert "model.pt2" in html and "2.9 KiB" in html and "torch.export.load" in html
+    assert html.count("(fine-tune undone)") == 1  # only the candidate whose fine-tune was undone says so
     dl = client.get(reverse("ui:artifact", args=[run.pk, a.pk]))
     assert dl.status_code == 200 and b"".join(dl.streaming_content) == b"PK\x03\x04" + b"x" * 3000
     assert 'filename="model.pt2"' in dl["Content-Disposition"]

@@ -1,14 +1,18 @@
-"""After the search: fine-tune the best policies, pick by test accuracy, export, measure on the target.
+"""After the search: fine-tune the best policies, pick by validation accuracy, export, measure on the target.
 
 The top ``top_k`` distinct policies by reward that meet the budget are applied, fine-tuned for
-``fine_tune_epochs`` (distilling from the uncompressed model) and scored on the test split; the chosen one
-is the best by test accuracy. It is exported (``.pt2``, ONNX, int8 ONNX where it applies, the TVM library
+``fine_tune_epochs`` (distilling from the uncompressed model) and scored on the validation and test splits; the
+chosen one is the best on validation (the test split only reports). A fine-tune that lowers a candidate's
+validation accuracy is undone: with reconstruction a candidate can start close to the original, and a short
+fine-tune at the default learning rate sometimes disturbs it more than it helps (docs/BENCHMARKS.md, 1d). It is
+exported (``.pt2``, ONNX, int8 ONNX where it applies, the TVM library
 for TVM targets) and both the original and the compressed model are measured end to end on the target,
 which also checks the latency table's prediction for that policy.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -67,8 +71,18 @@ def finalize(run: SearchRun, episodes: list[EpisodeResult], *, search_s: float) 
         policy = Policy.from_dict(cand.policy)
         model = apply_policy(ws.graph, policy, run.calib, round_to=run.round_to, reconstruct=cfg.reconstruct)
         before = evaluate(model, ws.data.test).top1
+        val_before = evaluate(model, ws.data.val).top1
+        kept_fine_tune = None
         if cfg.fine_tune_epochs > 0:
+            start = copy.deepcopy(model.state_dict())
             fine_tune(model, ws.data.train, epochs=cfg.fine_tune_epochs, teacher=original, seed=cfg.seed)
+            kept_fine_tune = evaluate(model, ws.data.val).top1 >= val_before
+            if not kept_fine_tune:
+                model.load_state_dict(start)
+                log.info(
+                    "candidate episode %d: fine-tuning lowered validation accuracy; kept as applied",
+                    cand.episode,
+                )
         val = evaluate(model, ws.data.val).top1
         test = evaluate(model, ws.data.test)
         entry = {
@@ -76,6 +90,8 @@ def finalize(run: SearchRun, episodes: list[EpisodeResult], *, search_s: float) 
             "reward": cand.reward,
             "val_accuracy": cand.accuracy,
             "val_accuracy_after_fine_tune": val,
+            "val_accuracy_before_fine_tune": val_before,
+            "fine_tune_kept": kept_fine_tune,
             "test_accuracy_before_fine_tune": before,
             "test_accuracy": test.top1,
             "test_top5": test.top5,
