@@ -104,3 +104,25 @@ def test_reconstruction_recovers_most_of_a_trained_models_accuracy(trained_small
     assert any(n in fitted for n in linears), (
         f"the classifier reads pruned features and was not re-fitted: {errors}"
     )
+
+
+def test_fine_tune_ends_with_batch_norm_statistics_averaged_over_training_inputs(trained_small_cnn):
+    """Momentum averages of a short fine-tune's last batches cost accuracy (docs/BENCHMARKS.md, 1d): after
+    ``fine_tune`` every batch norm holds the plain average over the first BN_SAMPLES training inputs."""
+    from compression.pipeline import open_workspace
+    from compression.training import BN_SAMPLES, fine_tune
+
+    ws = open_workspace(trained_small_cnn["pt2"], "digits", seed=0)
+    calib = ws.calibration_batch(256, seed=0)
+    model = apply_policy(ws.graph, Policy.uniform(ws.graph.prunable_leaders, keep_ratio=0.5), calib)
+    fine_tune(model, ws.data.train, epochs=1, teacher=ws.artifact.module, seed=0)
+    bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    seen: list[torch.Tensor] = []
+    hook = bn.register_forward_hook(lambda m, i, o: seen.append(i[0].detach()))
+    with torch.no_grad():
+        model.eval()
+        model(ws.data.train.tensors[0][:BN_SAMPLES])
+    hook.remove()
+    feats = seen[0].transpose(0, 1).flatten(1)  # channels x (samples * positions)
+    assert torch.allclose(bn.running_mean, feats.mean(1), atol=1e-4)
+    assert torch.allclose(bn.running_var, feats.var(1, unbiased=True), rtol=1e-3, atol=1e-4)
