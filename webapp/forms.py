@@ -448,6 +448,17 @@ def agent_field_name(agent: str, param: str) -> str:
     return f"agent_{agent}__{param}"
 
 
+def _default_on(label: str, off: str, help_text: str) -> forms.ChoiceField:
+    """A yes/no engine switch that is on unless "false" is posted (a client that omits it gets the default)."""
+    return forms.ChoiceField(
+        required=False,
+        choices=[("true", "yes (default)"), ("false", off)],
+        initial="true",
+        label=label,
+        help_text=help_text,
+    )
+
+
 class RunForm(OwnedForm):
     """A new search run. Defaults are ``SearchConfig``'s; agent settings default to the agent's own."""
 
@@ -515,20 +526,16 @@ class RunForm(OwnedForm):
     )
     min_bits = forms.IntegerField(min_value=1, max_value=8, initial=_SEARCH_DEFAULTS.min_bits)
     max_bits = forms.IntegerField(min_value=1, max_value=8, initial=_SEARCH_DEFAULTS.max_bits)
-    float_bits = forms.ChoiceField(
-        required=False,
-        choices=[("true", "yes (default)"), ("false", "no: quantize every layer it decides")],
-        initial="true",
-        label="Layers may stay float",
-        help_text="latency objective, bits/joint actions: the top choice leaves a layer float; on runtimes that "
+    float_bits = _default_on(
+        "Layers may stay float",
+        "no: quantize every layer it decides",
+        "latency objective, bits/joint actions: the top choice leaves a layer float; on runtimes that "
         "compute in float (TVM here) quantizing a layer only slows it down",
     )
-    reconstruct = forms.ChoiceField(
-        required=False,
-        choices=[("true", "yes (default)"), ("false", "no: slice and re-estimate batch norms only")],
-        initial="true",
-        label="Re-fit layers after pruned ones",
-        help_text="least-squares re-fit of every layer that reads pruned channels to the original's outputs "
+    reconstruct = _default_on(
+        "Re-fit layers after pruned ones",
+        "no: slice and re-estimate batch norms only",
+        "least-squares re-fit of every layer that reads pruned channels to the original's outputs "
         "(AMC's channel pruning); far better accuracy before fine-tuning for ~0.1 s per candidate",
     )
     budget_mode = forms.ChoiceField(
@@ -677,8 +684,8 @@ class RunForm(OwnedForm):
             min_keep=d["min_keep"],
             min_bits=d["min_bits"],
             max_bits=d["max_bits"],
-            float_bits=(d.get("float_bits") or "true") == "true",
-            reconstruct=(d.get("reconstruct") or "true") == "true",
+            float_bits=d.get("float_bits") != "false",
+            reconstruct=d.get("reconstruct") != "false",
             budget_mode=d["budget_mode"],
             enforce_budget={"true": True, "false": False}.get(d.get("enforce_budget") or ""),
             export_formats=tuple(d["export_formats"]),
