@@ -361,6 +361,7 @@ def cmd_search(args: argparse.Namespace) -> None:
             agent_config=agent_config,
             layout=args.layout,
             float_bits=not args.no_float_bits,
+            free_precision=not args.no_free_precision,
             reconstruct=not args.no_reconstruct,
             top_k=args.top_k,
             fine_tune_epochs=args.fine_tune_epochs,
@@ -504,6 +505,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--split", choices=["train", "val", "test"], default="test")
     sp.add_argument("--max-samples", type=int)
     sp.add_argument("--round-to", type=int, default=1)
+    sp.add_argument(
+        "--no-free-precision",
+        action="store_true",
+        help="latency objective: keep the bits the agent chose even where more bits cost no more time on the target",
+    )
     sp.add_argument("--no-reconstruct", action="store_true", help=NO_RECONSTRUCT_HELP)
 
     for name, fn, help_ in (

@@ -112,7 +112,7 @@ def test_evaluate_apply_export_and_search(trained_small_cnn, tmp_path):
     assert "best episode" in res.stdout
     assert len((run / "episodes.jsonl").read_text().splitlines()) == 3
     stored = json.loads((run / "config.json").read_text())
-    assert stored["reconstruct"] is True and stored["float_bits"] is True
+    assert stored["reconstruct"] is True and stored["float_bits"] is True and stored["free_precision"] is True
     again = cli("search", "--model", model, "--out", str(run))
     assert again.returncode == 2 and "already holds a search" in again.stderr
 

@@ -294,6 +294,7 @@ def _device(kind: str):
     """A simulated runtime's per-layer latency (a true boundary: the real tables are tested elsewhere).
 
     ``float``: computes in float, a fake-quantized input costs extra arithmetic (TVM here): float is cheapest.
+    ``int8-kernels``: any width up to 8 bits runs as the same fast int8 kernel (ONNX Runtime's QDQ models).
     ``int8``: 8-bit kernels are fast, below 8 bits the layer is emulated and slower than float (ONNX Runtime's
     shape of costs): 8 bits is cheapest.
     """
@@ -303,6 +304,8 @@ def _device(kind: str):
         work = in_c * out_c * 1e-4
         if kind == "float":
             return work * (1.5 if a_bits < 32 else 1.0)
+        if kind == "int8-kernels" and w_bits <= 8 and a_bits <= 8:
+            return work * 0.5  # every width up to 8 runs as the same int8 kernel
         if w_bits == 8 and a_bits == 8:
             return work * 0.5
         return work * (1.3 if (w_bits < 32 or a_bits < 32) else 1.0)
@@ -368,3 +371,43 @@ def test_cap_and_repair_find_the_fast_int8_kernels_when_fewer_bits_cost_more(wor
         bits = {(info["policy"][n].w_bits, info["policy"][n].a_bits) for n in env.steps}
         assert (8, 8) in bits, (mode, bits)
         assert all(b[0] >= 8 or b == (8, 8) for b in bits), (mode, bits)  # never the slow emulated widths
+
+
+def test_bits_that_buy_no_time_are_raised_to_the_most_precise_equally_fast_choice(workspace):
+    def decided(kind, layout, actions, **kw):
+        env = _latency_env(workspace, kind, layout, 2.0, **kw)  # a budget that never caps
+        info = _run(env, actions)
+        return {(info["policy"][n].w_bits, info["policy"][n].a_bits) for n in env.steps}, info
+
+    # float runtime: any quantized input costs more than float and weight bits cost nothing, so 2 bits become float
+    bits, info = decided("float", "joint", [1.0, 0.0, 0.0])
+    assert bits == {(32, 32)}
+    assert info["enforced_actions"] == info["raw_actions"]  # part of decoding, not a change the agent must learn
+    kept, _ = decided("float", "joint", [1.0, 0.0, 0.0], free_precision=False)
+    assert kept == {(2, 2)}
+    # int8 kernels for every width up to 8: 2 bits cost what 8 bits cost, so the layer gets 8 (not float: slower)
+    assert decided("int8-kernels", "bits", [0.0, 0.0])[0] == {(8, 8)}
+    # emulated widths below 8 are slower than float: 2 bits become float; 8 bits stay (the fast kernel)
+    assert decided("int8", "bits", [0.0, 0.0])[0] == {(32, 32)}
+    assert decided("int8", "bits", [0.8, 0.8])[0] == {(8, 8)}
+    # MACs / BOPs: fewer bits are always cheaper there, nothing is raised
+    env = CompressionEnvironment(
+        workspace.graph,
+        subset(workspace.data.val, 60),
+        workspace.calibration_batch(32),
+        EnvSettings(layout="bits", objective="bops", budget=2.0),
+    )
+    info = _run(env, [0.0, 0.0])
+    assert {(info["policy"][n].w_bits, info["policy"][n].a_bits) for n in env.steps} == {(2, 2)}
+
+
+def test_capped_layers_keep_the_free_precision_of_their_new_shape(workspace):
+    # a tight budget on the float runtime: the cap prunes, and the pruned layers still take float over 2 bits
+    prune = _latency_env(workspace, "float", "prune", 0.9)
+    budget = (prune.min_cost_ratio + 1.0) / 2
+    env = _latency_env(workspace, "float", "joint", budget)
+    info = _run(env, [1.0, 0.0, 0.0])
+    assert info["metrics"]["meets_budget"], info["metrics"]
+    policy = info["policy"]
+    assert any(policy[n].keep_ratio < 1.0 for n in env.steps)
+    assert {(policy[n].w_bits, policy[n].a_bits) for n in env.steps} == {(32, 32)}

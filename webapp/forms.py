@@ -532,6 +532,12 @@ class RunForm(OwnedForm):
         "latency objective, bits/joint actions: the top choice leaves a layer float; on runtimes that "
         "compute in float (TVM here) quantizing a layer only slows it down",
     )
+    free_precision = _default_on(
+        "Take precision that costs no time",
+        "no: keep the bits the agent chose",
+        "latency objective, bits/joint actions: a layer's bits are raised to the most precise choice that is no "
+        "slower on the target (on TVM quantizing buys no time; ONNX Runtime runs 2-7 bits as int8 kernels)",
+    )
     reconstruct = _default_on(
         "Re-fit layers after pruned ones",
         "no: slice and re-estimate batch norms only",
@@ -685,6 +691,7 @@ class RunForm(OwnedForm):
             min_bits=d["min_bits"],
             max_bits=d["max_bits"],
             float_bits=d.get("float_bits") != "false",
+            free_precision=d.get("free_precision") != "false",
             reconstruct=d.get("reconstruct") != "false",
             budget_mode=d["budget_mode"],
             enforce_budget={"true": True, "false": False}.get(d.get("enforce_budget") or ""),

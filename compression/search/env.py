@@ -59,6 +59,9 @@ class EnvSettings:
     # latency objective, bits/joint layouts: the top bin of a bits action is float (32 bits), because on most
     # runtimes some bit-widths are no faster than float (TVM computes in float here; ORT has no kernels below 8)
     float_bits: bool = True
+    # latency objective, bits/joint layouts: a layer's (w_bits, a_bits) is raised to the most precise pair that costs
+    # no more time at its shape (on TVM quantizing buys nothing, on ONNX Runtime 2..7 bits run as int8 kernels)
+    free_precision: bool = True
     reconstruct: bool = (
         True  # least-squares re-fit of the layers reading pruned channels (compression/reconstruct.py)
     )
@@ -382,6 +385,7 @@ class CompressionEnvironment:
             ft = self._float_top
             entry.w_bits = spaces.action_to_bits(float(a[names.index("w_bits")]), s.min_bits, s.max_bits, ft)
             entry.a_bits = spaces.action_to_bits(float(a[names.index("a_bits")]), s.min_bits, s.max_bits, ft)
+            self._free_precision(name, entry)
         if s.layout == "ajpq":
             fixed = self._group_keep_fixed(name)
             bits = [spaces.action_to_bits(float(x), s.min_bits, s.max_bits) for x in a[1:]]
@@ -394,6 +398,38 @@ class CompressionEnvironment:
             entry.keep_ratio = (s.groups - pruned) / s.groups
         self._pin(name, entry)
         return entry
+
+    def _free_precision(self, name: str, entry: LayerPolicy) -> None:
+        """Raise ``entry``'s (w_bits, a_bits) to the most precise pair that costs no more time at its shape.
+
+        Only where fewer bits are not always cheaper (the latency objective): fewer bits that buy no time only lose
+        accuracy. On TVM (float compute) every quantized choice costs at least float, so layers stay float; on
+        ONNX Runtime 2..7 bits run as the same int8 kernels as 8 bits, so they become 8 bits (or float where float
+        is as fast). Part of decoding the action, like rounding to whole channels: not recorded as a change.
+        """
+        s = self.settings
+        if not s.free_precision or self._costs_fall_with_bits or "w_bits" not in self.action_spec.names:
+            return
+        if s.pin_first_last_bits and name in (self.steps[0], self.steps[-1]):
+            return  # the agent's pin decides these
+        assert self.latency is not None
+        trial = Policy(layers=dict(self._policy.layers))
+        trial.layers[name] = entry
+        c = compute_costs(self.graph, trial, s.round_to).layers[name]
+
+        def ms(w: int, a: int) -> float:
+            return self.latency.layer_ms(name, c.in_channels, c.out_channels, w, a)  # type: ignore[union-attr]
+
+        here = ms(entry.w_bits, entry.a_bits)
+        best = (entry.w_bits + entry.a_bits, -here, entry.w_bits, entry.a_bits)
+        for w in self._levels:
+            for a in self._levels:
+                if w < entry.w_bits or a < entry.a_bits or (w, a) == (entry.w_bits, entry.a_bits):
+                    continue
+                t = ms(w, a)
+                if t <= here * (1 + 1e-9) + 1e-12:
+                    best = max(best, (w + a, -t, w, a))
+        entry.w_bits, entry.a_bits = best[2], best[3]
 
     def _pin(self, name: str, entry: LayerPolicy) -> None:
         pin = self.settings.pin_first_last_bits
@@ -564,6 +600,14 @@ class CompressionEnvironment:
         s = self.settings
         if not (s.enforce_budget and s.budget_mode == "cap"):
             return entry
+        chosen = self._cap(name, entry)
+        if chosen is not entry and chosen.channel_bits is None:
+            # capped to another shape: the bits that cost no more time may differ there (never costs more)
+            self._free_precision(name, chosen)
+        return chosen
+
+    def _cap(self, name: str, entry: LayerPolicy) -> LayerPolicy:
+        """AMC's cap: the least compressed of ``_candidates`` with which the budget stays reachable."""
         candidates = self._candidates(name, entry)
         if not self._costs_fall_with_bits:
             # the cap: the first candidate (least changed) with which the budget stays reachable; costs are not

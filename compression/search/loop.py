@@ -280,6 +280,7 @@ class SearchRun:
             min_bits=c.min_bits,
             max_bits=c.max_bits,
             float_bits=c.float_bits,
+            free_precision=c.free_precision,
             reconstruct=c.reconstruct,
             val_samples=c.val_samples,
             calib_samples=c.calib_samples,

@@ -36,6 +36,8 @@ class SearchConfig:
         uniform default to joint). min_keep / min_bits / max_bits bound the actions. float_bits: with the latency
         objective, a bits action may also leave a layer float (the top bin); on runtimes where a quantized layer
         is no faster (TVM computes in float here) that is how the bits and joint layouts stay usable.
+        free_precision: with the latency objective, each decided (w_bits, a_bits) is raised to the most precise pair
+        that costs no more time on the target at the layer's shape (fewer bits that buy no time only lose accuracy).
     reconstruct: re-fit the layers that read pruned channels to the original's outputs by least squares
         (``compression/reconstruct.py``) whenever a candidate is applied; off: slicing and batch-norm only.
     budget_mode: cap (AMC: each action capped so the budget stays reachable) or repair (HAQ: bits lowered
@@ -66,6 +68,7 @@ class SearchConfig:
     min_bits: int = 2
     max_bits: int = 8
     float_bits: bool = True
+    free_precision: bool = True
     reconstruct: bool = True
     budget_mode: str = "cap"
     enforce_budget: bool | None = None
