@@ -505,11 +505,6 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--split", choices=["train", "val", "test"], default="test")
     sp.add_argument("--max-samples", type=int)
     sp.add_argument("--round-to", type=int, default=1)
-    sp.add_argument(
-        "--no-free-precision",
-        action="store_true",
-        help="latency objective: keep the bits the agent chose even where more bits cost no more time on the target",
-    )
     sp.add_argument("--no-reconstruct", action="store_true", help=NO_RECONSTRUCT_HELP)
 
     for name, fn, help_ in (
@@ -550,6 +545,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-float-bits",
         action="store_true",
         help="latency objective: every layer a bits/joint search decides is quantized (2..8 bits, no float choice)",
+    )
+    sp.add_argument(
+        "--no-free-precision",
+        action="store_true",
+        help="latency objective: keep the bits the agent chose even where more bits cost no more time on the target",
     )
     sp.add_argument("--no-reconstruct", action="store_true", help=NO_RECONSTRUCT_HELP)
     sp.add_argument("--agent-config", help="agent hyper-parameters as JSON")
