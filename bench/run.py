@@ -1,4 +1,5 @@
-"""Run the benchmarks: ``python bench/run.py [quality reconstruction throughput fidelity speedup streaming memory]``.
+"""Run the benchmarks: ``python bench/run.py [quality reconstruction search_set throughput fidelity speedup streaming
+memory]``.
 
 Without names every benchmark runs, in the order above. ``--quick`` is the minutes-long variant (fewer
 episodes, seeds, policies and epochs); without it the full protocol runs (hours on 2 cores). Each benchmark
@@ -21,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-BENCHMARKS = ("quality", "reconstruction", "throughput", "fidelity", "speedup", "streaming", "memory")
+BENCHMARKS = ("quality", "reconstruction", "search_set", "throughput", "fidelity", "speedup", "streaming", "memory")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--episodes", type=int, help="search episodes per run")
     p.add_argument("--seeds", type=int, help="seeds per configuration (quality)")
     p.add_argument("--fine-tune-epochs", type=int, help="fine-tune epochs (quality, speedup)")
-    p.add_argument("--policies", type=int, help="random policies (fidelity, reconstruction)")
+    p.add_argument("--policies", type=int, help="random policies (fidelity, reconstruction, search_set)")
     p.add_argument("--agents", help="comma-separated agents (quality, throughput)")
     p.add_argument("--models", help="comma-separated models for quality: resnet20,dwnet")
     p.add_argument("--model", help="use this .pt2 instead of the trained ResNet-20 (throughput, fidelity)")

@@ -75,7 +75,7 @@ def _search(
     episodes: int,
     out: Path,
     seed: int = 0,
-    val_samples: int = 500,
+    val_samples: int = 1000,
     round_to: int | None = None,
     sensitivity_from: Path | None = None,
 ) -> dict[str, Any]:

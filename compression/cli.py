@@ -357,6 +357,7 @@ def cmd_search(args: argparse.Namespace) -> None:
             episodes=args.episodes,
             seed=args.seed,
             val_samples=args.val_samples,
+            train_top_up=not args.no_train_top_up,
             round_to=args.round_to,
             agent_config=agent_config,
             layout=args.layout,
@@ -538,7 +539,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--rho", type=float, help="galen reward: target cost ratio (default: the budget)")
     sp.add_argument("--episodes", type=int, default=100)
     sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--val-samples", type=int, default=500)
+    sp.add_argument(
+        "--val-samples",
+        type=int,
+        default=1000,  # SearchConfig's default (not imported here: the parser loads no torch)
+        help="images per accuracy estimate (the search set; validation images first)",
+    )
+    sp.add_argument(
+        "--no-train-top-up",
+        action="store_true",
+        help="score candidates on validation images only, even when the validation split holds fewer than --val-samples",
+    )
     sp.add_argument("--round-to", type=int)
     sp.add_argument("--layout", choices=["prune", "bits", "joint", "ajpq"], help="for random/uniform agents")
     sp.add_argument(

@@ -43,6 +43,31 @@ class Workspace:
         idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n]
         return x[idx]
 
+    def search_set(
+        self, n: int, calib_samples: int, seed: int = 0, top_up: bool = True
+    ) -> tuple[torch.utils.data.TensorDataset, dict[str, int]]:
+        """The images a search scores its candidates on: up to ``n`` validation images and, when the validation
+        split holds fewer and ``top_up`` is on, training images that ``calibration_batch(calib_samples, seed)``
+        does not use (the batch the re-fit and batch-norm re-estimation see). Deterministic.
+
+        AMC scores its reward on held-out training images; here the validation split comes first. A small
+        validation split cannot rank candidates that differ by a point or two (digits: 180 images, 0.56 points
+        each; ``bench/reward_set.py`` measures the ranking). Returns the set and how many images came from each split.
+        """
+        from torch.utils.data import TensorDataset
+
+        from compression.training import subset
+
+        val = subset(self.data.val, n, seed)
+        need = n - len(val)
+        if not top_up or need <= 0:
+            return val, {"validation": len(val), "training": 0}
+        xt, yt = self.data.train.tensors
+        idx = torch.randperm(len(xt), generator=torch.Generator().manual_seed(seed))[calib_samples:][:need]
+        xv, yv = val.tensors
+        images = TensorDataset(torch.cat([xv, xt[idx]]), torch.cat([yv, yt[idx]]))
+        return images, {"validation": len(val), "training": len(idx)}
+
 
 def read_model_meta(path: str) -> dict[str, Any]:
     """Normalisation and dataset facts stored in a ``.pt2`` we wrote (empty for others)."""

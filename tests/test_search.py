@@ -411,3 +411,43 @@ def test_capped_layers_keep_the_free_precision_of_their_new_shape(workspace):
     policy = info["policy"]
     assert any(policy[n].keep_ratio < 1.0 for n in env.steps)
     assert {(policy[n].w_bits, policy[n].a_bits) for n in env.steps} == {(32, 32)}
+
+
+def test_the_search_set_tops_a_small_validation_split_up_with_training_images_the_calibration_does_not_use(
+    workspace,
+):
+    val, train = workspace.data.val, workspace.data.train
+    assert len(val) < 400  # digits: a small validation split
+    images, sizes = workspace.search_set(1000, 256, seed=3)
+    assert sizes == {"validation": len(val), "training": 1000 - len(val)} and len(images) == 1000
+    x = images.tensors[0]
+    assert torch.equal(x[: len(val)].sort(0).values, val.tensors[0].sort(0).values)  # every validation image
+    calib = workspace.calibration_batch(256, seed=3)
+    extra = x[len(val) :].flatten(1)
+    # none of the added training images is one the re-fit and batch-norm re-estimation saw
+
+    def same(a, b):  # exact distances (the matmul shortcut is off by ~1e-3 for identical rows)
+        return torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist") < 1e-6
+
+    assert not same(extra, calib.flatten(1)).any()
+    assert same(extra, train.tensors[0].flatten(1)).any(1).all()  # all from the training split
+    again, _ = workspace.search_set(1000, 256, seed=3)
+    assert torch.equal(again.tensors[0], x)  # deterministic
+    only_val, sizes = workspace.search_set(1000, 256, seed=3, top_up=False)
+    assert sizes == {"validation": len(val), "training": 0} and len(only_val) == len(val)
+    small, sizes = workspace.search_set(50, 256, seed=3)
+    assert sizes == {"validation": 50, "training": 0} and len(small) == 50
+
+
+def test_a_search_reports_what_it_scored_candidates_on(trained_small_cnn, tmp_path):
+    from compression.search.loop import SearchRun
+
+    run = SearchRun(_config(trained_small_cnn["pt2"], "random", episodes=1, val_samples=300), str(tmp_path))
+    n_val = len(run.ws.data.val)
+    assert run.start_info()["search_set"] == {"validation": n_val, "training": 300 - n_val}
+    assert len(run.val) == 300
+    run = SearchRun(
+        _config(trained_small_cnn["pt2"], "random", episodes=1, val_samples=300, train_top_up=False),
+        str(tmp_path / "b"),
+    )
+    assert run.start_info()["search_set"] == {"validation": n_val, "training": 0}

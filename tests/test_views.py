@@ -373,7 +373,7 @@ def test_new_run_creates_run_and_queues_search(client, alice, dispatch, django_c
     )
     assert cfg.agent_config == {"warmup_episodes": 4}  # defaults are not stored
     assert (
-        cfg.float_bits is True and cfg.reconstruct is True and cfg.free_precision is True
+        cfg.float_bits is True and cfg.reconstruct is True and cfg.free_precision is True and cfg.train_top_up is True
     )  # not posted (an API client): the engine's defaults
     assert (run.episodes_total, run.status, run.model_id) == (12, "queued", m.pk)
     assert dispatch.calls == [("enqueue_run", (run,))]
@@ -387,13 +387,15 @@ def test_new_run_can_turn_off_the_default_on_engine_switches(
     assert 'name="float_bits"' in html and 'name="reconstruct"' in html and 'name="free_precision"' in html
     with django_capture_on_commit_callbacks(execute=True):
         client.post(
-            reverse("ui:run-new"), run_post(m, float_bits="false", reconstruct="false", free_precision="false")
+            reverse("ui:run-new"),
+            run_post(m, float_bits="false", reconstruct="false", free_precision="false", train_top_up="false"),
         )
     from compression.search.results import SearchConfig
     from webapp.models import Run
 
     cfg = SearchConfig.from_dict(Run.objects.get().config)
     assert cfg.float_bits is False and cfg.reconstruct is False and cfg.free_precision is False
+    assert cfg.train_top_up is False
 
 
 @pytest.mark.parametrize(

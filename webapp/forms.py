@@ -493,7 +493,14 @@ class RunForm(OwnedForm):
         min_value=10,
         max_value=1_000_000,
         initial=_SEARCH_DEFAULTS.val_samples,
-        help_text="per accuracy estimate",
+        label="Search-set images",
+        help_text="images per accuracy estimate (the reward): validation images first",
+    )
+    train_top_up = _default_on(
+        "Top up from training images",
+        "no: validation images only",
+        "when the validation split holds fewer images than that, add training images the calibration batch "
+        "does not use (AMC's practice): 180 validation images cannot rank candidates a point apart",
     )
     calib_samples = forms.IntegerField(
         min_value=1, max_value=1_000_000, initial=_SEARCH_DEFAULTS.calib_samples
@@ -683,6 +690,7 @@ class RunForm(OwnedForm):
             episodes=d["episodes"],
             seed=d["seed"],
             val_samples=d["val_samples"],
+            train_top_up=d.get("train_top_up") != "false",
             calib_samples=d["calib_samples"],
             round_to=d.get("round_to"),
             agent_config=d.get("agent_config") or {},

@@ -67,7 +67,7 @@ class EnvSettings:
     )
     groups: int = spaces.DEFAULT_GROUPS
     pin_first_last_bits: int | None = None
-    val_samples: int = 500
+    val_samples: int = 1000
     calib_samples: int = 256
     seed: int = 0
 

@@ -129,6 +129,7 @@ def finalize(run: SearchRun, episodes: list[EpisodeResult], *, search_s: float) 
         "config": cfg.to_dict(),
         "target": run.target.to_dict(),
         "round_to": run.round_to,
+        "search_set": dict(run.search_set_sizes),
         "episodes": len(episodes),
         "best_episode": best_cand.episode,
         "within_budget": within_budget,

@@ -185,7 +185,9 @@ class SearchRun:
         self.ws = open_workspace(
             config.model, config.dataset, seed=config.seed, input_shape=config.input_shape
         )
-        self.val = _val_subset(self.ws.data.val, config.val_samples, config.seed)
+        self.val, self.search_set_sizes = self.ws.search_set(
+            config.val_samples, config.calib_samples, config.seed, top_up=config.train_top_up
+        )
         self.calib = self.ws.calibration_batch(config.calib_samples, seed=config.seed)
         self.latency = build_latency_model(
             self.target,
@@ -320,6 +322,7 @@ class SearchRun:
             "layers": g.layer_names,
             "prunable": g.prunable_leaders,
             "original_accuracy": self.original_accuracy,
+            "search_set": dict(self.search_set_sizes),
             "original_costs": self._original_costs(),
             "stages": [s.__dict__ for s in self.stages],
             "setup_s": self.setup_s,
@@ -333,12 +336,6 @@ class SearchRun:
         if self.latency is not None:
             c["latency_ms"] = self.latency.total(compute_costs(self.ws.graph, None))
         return c
-
-
-def _val_subset(val, n: int, seed: int):
-    from compression.training import subset
-
-    return subset(val, n, seed)
 
 
 def run_search(

@@ -28,8 +28,10 @@ class SearchConfig:
     budget: the allowed cost as a fraction of the original model's (0 < budget <= 1).
     reward: acc | acc-log-cost | galen | haq; ``reward_params`` e.g. ``{"beta": -5, "rho": 0.5}`` for galen.
     episodes: search episodes; seed: makes the run reproducible.
-    val_samples: validation samples per accuracy estimate; calib_samples: samples for batch-norm
-        re-estimation and activation calibration.
+    val_samples: images per accuracy estimate (the search set), from the validation split and, with
+        ``train_top_up`` when that split holds fewer, from training images the calibration batch does not use
+        (``Workspace.search_set``); calib_samples: samples for batch-norm re-estimation, activation calibration
+        and the least-squares re-fit.
     round_to: channel rounding (None: the target's own).
     agent_config: the agent's hyper-parameters (see the agent's ``config_schema``).
     layout: what the agent decides per layer (prune | bits | joint | ajpq); None: the agent's own (random and
@@ -59,7 +61,8 @@ class SearchConfig:
     reward_params: dict[str, Any] = field(default_factory=dict)
     episodes: int = 100
     seed: int = 0
-    val_samples: int = 500
+    val_samples: int = 1000
+    train_top_up: bool = True
     calib_samples: int = 256
     round_to: int | None = None
     agent_config: dict[str, Any] = field(default_factory=dict)

@@ -97,6 +97,14 @@ def overview_episodes(run: Run, limit: int = OVERVIEW_MAX) -> tuple[list[dict[st
     return [e.to_event() for e in qs.order_by("number")], downsampled, len(rows)
 
 
+def _search_set_label(sizes: dict[str, int] | None) -> str:
+    """What the search scored candidates on, e.g. "180 validation + 820 training images"."""
+    if not sizes:
+        return "validation subset"
+    v, t = int(sizes.get("validation", 0)), int(sizes.get("training", 0))
+    return f"{v} validation + {t} training images" if t else f"{v} validation images"
+
+
 def summary_figures(run: Run) -> dict[str, Any]:
     """The headline numbers of a run, from its final report when there is one, else from the search so far.
 
@@ -117,7 +125,8 @@ def summary_figures(run: Run) -> dict[str, Any]:
     out: dict[str, Any] = {
         "original_accuracy": acc.get("original_test", start.get("original_accuracy")),
         "accuracy": acc.get("compressed_test", best.get("accuracy")),
-        "accuracy_kind": "test, fine-tuned" if "compressed_test" in acc else "validation subset, best so far",
+        "accuracy_kind": "test, fine-tuned" if "compressed_test" in acc else "search set, best so far",
+        "search_set": _search_set_label(start.get("search_set")),
         "latency_before_ms": orig_m.get("median_ms"),
         "latency_after_ms": comp_m.get("median_ms"),
         "latency_predicted_ms": lat.get("predicted_ms", best.get("latency_ms")),
@@ -159,6 +168,7 @@ COMPARE_KEYS = (
     "reconstruct",
     "round_to",
     "val_samples",
+    "train_top_up",
     "calib_samples",
     "top_k",
     "fine_tune_epochs",
