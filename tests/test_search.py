@@ -451,3 +451,34 @@ def test_a_search_reports_what_it_scored_candidates_on(trained_small_cnn, tmp_pa
         str(tmp_path / "b"),
     )
     assert run.start_info()["search_set"] == {"validation": n_val, "training": 0}
+
+
+def test_a_run_checkpointed_before_newer_settings_resumes_as_it_ran(trained_small_cnn, tmp_path):
+    from compression.search.loop import ADDED_SETTINGS, CHECKPOINT
+
+    legacy = {k: False for k in ADDED_SETTINGS}
+    cfg = _config(trained_small_cnn["weights_spec"], "amc", objective="macs", episodes=5, **legacy)
+    straight = Record()
+    run_search(cfg, str(tmp_path / "straight"), [straight])
+    first = Record(stop_after=3)
+    run_search(cfg, str(tmp_path / "old"), [first])
+    # what an older version wrote: a checkpoint whose configuration has none of the newer settings
+    ckpt = tmp_path / "old" / CHECKPOINT
+    state = torch.load(ckpt, weights_only=True)
+    stored = {k: v for k, v in json.loads(state["config"]).items() if k not in ADDED_SETTINGS}
+    state["config"] = json.dumps(stored)
+    torch.save(state, ckpt)
+    # the stored settings (config.json / the database row) lack them too: today's defaults fill them in
+    loaded = SearchConfig.from_dict(stored)
+    assert loaded.train_top_up is True and loaded.reconstruct is True
+    second = Record()
+    report = run_search(loaded, str(tmp_path / "old"), [second])
+    assert [e.episode for e in second.episodes] == [4, 5]
+    resumed = first.episodes + second.episodes
+    assert [e.policy for e in resumed] == [e.policy for e in straight.episodes]
+    assert [e.reward for e in resumed] == [e.reward for e in straight.episodes]
+    assert report["search_set"]["training"] == 0
+    # a real difference is still refused
+    other = SearchConfig.from_dict({**stored, "budget": 0.5})
+    with pytest.raises(SearchError, match="different search configuration"):
+        run_search(other, str(tmp_path / "old"), [])

@@ -21,7 +21,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -124,6 +124,32 @@ def _save_checkpoint(path: str, state: dict[str, Any]) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+# Settings added after checkpoints of this format were written, with the value that reproduces how a search ran
+# before them: a run checkpointed by an older version resumes exactly as it ran (its stored configuration, in
+# config.json or the database, lacks the key and would otherwise get today's default and be refused).
+ADDED_SETTINGS: dict[str, Any] = {
+    "float_bits": False,
+    "reconstruct": False,
+    "free_precision": False,
+    "train_top_up": False,
+}
+
+
+def as_checkpointed(config: SearchConfig, stored: dict[str, Any]) -> SearchConfig:
+    """``config`` as the checkpoint's search ran it (``ADDED_SETTINGS`` it predates take their old values), or a
+    SearchError when the checkpoint belongs to another configuration."""
+    old = {k: v for k, v in ADDED_SETTINGS.items() if k not in stored}
+    resumed = replace(config, **old) if old else config
+    if {**stored, **old} != resumed.to_dict():
+        raise SearchError(
+            "the checkpoint in this directory belongs to a different search configuration",
+            "resume with the same settings, or use a new output directory",
+        )
+    if old:
+        log.info("resuming a search checkpointed before %s: it continues without them", ", ".join(sorted(old)))
+    return resumed
 
 
 def _load_checkpoint(path: str) -> dict[str, Any]:
@@ -351,16 +377,13 @@ def run_search(
     """
     from compression.agents import make_agent, restore_agent
 
-    run = SearchRun(config, out_dir, callbacks)
-    emit = run.emit
     ckpt_path = os.path.join(out_dir, CHECKPOINT)
     ep_path = os.path.join(out_dir, EPISODES)
     state = _load_checkpoint(ckpt_path) if resume and os.path.exists(ckpt_path) else None
-    if state is not None and json.loads(state["config"]) != config.to_dict():
-        raise SearchError(
-            "the checkpoint in this directory belongs to a different search configuration",
-            "resume with the same settings, or use a new output directory",
-        )
+    if state is not None:
+        config = as_checkpointed(config, json.loads(state["config"]))
+    run = SearchRun(config, out_dir, callbacks)
+    emit = run.emit
     done = int(state["episodes_done"]) if state else 0
     episodes = _read_episodes(ep_path, upto=done) if state else []
     if len(episodes) != done:
