@@ -125,7 +125,7 @@ def _search_method(
         "test_accuracy": report["accuracy"]["compressed_test"],
         "test_accuracy_before_fine_tune": report["accuracy"]["compressed_test_before_fine_tune"],
         "original_test_accuracy": report["accuracy"]["original_test"],
-        "val_accuracy": cand["val_accuracy"],
+        "val_accuracy": cand.get("search_accuracy", cand.get("val_accuracy")),  # the reward's set (search set)
         "predicted_ratio": cand["cost_ratio"],
         "within_budget": report["within_budget"],
         "finalize_latency": {

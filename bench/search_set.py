@@ -101,29 +101,40 @@ def _model(ctx: Context, key: str, policies: int, ft_epochs: int) -> dict[str, A
                 f"{key} candidate {i + 1}/{policies}: val {row['val']:.3f}, val+train 1000 "
                 f"{row['val+train 1000']:.3f}, test after fine-tune {row['test_after']:.3f}",
             )
+    images = {name: len(sets[name]) if name in sets else len(ws.data.val) for name in SETS}
+    return {
+        "model": bm.info,
+        "original_test_accuracy": evaluate(original, ws.data.test).top1,
+        "rows": rows,
+        **selection(rows, images),
+        "load": load.summary(),
+    }
+
+
+def selection(rows: list[dict[str, Any]], images: dict[str, int]) -> dict[str, Any]:
+    """Per scoring set: rank correlations with the test accuracies, and the fine-tuned test accuracy of the
+    candidate it picks from random pools of ``POOL`` (ties go to the earlier candidate, as a search keeps its first
+    best episode); and the pools' best and mean."""
+    import numpy as np
+
     after = np.array([r["test_after"] for r in rows])
     draws = np.random.default_rng(0)
-    pools = [draws.choice(len(rows), size=min(POOL, len(rows)), replace=False) for _ in range(DRAWS)]
+    pools = [np.sort(draws.choice(len(rows), size=min(POOL, len(rows)), replace=False)) for _ in range(DRAWS)]
     oracle = float(np.mean([after[p].max() for p in pools]))
     per_set: dict[str, Any] = {}
     for name in SETS:
         score = np.array([r[name] for r in rows])
-        # ties broken by position in the pool, as a search keeps the first best episode
         picks = [p[int(np.argmax(score[p]))] for p in pools]
         per_set[name] = {
             "vs_test_after": rank_correlations(score.tolist(), after.tolist()),
             "vs_test_before": rank_correlations(score.tolist(), [r["test_before"] for r in rows]),
             "picked_test_after": float(np.mean(after[picks])),
-            "images": len(sets[name]) if name in sets else len(ws.data.val),
+            "images": images[name],
         }
     return {
-        "model": bm.info,
-        "original_test_accuracy": evaluate(original, ws.data.test).top1,
-        "rows": rows,
         "sets": per_set,
         "pool": {"size": POOL, "draws": DRAWS, "best_in_pool": oracle, "mean": float(after.mean())},
         "test_after": mean_std(after.tolist()),
-        "load": load.summary(),
     }
 
 

@@ -385,7 +385,7 @@ def cmd_search(args: argparse.Namespace) -> None:
             if not args.quiet:
                 print(
                     f"searching {config.model} on {info['target']}: {len(info['layers'])} layers, "
-                    f"original val accuracy {info['original_accuracy']:.2%}"
+                    f"original accuracy {info['original_accuracy']:.2%} on the search set"
                     + (
                         f", resuming after episode {info['resumed_from']}" if info.get("resumed_from") else ""
                     ),

@@ -52,7 +52,7 @@ class Workspace:
 
         AMC scores its reward on held-out training images; here the validation split comes first. A small
         validation split cannot rank candidates that differ by a point or two (digits: 180 images, 0.56 points
-        each; ``bench/reward_set.py`` measures the ranking). Returns the set and how many images came from each split.
+        each; ``bench/search_set.py`` measures the ranking). Returns the set and how many images came from each split.
         """
         from torch.utils.data import TensorDataset
 

@@ -350,7 +350,8 @@ def test_float_is_the_top_bit_choice_and_the_cheapest_on_a_float_runtime(workspa
     assert without.min_cost_ratio > prune.min_cost_ratio  # forced to quantize, the floor rises
     # a budget only pruning reaches: the cap prunes and keeps the layers' activations float
     budget = (prune.min_cost_ratio + 1.0) / 2
-    env = _latency_env(workspace, "float", "joint", budget)
+    # free precision off: the cap itself must find that float is cheaper than the 2 bits asked for
+    env = _latency_env(workspace, "float", "joint", budget, free_precision=False)
     info = _run(env, [1.0, 0.0, 0.0])  # keep everything, 2 bits: over budget and slower than float
     assert info["metrics"]["meets_budget"], info["metrics"]
     policy = info["policy"]
@@ -402,15 +403,41 @@ def test_bits_that_buy_no_time_are_raised_to_the_most_precise_equally_fast_choic
 
 
 def test_capped_layers_keep_the_free_precision_of_their_new_shape(workspace):
-    # a tight budget on the float runtime: the cap prunes, and the pruned layers still take float over 2 bits
-    prune = _latency_env(workspace, "float", "prune", 0.9)
-    budget = (prune.min_cost_ratio + 1.0) / 2
-    env = _latency_env(workspace, "float", "joint", budget)
+    # int8 kernels that lose to float at a layer's full width and win once it is pruned (a runtime whose int8 path
+    # has a fixed cost per call): the agent's 2 bits are float at full width, 8 bits where the cap narrows the layer
+    from compression.costs import compute_costs
+    from compression.search.env import LatencyModel
+
+    full = {n: c.in_channels * c.out_channels for n, c in compute_costs(workspace.graph, None).layers.items()}
+
+    def layer_ms(name, in_c, out_c, w_bits, a_bits):
+        work = in_c * out_c * 1e-4
+        if w_bits <= 8 and a_bits <= 8:
+            return work * (1.2 if in_c * out_c >= full[name] else 0.5)
+        return work * (1.5 if a_bits < 32 else 1.0)
+
+    def env_for(budget, **kw):
+        return CompressionEnvironment(
+            workspace.graph,
+            subset(workspace.data.val, 60),
+            workspace.calibration_batch(32),
+            EnvSettings(layout="joint", objective="latency", budget=budget, **kw),
+            latency=LatencyModel(layer_ms, residual_ms=0.01),
+        )
+
+    wide = _run(env_for(2.0), [1.0, 0.0, 0.0])["policy"]  # no cap: full width everywhere, float is cheaper there
+    assert {(lp.w_bits, lp.a_bits) for lp in wide.layers.values()} == {(32, 32)}
+    env = env_for(0.6)
     info = _run(env, [1.0, 0.0, 0.0])
     assert info["metrics"]["meets_budget"], info["metrics"]
     policy = info["policy"]
-    assert any(policy[n].keep_ratio < 1.0 for n in env.steps)
-    assert {(policy[n].w_bits, policy[n].a_bits) for n in env.steps} == {(32, 32)}
+    narrowed = [n for n in env.steps if policy[n].keep_ratio < 1.0]
+    assert narrowed
+    # where the cap narrowed a layer it re-decided the agent's 2 bits at the new shape: the int8 kernel, not float
+    assert {(policy[n].w_bits, policy[n].a_bits) for n in narrowed} == {(8, 8)}
+    # and it pruned no more than needed: float carried over to the narrow shapes would have to prune further
+    carried = _run(env_for(0.6, free_precision=False), [1.0, 0.0, 0.0])["policy"]
+    assert sum(policy[n].keep_ratio for n in env.steps) >= sum(carried[n].keep_ratio for n in env.steps)
 
 
 def test_the_search_set_tops_a_small_validation_split_up_with_training_images_the_calibration_does_not_use(
@@ -457,7 +484,7 @@ def test_a_run_checkpointed_before_newer_settings_resumes_as_it_ran(trained_smal
     from compression.search.loop import ADDED_SETTINGS, CHECKPOINT
 
     legacy = {k: False for k in ADDED_SETTINGS}
-    cfg = _config(trained_small_cnn["weights_spec"], "amc", objective="macs", episodes=5, **legacy)
+    cfg = _config(trained_small_cnn["weights_spec"], "amc", objective="macs", episodes=6, **legacy)
     straight = Record()
     run_search(cfg, str(tmp_path / "straight"), [straight])
     first = Record(stop_after=3)
@@ -471,10 +498,14 @@ def test_a_run_checkpointed_before_newer_settings_resumes_as_it_ran(trained_smal
     # the stored settings (config.json / the database row) lack them too: today's defaults fill them in
     loaded = SearchConfig.from_dict(stored)
     assert loaded.train_top_up is True and loaded.reconstruct is True
-    second = Record()
-    report = run_search(loaded, str(tmp_path / "old"), [second])
-    assert [e.episode for e in second.episodes] == [4, 5]
-    resumed = first.episodes + second.episodes
+    second = Record(stop_after=1)
+    run_search(loaded, str(tmp_path / "old"), [second])
+    assert [e.episode for e in second.episodes] == [4]
+    # resumed again from the checkpoint that resume wrote (the stored settings still lack the keys)
+    third = Record()
+    report = run_search(SearchConfig.from_dict(stored), str(tmp_path / "old"), [third])
+    assert [e.episode for e in third.episodes] == [5, 6]
+    resumed = first.episodes + second.episodes + third.episodes
     assert [e.policy for e in resumed] == [e.policy for e in straight.episodes]
     assert [e.reward for e in resumed] == [e.reward for e in straight.episodes]
     assert report["search_set"]["training"] == 0

@@ -128,7 +128,13 @@ class RunRecorder:
         acc = info.get("original_accuracy")
         text = f"setup done in {info.get('setup_s', 0):.1f} s on {self.run.worker}"
         if acc is not None:
-            text += f"; original accuracy {acc:.4f} on the validation subset"
+            sizes = info.get("search_set") or {}
+            where = (
+                f"{sizes.get('validation', 0)} validation + {sizes.get('training', 0)} training images"
+                if sizes.get("training")
+                else "the validation images"
+            )
+            text += f"; original accuracy {acc:.4f} on the search set ({where})"
         if resumed:
             text += f"; resumed from the checkpoint at episode {resumed}"
         self.log(text)

@@ -14,8 +14,9 @@ all. With ``budget_mode="repair"`` (HAQ) actions are free and, after the last st
 the last layer backwards until the policy fits. The agent's raw actions and the enforced ones are both
 recorded.
 
-At the end of the episode the policy is applied (prune + fake-quantize + batch-norm re-estimation),
-accuracy is estimated on a fixed validation subset, costs are computed, and the reward is given.
+At the end of the episode the policy is applied (prune + re-fit + fake-quantize + batch-norm re-estimation),
+accuracy is estimated on the fixed search set (``val_set``: validation images, topped up with training images the
+calibration batch does not use; ``Workspace.search_set``), costs are computed, and the reward is given.
 """
 
 from __future__ import annotations
@@ -157,6 +158,7 @@ class CompressionEnvironment:
             feature_names=tuple(names),
         )
         self._static = self._static_features()
+        self._decoded_bits: dict[str, tuple[int, int]] = {}
         self._cheap_bits = self._cheapest_bits()
         self.reset()
         self.min_cost_ratio = self._min_cost_ratio()
@@ -385,6 +387,7 @@ class CompressionEnvironment:
             ft = self._float_top
             entry.w_bits = spaces.action_to_bits(float(a[names.index("w_bits")]), s.min_bits, s.max_bits, ft)
             entry.a_bits = spaces.action_to_bits(float(a[names.index("a_bits")]), s.min_bits, s.max_bits, ft)
+            self._decoded_bits[name] = (entry.w_bits, entry.a_bits)  # the agent's bits, before free precision
             self._free_precision(name, entry)
         if s.layout == "ajpq":
             fixed = self._group_keep_fixed(name)
@@ -588,9 +591,15 @@ class CompressionEnvironment:
             cheap = self._cheap_bits[name]
             if not self._costs_fall_with_bits and cheap not in bit_steps:
                 bit_steps.append(cheap)  # fewer bits can cost more: the cheapest choice may lie elsewhere
-        # prune first at the chosen bits (AMC), then lower bits at the lowest keep (HAQ-style)
+        # prune first at the chosen bits (AMC), then lower bits at the lowest keep (HAQ-style); with free precision
+        # the agent's own bits are raised again at each narrower shape (what costs no more time changes with it)
+        w0, a0 = self._decoded_bits.get(name, (entry.w_bits, entry.a_bits))
         for keep in keeps[1:]:
-            out.append(LayerPolicy(keep, entry.w_bits, entry.a_bits, entry.sparsity))
+            cand = LayerPolicy(keep, entry.w_bits, entry.a_bits, entry.sparsity)
+            if (w0, a0) != (entry.w_bits, entry.a_bits) and not pinned:
+                cand.w_bits, cand.a_bits = w0, a0
+                self._free_precision(name, cand)
+            out.append(cand)
         for w, a in bit_steps[1:]:
             out.append(LayerPolicy(keeps[-1], w, a, entry.sparsity))
         return out
@@ -668,7 +677,7 @@ class CompressionEnvironment:
 
     # ------------------------------------------------------------------ scoring
     def evaluate_policy(self, policy: Policy) -> tuple[float, dict[str, float]]:
-        """Accuracy of a policy on the validation subset (applied with batch-norm re-estimation)."""
+        """Accuracy of a policy on the search set (applied with re-fit and batch-norm re-estimation)."""
         t0 = time.perf_counter()
         s = self.settings
         model = apply_policy(self.graph, policy, self.calib, round_to=s.round_to, reconstruct=s.reconstruct)

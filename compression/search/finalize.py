@@ -88,7 +88,7 @@ def finalize(run: SearchRun, episodes: list[EpisodeResult], *, search_s: float) 
         entry = {
             "episode": cand.episode,
             "reward": cand.reward,
-            "val_accuracy": cand.accuracy,
+            "search_accuracy": cand.accuracy,  # what the reward saw: the search set (validation + top-up)
             "val_accuracy_after_fine_tune": val,
             "val_accuracy_before_fine_tune": val_before,
             "fine_tune_kept": kept_fine_tune,
@@ -135,7 +135,7 @@ def finalize(run: SearchRun, episodes: list[EpisodeResult], *, search_s: float) 
         "within_budget": within_budget,
         "accuracy": {
             "original_test": orig_test.top1,
-            "original_val_subset": run.original_accuracy,
+            "original_search_set": run.original_accuracy,
             "compressed_test": chosen["test_accuracy"],
             "compressed_test_before_fine_tune": chosen["test_accuracy_before_fine_tune"],
         },

@@ -140,15 +140,18 @@ ADDED_SETTINGS: dict[str, Any] = {
 def as_checkpointed(config: SearchConfig, stored: dict[str, Any]) -> SearchConfig:
     """``config`` as the checkpoint's search ran it (``ADDED_SETTINGS`` it predates take their old values), or a
     SearchError when the checkpoint belongs to another configuration."""
-    old = {k: v for k, v in ADDED_SETTINGS.items() if k not in stored}
+    # missing (an older version wrote it) or at the old value (a checkpoint written by an earlier resume of such a
+    # run, whose stored settings still lack the key): the run goes on as it ran
+    old = {k: v for k, v in ADDED_SETTINGS.items() if stored.get(k, v) == v}
     resumed = replace(config, **old) if old else config
     if {**stored, **old} != resumed.to_dict():
         raise SearchError(
             "the checkpoint in this directory belongs to a different search configuration",
             "resume with the same settings, or use a new output directory",
         )
-    if old:
-        log.info("resuming a search checkpointed before %s: it continues without them", ", ".join(sorted(old)))
+    off = sorted(k for k in old if getattr(config, k) != old[k])
+    if off:
+        log.warning("resuming a search that ran without %s: it continues without them", ", ".join(off))
     return resumed
 
 
