@@ -513,3 +513,20 @@ def test_a_run_checkpointed_before_newer_settings_resumes_as_it_ran(trained_smal
     other = SearchConfig.from_dict({**stored, "budget": 0.5})
     with pytest.raises(SearchError, match="different search configuration"):
         run_search(other, str(tmp_path / "old"), [])
+
+
+def test_pinned_first_and_last_layers_take_float_where_8_bits_would_only_cost_time(workspace):
+    # HAQ pins the first and last layer to 8 bits for precision; on a float runtime 8 bits is slower than float
+    prune = _latency_env(workspace, "float", "prune", 0.9)
+    floors = {}
+    for free in (True, False):
+        env = _latency_env(workspace, "float", "joint", 2.0, free_precision=free)
+        env.apply_options({"pin_first_last_bits": 8})
+        floors[free] = env.min_cost_ratio
+        info = _run(env, [1.0, 1.0, 1.0])  # float everywhere asked
+        first, last = env.steps[0], env.steps[-1]
+        bits = {(info["policy"][n].w_bits, info["policy"][n].a_bits) for n in (first, last)}
+        assert bits == ({(32, 32)} if free else {(8, 8)}), (free, bits)
+    # the pin no longer raises the floor above what pruning alone reaches
+    assert floors[True] == pytest.approx(prune.min_cost_ratio)
+    assert floors[False] > prune.min_cost_ratio

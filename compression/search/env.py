@@ -402,7 +402,7 @@ class CompressionEnvironment:
         self._pin(name, entry)
         return entry
 
-    def _free_precision(self, name: str, entry: LayerPolicy) -> None:
+    def _free_precision(self, name: str, entry: LayerPolicy, *, pinned_ok: bool = False) -> None:
         """Raise ``entry``'s (w_bits, a_bits) to the most precise pair that costs no more time at its shape.
 
         Only where fewer bits are not always cheaper (the latency objective): fewer bits that buy no time only lose
@@ -413,8 +413,8 @@ class CompressionEnvironment:
         s = self.settings
         if not s.free_precision or self._costs_fall_with_bits or "w_bits" not in self.action_spec.names:
             return
-        if s.pin_first_last_bits and name in (self.steps[0], self.steps[-1]):
-            return  # the agent's pin decides these
+        if not pinned_ok and s.pin_first_last_bits and name in (self.steps[0], self.steps[-1]):
+            return  # the agent's pin decides these (``_pin`` raises them from the pinned width)
         assert self.latency is not None
         trial = Policy(layers=dict(self._policy.layers))
         trial.layers[name] = entry
@@ -440,6 +440,10 @@ class CompressionEnvironment:
             entry.w_bits = entry.a_bits = int(pin)
             if entry.channel_bits is not None:
                 entry.channel_bits = [pin if b > 0 else 0 for b in entry.channel_bits]
+            else:
+                # HAQ pins these layers for precision: where more bits (float on TVM) cost no more time, at least
+                # the pinned width means float; pinning 8 bits on a float runtime would only cost time
+                self._free_precision(name, entry, pinned_ok=True)
 
     def _snap_keep(self, name: str, keep: float) -> float:
         """The keep ratio of the channel count the target will really keep (a multiple of round_to)."""
@@ -596,7 +600,9 @@ class CompressionEnvironment:
         w0, a0 = self._decoded_bits.get(name, (entry.w_bits, entry.a_bits))
         for keep in keeps[1:]:
             cand = LayerPolicy(keep, entry.w_bits, entry.a_bits, entry.sparsity)
-            if (w0, a0) != (entry.w_bits, entry.a_bits) and not pinned:
+            if pinned:
+                self._pin(name, cand)  # the pinned width, raised again where more bits cost no more at this shape
+            elif (w0, a0) != (entry.w_bits, entry.a_bits):
                 cand.w_bits, cand.a_bits = w0, a0
                 self._free_precision(name, cand)
             out.append(cand)
