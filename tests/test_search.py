@@ -212,14 +212,16 @@ def test_checkpoint_of_another_config_is_refused(trained_small_cnn, tmp_path):
 
 
 def test_latency_objective_on_a_measured_target(trained_small_cnn, tmp_path, monkeypatch):
-    # on a model this small ONNX Runtime's per-call overhead is most of the latency, hence the loose budget
+    # on a model this small ONNX Runtime's per-call overhead is most of the latency: the most pruned model measured
+    # 90-97% of the original in different runs, so no budget below 100% is reachable every time (a fresh-clone run
+    # refused 95% with a 96.9% floor); the budget cap itself is tested on simulated devices above
     monkeypatch.setenv("COMPRESSION_CACHE_DIR", str(tmp_path / "cache"))
     cfg = _config(
         trained_small_cnn["weights_spec"],
         "amc",
         target="local-ort",
         objective="latency",
-        budget=0.95,
+        budget=1.0,
         episodes=3,
         round_to=8,
     )
