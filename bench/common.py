@@ -18,7 +18,7 @@ import statistics
 import sys
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -182,6 +182,16 @@ def write_result(ctx: Context, name: str, data: dict[str, Any]) -> Path:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=1, default=_json_default), encoding="utf-8")
     os.replace(tmp, path)
+    return path
+
+
+def publish(
+    ctx: Context, name: str, data: dict[str, Any], summarize: Callable[[dict[str, Any]], str]
+) -> Path:
+    """Write the result (``write_result``), print its tables (``summarize``) and log where it went."""
+    path = write_result(ctx, name, data)
+    print(summarize(data))
+    log(ctx, f"wrote {path}")
     return path
 
 

@@ -20,6 +20,7 @@ from bench.common import (
     fmt,
     log,
     mean_std,
+    publish,
     rank_correlations,
     resnet20_digits,
     table,
@@ -226,9 +227,7 @@ def run(ctx: Context) -> dict[str, Any]:
             )
         except Exception as exc:
             result["rounding"] = {"error": f"{type(exc).__name__}: {exc}"}
-    path = write_result(ctx, "fidelity", result)
-    print(summarize(result))
-    log(ctx, f"wrote {path}")
+    publish(ctx, "fidelity", result, summarize)
     return result
 
 

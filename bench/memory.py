@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import ROOT, Context, LoadSampler, log, table, write_result
+from bench.common import ROOT, Context, LoadSampler, log, publish, table, write_result
 from bench.stack import Stack
 
 SUBPROCESS = True  # the web part configures Django for this process
@@ -375,9 +375,7 @@ def run(ctx: Context) -> dict[str, Any]:
     if "worker" in parts:
         result["worker"] = worker_memory(ctx)
     result["goals"] = goals(result)
-    path = write_result(ctx, "memory", result)
-    print(summarize(result))
-    log(ctx, f"wrote {path}")
+    publish(ctx, "memory", result, summarize)
     return result
 
 

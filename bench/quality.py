@@ -49,6 +49,7 @@ from bench.common import (
     keep_sensitivity,
     log,
     mean_std,
+    publish,
     resnet20_digits,
     search_floors,
     seed_sensitivity,
@@ -125,7 +126,9 @@ def _search_method(
         "test_accuracy": report["accuracy"]["compressed_test"],
         "test_accuracy_before_fine_tune": report["accuracy"]["compressed_test_before_fine_tune"],
         "original_test_accuracy": report["accuracy"]["original_test"],
-        "val_accuracy": cand.get("search_accuracy", cand.get("val_accuracy")),  # the reward's set (search set)
+        "val_accuracy": cand.get(
+            "search_accuracy", cand.get("val_accuracy")
+        ),  # the reward's set (search set)
         "predicted_ratio": cand["cost_ratio"],
         "within_budget": report["within_budget"],
         "finalize_latency": {
@@ -455,9 +458,7 @@ def run(ctx: Context) -> dict[str, Any]:
                 result["summary"] = summarize_cells(result)
                 write_result(ctx, _name(target), result)  # partial results survive an interrupted run
     result["summary"] = summarize_cells(result)
-    path = write_result(ctx, _name(target), result)
-    print(summarize(result))
-    log(ctx, f"wrote {path}")
+    publish(ctx, _name(target), result, summarize)
     return result
 
 

@@ -27,10 +27,10 @@ from bench.common import (
     fmt,
     log,
     mean_std,
+    publish,
     rank_correlations,
     resnet20_digits,
     table,
-    write_result,
 )
 
 ROUND_TO = 8
@@ -113,9 +113,7 @@ def run(ctx: Context) -> dict[str, Any]:
     ft_epochs = int(ctx.opt("fine_tune_epochs", 1, 1))
     result: dict[str, Any] = {"policies": policies, "fine_tune_epochs": ft_epochs, "round_to": ROUND_TO}
     result["models"] = {k: _model(ctx, k, policies, ft_epochs) for k in models}
-    path = write_result(ctx, "reconstruction", result)
-    print(summarize(result))
-    log(ctx, f"wrote {path}")
+    publish(ctx, "reconstruction", result, summarize)
     return result
 
 

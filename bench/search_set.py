@@ -31,10 +31,10 @@ from bench.common import (
     fmt,
     log,
     mean_std,
+    publish,
     rank_correlations,
     resnet20_digits,
     table,
-    write_result,
 )
 
 MACS_BUDGET = 0.35
@@ -150,9 +150,7 @@ def run(ctx: Context) -> dict[str, Any]:
         "calib_samples": CALIB,
     }
     result["models"] = {k: _model(ctx, k, policies, ft_epochs) for k in models}
-    path = write_result(ctx, "search_set", result)
-    print(summarize(result))
-    log(ctx, f"wrote {path}")
+    publish(ctx, "search_set", result, summarize)
     return result
 
 

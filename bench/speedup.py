@@ -23,9 +23,9 @@ from bench.common import (
     fmt,
     fresh_dir,
     log,
+    publish,
     resnet20_digits,
     table,
-    write_result,
 )
 from bench.quality import measure_side_by_side
 
@@ -111,9 +111,7 @@ def run(ctx: Context) -> dict[str, Any]:
         except Exception as exc:
             runtimes[rt] = {"error": f"{type(exc).__name__}: {exc}"}
     result["runtimes"] = runtimes
-    path = write_result(ctx, "speedup", result)
-    print(summarize(result))
-    log(ctx, f"wrote {path}")
+    publish(ctx, "speedup", result, summarize)
     return result
 
 

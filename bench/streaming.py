@@ -24,7 +24,7 @@ import statistics
 import time
 from typing import Any
 
-from bench.common import Context, LoadSampler, fmt, log, resnet20_digits, table, write_result
+from bench.common import Context, LoadSampler, fmt, log, publish, resnet20_digits, table, write_result
 from bench.stack import Stack
 
 SUBPROCESS = True  # Django is configured once per process: run.py starts this benchmark in its own
@@ -198,9 +198,7 @@ def run(ctx: Context) -> dict[str, Any]:
         log(ctx, f"streaming failed: {result['reason']}")
     finally:
         stack.stop()
-    path = write_result(ctx, "streaming", result)
-    print(summarize(result))
-    log(ctx, f"wrote {path}")
+    publish(ctx, "streaming", result, summarize)
     return result
 
 

@@ -38,6 +38,7 @@ from bench.common import (
     fresh_dir,
     log,
     mean_std,
+    publish,
     rank_correlations,
     resnet20_digits,
     search_floors,
@@ -415,9 +416,7 @@ def _run(ctx: Context) -> dict[str, Any]:
     result["val_speed"] = _val_speed(ctx, model, [100, 250, 500, 1000])
     log(ctx, "profile of a short AMC search")
     result["profile"] = _profile(ctx, model, target, 5 if ctx.quick else 10)
-    path = write_result(ctx, "throughput", result)
-    print(summarize(result))
-    log(ctx, f"wrote {path}")
+    publish(ctx, "throughput", result, summarize)
     return result
 
 
