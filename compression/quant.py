@@ -100,6 +100,12 @@ class ActQuantizer(nn.Module):
         # symbolic-shape support: this way torch.export keeps the batch dimension dynamic. The gradient is
         # the straight-through estimator.
         zp = self.zero_point.to(x.dtype)
+        if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            # Scoring a candidate (no autograd, not tracing): the same arithmetic in place, one buffer
+            # instead of eight; the result is bit-identical to the expression below, which export traces.
+            q = x / self.scale
+            q.round_().add_(zp).clamp_(0, self.qmax).sub_(zp).mul_(self.scale)
+            return q.sub_(x).add_(x)
         q = (torch.clamp(torch.round(x / self.scale) + zp, 0, self.qmax) - zp) * self.scale
         return x + (q - x).detach()
 

@@ -52,7 +52,7 @@ def evaluate(
     dataset: TensorDataset,
     *,
     max_samples: int | None = None,
-    batch_size: int = 256,
+    batch_size: int = 128,
     seed: int = 0,
 ) -> Accuracy:
     """Top-1 / top-5 accuracy and mean cross-entropy of ``model`` on (a subset of) ``dataset``."""

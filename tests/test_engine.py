@@ -149,6 +149,27 @@ def test_activation_quantizer_calibrates_and_quantizes():
     assert (y - x).abs().max() <= float(q.scale) / 2 + 1e-6
 
 
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_activation_quantizer_scoring_path_matches_the_traced_one(bits):
+    """Scoring (no autograd) computes in place; it must give the exported expression's bits exactly, keep the
+    straight-through gradient when autograd is on, and never write into its input (a residual reads it too)."""
+    torch.manual_seed(bits)
+    q = ActQuantizer(bits)
+    q.observing = True
+    x = torch.randn(8, 16, 12, 12) * 3 + 0.5
+    q(x)
+    q.finish_calibration()
+    before = x.clone()
+    with torch.no_grad():
+        fast = q(x)
+    assert torch.equal(x, before)
+    xg = x.clone().requires_grad_(True)
+    slow = q(xg)
+    assert torch.equal(fast, slow.detach())
+    assert not torch.equal(fast, x)  # it did quantize
+    slow.sum().backward()
+    assert torch.equal(xg.grad, torch.ones_like(x))  # straight-through
+
 def test_identity_policy_changes_nothing_and_policy_is_validated():
     torch.manual_seed(0)
     model = build_zoo_model("small_cnn", num_classes=10, in_channels=1, input_size=8).eval()
