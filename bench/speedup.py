@@ -111,7 +111,7 @@ def run(ctx: Context) -> dict[str, Any]:
         except Exception as exc:
             runtimes[rt] = {"error": f"{type(exc).__name__}: {exc}"}
     result["runtimes"] = runtimes
-    publish(ctx, "speedup", result, summarize)
+    publish(ctx, "speedup" if agent == "amc" else f"speedup-{agent}", result, summarize)
     return result
 
 
