@@ -200,3 +200,32 @@ def test_a_line_that_predicts_the_most_pruned_model_for_free_falls_back_to_one_f
     thin = Policy(layers={n: LayerPolicy(keep_ratio=MIN_KEEP) for n in graph.prunable_leaders})
     assert lat.total(compute_costs(graph, thin)) > 0
     assert lat.calibration["search_fit"]["rest_ms"] >= 0  # the one-factor fallback, not the line
+
+
+def test_a_disturbed_window_costs_each_calibration_model_one_round_at_most(tmp_path: Path) -> None:
+    """The machine is busy for the first two end-to-end measurements of a calibration (as right after a table
+    build): measured back to back, both would be the reference's and its median would be off; interleaved, the
+    reference and the first variant lose one round each and every median is the device's true latency."""
+
+    class BusyAtFirst(SimulatedDevice):
+        models = 0
+
+        def measure(self, module, example_input, **kwargs):
+            m = super().measure(module, example_input, **kwargs)
+            if isinstance(module, (FusedLayer, OpModule, OverheadModule)):
+                return m
+            BusyAtFirst.models += 1
+            if BusyAtFirst.models <= 2:
+                slow = m.median_ms * 1.4
+                return Measurement("simulated", "simulated", slow, slow, 0.0, slow, 1, 0, 0.0)
+            return m
+
+    x = small_input()
+    reference = SmallResNet((16, 16, 32, 32))
+    variants = [SmallResNet((8, 8, 16, 16)), SmallResNet((4, 4, 8, 8))]
+    table = LatencyTable(SIM, tmp_path / "t.sqlite", backend=BusyAtFirst(), warmup=0, repeats=1)
+    cal = table.calibrate(reference, x, variants=variants, rounds=3)
+    device = SimulatedDevice()
+    for point, model in zip(cal["points"], [reference, *variants], strict=True):
+        assert point["measured_ms"] == pytest.approx(device.latency(model, x), rel=1e-9)
+    assert max(cal["points"][0]["rounds_ms"]) > 1.3 * cal["points"][0]["measured_ms"]  # the busy round was seen

@@ -561,13 +561,21 @@ class LatencyTable:
         warnings: list[str] = []
         ref_m: Measurement | None = None
         base = 0.0
-        for i, (m, mplan) in enumerate(models):
+        raws: list[tuple[float, float]] = []  # per model: the table's sum, and its call-overhead row
+        for m, mplan in models:
             raw, rows, _ = self.predict(m, example_input, mplan, measure_missing=True, calibrated=False)
-            base = rows[-1]["ms"]
-            runs = [
-                self._measure_model(m, example_input, mplan or {}, warmup, repeats, timeout_s)
-                for _ in range(rounds)
-            ]
+            raws.append((raw, rows[-1]["ms"]))
+        # Rounds interleave the models (reference, variants, reference, ...): a disturbed window of the machine
+        # then costs each model at most a round, which the median discards, instead of all of one model's rounds
+        # (measured: the reference's three back-to-back rounds after a table build read 1.17/1.11/1.33 ms for a
+        # model that measured 1.08-1.14 ms all through the run, and every prediction inherited the +4%).
+        all_runs: list[list[tuple[Measurement, float]]] = [[] for _ in models]
+        for _ in range(rounds):
+            for i, (m, mplan) in enumerate(models):
+                all_runs[i].append(
+                    self._measure_model(m, example_input, mplan or {}, warmup, repeats, timeout_s)
+                )
+        for i, ((raw, base), runs) in enumerate(zip(raws, all_runs, strict=True)):
             values = sorted(v for _, v in runs)
             measured = values[len(values) // 2]
             mm = next(x for x, v in runs if v == measured)
