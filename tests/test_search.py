@@ -404,6 +404,36 @@ def test_bits_that_buy_no_time_are_raised_to_the_most_precise_equally_fast_choic
     assert {(info["policy"][n].w_bits, info["policy"][n].a_bits) for n in env.steps} == {(2, 2)}
 
 
+def test_ajpq_groups_take_the_precision_that_costs_no_time_and_prune_on_a_float_runtime(workspace):
+    """AJPQ on a runtime that computes in float (TVM here): any quantized group only costs time, so its kept groups
+    become float and its 0-bit groups (pruning) are what meets a latency budget; without the raise it was refused."""
+
+    def env_for(kind, budget, **kw):
+        return _latency_env(workspace, kind, "ajpq", budget, **kw)
+
+    never_caps = env_for("float", 2.0)
+    low = [0.0] * never_caps.action_spec.dim  # no group pruned, every group at the fewest bits
+    info = _run(never_caps, low)
+    for n in never_caps.steps:
+        lp = info["policy"][n]
+        assert set(lp.channel_bits) == {32} and (lp.w_bits, lp.a_bits) == (32, 32), (n, lp)
+    assert info["enforced_actions"] == info["raw_actions"]  # part of decoding, as for the bits layouts
+    legacy = _run(env_for("float", 2.0, free_precision_groups=False), low)
+    assert {b for n in never_caps.steps for b in legacy["policy"][n].channel_bits} == {2}
+    # the floor: all but one group pruned, the kept one float, no longer at the fewest bits (which cost more here)
+    floor = env_for("float", 2.0).min_cost_ratio
+    assert floor < env_for("float", 2.0, free_precision_groups=False).min_cost_ratio / 1.2
+    # a budget only pruning meets: the cap prunes groups and leaves the kept ones float
+    env = env_for("float", (floor + 1.0) / 2)
+    info = _run(env, low)
+    assert info["metrics"]["meets_budget"], info["metrics"]
+    policy = info["policy"]
+    assert any(0 in policy[n].channel_bits for n in env.steps)
+    assert {b for n in env.steps for b in policy[n].channel_bits} <= {0, 32}
+    # int8 kernels for every width up to 8: the groups' 2 bits become 8 (float would be slower there)
+    info = _run(env_for("int8-kernels", 2.0), low)
+    assert {b for n in env.steps for b in info["policy"][n].channel_bits} == {8}
+
 def test_capped_layers_keep_the_free_precision_of_their_new_shape(workspace):
     # int8 kernels that lose to float at a layer's full width and win once it is pruned (a runtime whose int8 path
     # has a fixed cost per call): the agent's 2 bits are float at full width, 8 bits where the cap narrows the layer

@@ -63,6 +63,8 @@ class EnvSettings:
     # latency objective, bits/joint layouts: a layer's (w_bits, a_bits) is raised to the most precise pair that costs
     # no more time at its shape (on TVM quantizing buys nothing, on ONNX Runtime 2..7 bits run as int8 kernels)
     free_precision: bool = True
+    # with free_precision, AJPQ's per-group bits too (added later: a checkpoint without it resumes without it)
+    free_precision_groups: bool = True
     reconstruct: bool = (
         True  # least-squares re-fit of the layers reading pruned channels (compression/reconstruct.py)
     )
@@ -175,7 +177,8 @@ class CompressionEnvironment:
     def _costs_fall_with_bits(self) -> bool:
         """False when fewer bits can cost more (latency: a fake-quantized layer on a float runtime, tiny int8 layers
         on ONNX Runtime); the budget cap and HAQ's repair then compare costs instead of assuming an order."""
-        return not ("w_bits" in self.action_spec.names and self.settings.objective == "latency")
+        quantizes = "w_bits" in self.action_spec.names or self.action_spec.layout == "ajpq"
+        return not (quantizes and self.settings.objective == "latency")
 
     def _cheapest_bits(self) -> dict[str, tuple[int, int]]:
         """Per layer, the (w_bits, a_bits) of the bits action that cost least, at the most pruned shape.
@@ -399,6 +402,7 @@ class CompressionEnvironment:
             entry.w_bits = max(bits[: s.groups - pruned])
             entry.a_bits = max(bits[: s.groups - pruned])
             entry.keep_ratio = (s.groups - pruned) / s.groups
+            self._free_group_precision(name, entry)
         self._pin(name, entry)
         return entry
 
@@ -411,6 +415,9 @@ class CompressionEnvironment:
         is as fast). Part of decoding the action, like rounding to whole channels: not recorded as a change.
         """
         s = self.settings
+        if self.action_spec.layout == "ajpq" and entry.channel_bits is not None:
+            self._free_group_precision(name, entry, pinned_ok=pinned_ok)
+            return
         if not s.free_precision or self._costs_fall_with_bits or "w_bits" not in self.action_spec.names:
             return
         if not pinned_ok and s.pin_first_last_bits and name in (self.steps[0], self.steps[-1]):
@@ -433,6 +440,41 @@ class CompressionEnvironment:
                 if t <= here * (1 + 1e-9) + 1e-12:
                     best = max(best, (w + a, -t, w, a))
         entry.w_bits, entry.a_bits = best[2], best[3]
+
+    def _free_group_precision(self, name: str, entry: LayerPolicy, *, pinned_ok: bool = False) -> None:
+        """AJPQ: raise the kept groups' bits together to the most precise width that costs no more time.
+
+        A layer of mixed group bits runs as one kernel priced at its mean width; raising every kept group to one
+        width ``w`` >= the widest group (and the activations to ``a`` >= theirs) never lowers a group's precision,
+        and is done only where the table prices ``(w, a)`` no higher than the layer as decided. On TVM that is
+        float (quantizing buys no time there), so AJPQ keeps its 0-bit groups (pruning) and drops bits that only
+        cost accuracy; on ONNX Runtime 2..7 bits run as int8 kernels and become 8.
+        """
+        s = self.settings
+        if not (s.free_precision and s.free_precision_groups) or self._costs_fall_with_bits:
+            return
+        if not pinned_ok and s.pin_first_last_bits and name in (self.steps[0], self.steps[-1]):
+            return
+        assert self.latency is not None and entry.channel_bits is not None
+        kept = [b for b in entry.channel_bits if b > 0]
+        trial = Policy(layers=dict(self._policy.layers))
+        trial.layers[name] = entry
+        c = compute_costs(self.graph, trial, s.round_to).layers[name]
+        here = self.latency.layer_ms(name, c.in_channels, c.out_channels, c.w_bits, c.a_bits)
+        levels = spaces.bit_levels(s.min_bits, s.max_bits, s.float_bits)
+        best: tuple[int, float, int, int] | None = None
+        for w in levels:
+            for a in levels:
+                if w < max(kept) or a < entry.a_bits:
+                    continue
+                t = self.latency.layer_ms(name, c.in_channels, c.out_channels, w, a)
+                if t <= here * (1 + 1e-9) + 1e-12:
+                    best = max(best or (w + a, -t, w, a), (w + a, -t, w, a))
+        if best is None:
+            return
+        w, a = best[2], best[3]
+        entry.channel_bits = [w if b > 0 else 0 for b in entry.channel_bits]
+        entry.w_bits, entry.a_bits = w, a
 
     def _pin(self, name: str, entry: LayerPolicy) -> None:
         pin = self.settings.pin_first_last_bits
@@ -513,6 +555,7 @@ class CompressionEnvironment:
             entry.channel_bits = [s.min_bits] * (s.groups - pruned) + [0] * pruned
             entry.w_bits = entry.a_bits = s.min_bits
             entry.keep_ratio = (s.groups - pruned) / s.groups
+            self._free_group_precision(name, entry)
         self._pin(name, entry)
         return entry
 
@@ -561,7 +604,7 @@ class CompressionEnvironment:
                 widest = max((bits[i] for i in nonzero), default=0)
                 if widest > s.min_bits:
                     i = max(i for i in nonzero if bits[i] == widest)  # least important of the widest
-                    bits[i] -= 1
+                    bits[i] = max(b for b in range(s.min_bits, s.max_bits + 1) if b < widest)  # float -> max_bits
                 elif can_prune and len(nonzero) > 1:
                     bits[nonzero[-1]] = 0
                 else:
@@ -575,7 +618,12 @@ class CompressionEnvironment:
                     sparsity=cur.sparsity,
                 )
                 self._pin(name, cur)
-                out.append(cur)
+                # with free precision, bits that buy no time at this shape are raised again (on a copy: the walk
+                # goes on from the lowered bits, towards pruning groups)
+                emitted = LayerPolicy(**cur.to_dict())
+                self._free_group_precision(name, emitted)
+                if emitted not in out:
+                    out.append(emitted)
             return out
         keeps = [entry.keep_ratio]
         if can_prune:

@@ -134,6 +134,7 @@ ADDED_SETTINGS: dict[str, Any] = {
     "reconstruct": False,
     "free_precision": False,
     "train_top_up": False,
+    "free_precision_groups": False,
 }
 
 
@@ -312,6 +313,7 @@ class SearchRun:
             max_bits=c.max_bits,
             float_bits=c.float_bits,
             free_precision=c.free_precision,
+            free_precision_groups=c.free_precision_groups,
             reconstruct=c.reconstruct,
             val_samples=c.val_samples,
             calib_samples=c.calib_samples,

@@ -40,6 +40,8 @@ class SearchConfig:
         is no faster (TVM computes in float here) that is how the bits and joint layouts stay usable.
         free_precision: with the latency objective, each decided (w_bits, a_bits) is raised to the most precise pair
         that costs no more time on the target at the layer's shape (fewer bits that buy no time only lose accuracy).
+        free_precision_groups: with free_precision, AJPQ's kept groups are raised the same way, together (on TVM to
+        float: AJPQ then prunes by its 0-bit groups instead of being refused there).
     reconstruct: re-fit the layers that read pruned channels to the original's outputs by least squares
         (``compression/reconstruct.py``) whenever a candidate is applied; off: slicing and batch-norm only.
     budget_mode: cap (AMC: each action capped so the budget stays reachable) or repair (HAQ: bits lowered
@@ -72,6 +74,7 @@ class SearchConfig:
     max_bits: int = 8
     float_bits: bool = True
     free_precision: bool = True
+    free_precision_groups: bool = True
     reconstruct: bool = True
     budget_mode: str = "cap"
     enforce_budget: bool | None = None

@@ -165,6 +165,7 @@ COMPARE_KEYS = (
     "max_bits",
     "float_bits",
     "free_precision",
+    "free_precision_groups",
     "reconstruct",
     "round_to",
     "val_samples",
