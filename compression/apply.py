@@ -83,11 +83,12 @@ def apply_policy(
     needs_calibration = pruned
     for name, lp in policy.layers.items():
         layer = model.get_submodule(name)
-        if lp.channel_bits is not None:
+        # per-group bits (AJPQ) whose kept groups are all float quantize nothing: the layer stays a float layer
+        if lp.channel_bits is not None and any(0 < b < FLOAT_BITS for b in lp.channel_bits):
             gid = graph[name].group
             keep = keeps[gid] if gid is not None else graph[name].out_channels
             quantize_layer_weights(layer, _channel_bits(graph, name, lp.channel_bits, keep))
-        elif lp.w_bits < FLOAT_BITS:
+        elif lp.channel_bits is None and lp.w_bits < FLOAT_BITS:
             quantize_layer_weights(layer, lp.w_bits)
         if lp.a_bits < FLOAT_BITS:
             attach_act_quantizer(layer, lp.a_bits)

@@ -356,3 +356,21 @@ def test_inplace_ops_on_activations_are_lifted(tmp_path):
     assert graph.group_of("conv3").id == graph.group_of("conv1").id
     pruned = apply_policy(graph, half_policy(graph), torch.randn(32, 3, 8, 8))
     assert pruned(x).shape == (4, 4)
+
+
+def test_ajpq_groups_all_float_leave_a_float_layer():
+    """Free precision can raise every kept group of an AJPQ layer to float: the layer is then pruned, not quantized
+    (no bit-widths recorded, so no runtime treats it as a quantized layer)."""
+    from compression.quant import bit_widths
+
+    torch.manual_seed(0)
+    model = build_zoo_model("small_cnn", num_classes=10, in_channels=1, input_size=8).eval()
+    graph = LayerGraph.build(model, (1, 8, 8), num_classes=10)
+    name = graph.prunable_leaders[0]
+    x = torch.randn(16, 1, 8, 8)
+    policy = Policy(layers={name: LayerPolicy(keep_ratio=0.5, w_bits=32, a_bits=32, channel_bits=[32, 32, 0, 0])})
+    out = apply_policy(graph, policy, x)
+    assert name not in bit_widths(out)
+    assert out.get_submodule(name).out_channels == graph[name].out_channels // 2
+    mixed = Policy(layers={name: LayerPolicy(keep_ratio=0.5, w_bits=32, a_bits=32, channel_bits=[32, 4, 0, 0])})
+    assert name in bit_widths(apply_policy(graph, mixed, x))
