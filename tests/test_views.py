@@ -373,7 +373,10 @@ def test_new_run_creates_run_and_queues_search(client, alice, dispatch, django_c
     )
     assert cfg.agent_config == {"warmup_episodes": 4}  # defaults are not stored
     assert (
-        cfg.float_bits is True and cfg.reconstruct is True and cfg.free_precision is True and cfg.train_top_up is True
+        cfg.float_bits is True
+        and cfg.reconstruct is True
+        and cfg.free_precision is True
+        and cfg.train_top_up is True
     )  # not posted (an API client): the engine's defaults
     assert (run.episodes_total, run.status, run.model_id) == (12, "queued", m.pk)
     assert dispatch.calls == [("enqueue_run", (run,))]
@@ -388,7 +391,9 @@ def test_new_run_can_turn_off_the_default_on_engine_switches(
     with django_capture_on_commit_callbacks(execute=True):
         client.post(
             reverse("ui:run-new"),
-            run_post(m, float_bits="false", reconstruct="false", free_precision="false", train_top_up="false"),
+            run_post(
+                m, float_bits="false", reconstruct="false", free_precision="false", train_top_up="false"
+            ),
         )
     from compression.search.results import SearchConfig
     from webapp.models import Run
@@ -502,6 +507,16 @@ def test_finished_run_shows_results_and_downloads(client, alice):
     dl = client.get(reverse("ui:artifact", args=[run.pk, a.pk]))
     assert dl.status_code == 200 and b"".join(dl.streaming_content) == b"PK\x03\x04" + b"x" * 3000
     assert 'filename="model.pt2"' in dl["Content-Disposition"]
+    assert 'id="over-budget"' not in html
+    # the device disagreed with the latency table: the page says the budget was not met there
+    run.summary["latency"]["over_budget"] = (
+        "measured end to end at 113% of the original's latency, over the 85% budget"
+    )
+    run.save()
+    html = client.get(reverse("ui:run", args=[run.pk])).content.decode()
+    assert (
+        'id="over-budget"' in html and "113% of the original" in html and "over budget on the device" in html
+    )
 
 
 def test_artifact_missing_on_disk_is_404(client, alice):
