@@ -422,24 +422,34 @@ class CompressionEnvironment:
             return
         if not pinned_ok and s.pin_first_last_bits and name in (self.steps[0], self.steps[-1]):
             return  # the agent's pin decides these (``_pin`` raises them from the pinned width)
+        raised = self._most_precise_no_slower(name, entry, self._levels, entry.w_bits, entry.a_bits)
+        if raised is not None:
+            entry.w_bits, entry.a_bits = raised
+
+    def _most_precise_no_slower(
+        self, name: str, entry: LayerPolicy, levels: list[int], w_min: int, a_min: int
+    ) -> tuple[int, int] | None:
+        """The most precise (w, a) >= (w_min, a_min) from ``levels`` that the table prices no higher than ``entry``
+        as decided, at the layer's shape with the rest of the episode's policy (None: nothing qualifies)."""
         assert self.latency is not None
         trial = Policy(layers=dict(self._policy.layers))
         trial.layers[name] = entry
-        c = compute_costs(self.graph, trial, s.round_to).layers[name]
+        c = compute_costs(self.graph, trial, self.settings.round_to).layers[name]
 
-        def ms(w: int, a: int) -> float:
+        def ms(w: float, a: int) -> float:
             return self.latency.layer_ms(name, c.in_channels, c.out_channels, w, a)  # type: ignore[union-attr]
 
-        here = ms(entry.w_bits, entry.a_bits)
-        best = (entry.w_bits + entry.a_bits, -here, entry.w_bits, entry.a_bits)
-        for w in self._levels:
-            for a in self._levels:
-                if w < entry.w_bits or a < entry.a_bits or (w, a) == (entry.w_bits, entry.a_bits):
+        here = ms(c.w_bits, c.a_bits)
+        best: tuple[int, float, int, int] | None = None
+        for w in levels:
+            for a in levels:
+                if w < w_min or a < a_min:
                     continue
                 t = ms(w, a)
                 if t <= here * (1 + 1e-9) + 1e-12:
-                    best = max(best, (w + a, -t, w, a))
-        entry.w_bits, entry.a_bits = best[2], best[3]
+                    cand = (w + a, -t, w, a)
+                    best = cand if best is None else max(best, cand)
+        return None if best is None else (best[2], best[3])
 
     def _free_group_precision(self, name: str, entry: LayerPolicy, *, pinned_ok: bool = False) -> None:
         """AJPQ: raise the kept groups' bits together to the most precise width that costs no more time.
@@ -455,24 +465,13 @@ class CompressionEnvironment:
             return
         if not pinned_ok and s.pin_first_last_bits and name in (self.steps[0], self.steps[-1]):
             return
-        assert self.latency is not None and entry.channel_bits is not None
+        assert entry.channel_bits is not None
         kept = [b for b in entry.channel_bits if b > 0]
-        trial = Policy(layers=dict(self._policy.layers))
-        trial.layers[name] = entry
-        c = compute_costs(self.graph, trial, s.round_to).layers[name]
-        here = self.latency.layer_ms(name, c.in_channels, c.out_channels, c.w_bits, c.a_bits)
         levels = spaces.bit_levels(s.min_bits, s.max_bits, s.float_bits)
-        best: tuple[int, float, int, int] | None = None
-        for w in levels:
-            for a in levels:
-                if w < max(kept) or a < entry.a_bits:
-                    continue
-                t = self.latency.layer_ms(name, c.in_channels, c.out_channels, w, a)
-                if t <= here * (1 + 1e-9) + 1e-12:
-                    best = max(best or (w + a, -t, w, a), (w + a, -t, w, a))
-        if best is None:
+        raised = self._most_precise_no_slower(name, entry, levels, max(kept), entry.a_bits)
+        if raised is None:
             return
-        w, a = best[2], best[3]
+        w, a = raised
         entry.channel_bits = [w if b > 0 else 0 for b in entry.channel_bits]
         entry.w_bits, entry.a_bits = w, a
 
