@@ -415,9 +415,6 @@ class CompressionEnvironment:
         is as fast). Part of decoding the action, like rounding to whole channels: not recorded as a change.
         """
         s = self.settings
-        if self.action_spec.layout == "ajpq" and entry.channel_bits is not None:
-            self._free_group_precision(name, entry, pinned_ok=pinned_ok)
-            return
         if not s.free_precision or self._costs_fall_with_bits or "w_bits" not in self.action_spec.names:
             return
         if not pinned_ok and s.pin_first_last_bits and name in (self.steps[0], self.steps[-1]):
@@ -451,7 +448,7 @@ class CompressionEnvironment:
                     best = cand if best is None else max(best, cand)
         return None if best is None else (best[2], best[3])
 
-    def _free_group_precision(self, name: str, entry: LayerPolicy, *, pinned_ok: bool = False) -> None:
+    def _free_group_precision(self, name: str, entry: LayerPolicy) -> None:
         """AJPQ: raise the kept groups' bits together to the most precise width that costs no more time.
 
         A layer of mixed group bits runs as one kernel priced at its mean width; raising every kept group to one
@@ -463,7 +460,7 @@ class CompressionEnvironment:
         s = self.settings
         if not (s.free_precision and s.free_precision_groups) or self._costs_fall_with_bits:
             return
-        if not pinned_ok and s.pin_first_last_bits and name in (self.steps[0], self.steps[-1]):
+        if s.pin_first_last_bits and name in (self.steps[0], self.steps[-1]):
             return
         assert entry.channel_bits is not None
         kept = [b for b in entry.channel_bits if b > 0]
