@@ -1,7 +1,8 @@
 """Benchmark 3, latency fidelity: the search's latency-table prediction against end-to-end measurement.
 
-For random policies on ResNet-20/digits (half channel pruning only, half pruning plus 2..8-bit layers,
-the two kinds of policy the search produces), the latency the search uses (``TableLatency.total``: per-layer
+For random policies on ResNet-20/digits (a third channel pruning only, a third pruning plus 2..8-bit layers, a
+third pruning with 2..8 bits on half the layers and float on the others: the kinds of policy the searches
+produce), the latency the search uses (``TableLatency.total``: per-layer
 table entries at the pruned shapes and bits plus a constant residual, see ``compression/search/latency.py``)
 is compared with ``bench_model`` of the applied policy on the same target. Reported: mean, median and
 worst relative error, the signed mean (bias), the rank correlation of predicted with measured (what the
@@ -30,14 +31,17 @@ from bench.common import (
 
 def random_policy(graph, rng, kind: str, min_keep: float = 0.1):
     """A random policy: keep ratios uniform in [min_keep, 1] per prunable group; for ``joint`` also
-    weight/activation bits uniform in 2..8 on every layer (as the joint search produces)."""
+    weight/activation bits uniform in 2..8 on every layer (as the joint search produces); for ``mixed`` such
+    bits on half the layers, the others float (a model mixing int8 and float kernels on ONNX Runtime)."""
     from compression.policy import LayerPolicy, Policy
 
     layers = {}
     for name in graph.prunable_leaders:
         layers[name] = LayerPolicy(keep_ratio=float(rng.uniform(min_keep, 1.0)))
-    if kind == "joint":
+    if kind in ("joint", "mixed"):
         for name in graph.quantizable:
+            if kind == "mixed" and rng.random() < 0.5:
+                continue
             lp = layers.get(name, LayerPolicy())
             lp.w_bits = int(rng.integers(2, 9))
             lp.a_bits = int(rng.integers(2, 9))
@@ -65,7 +69,8 @@ def _one_target(
     log(ctx, f"fidelity on {target}: building the search's latency model")
     latency = build_latency_model(tspec, ws.graph, ws.artifact, round_to=round_to)
     rng = np.random.default_rng(0)
-    kinds = ["prune", "joint"]  # joint on a float runtime: the quantizers' arithmetic is real work there
+    # joint on a float runtime: the quantizers' arithmetic is real work there; mixed: int8 beside float kernels
+    kinds = ["prune", "joint", "mixed"]
     rows: list[dict[str, Any]] = []
     original_runs: list[dict[str, float]] = []
 
@@ -81,7 +86,7 @@ def _one_target(
             predicted = latency.total(compute_costs(ws.graph, policy, round_to))
             model = apply_policy(ws.graph, policy, calib, round_to=round_to)
             try:
-                m = bench_model(model, x, tspec, bits=policy if kind == "joint" else None)
+                m = bench_model(model, x, tspec, bits=policy if kind != "prune" else None)
             except CompressionError as exc:
                 rows.append({"kind": kind, "predicted_ms": predicted, "error": str(exc)})
                 continue
@@ -238,7 +243,7 @@ def summarize(r: dict[str, Any]) -> str:
         if "error" in res:
             rows.append([t, "error: " + res["error"][:80], *[""] * 8])
             continue
-        for kind in ("prune", "joint", "all"):
+        for kind in ("prune", "joint", "mixed", "all"):
             s = res.get(kind)
             if not s:
                 continue

@@ -183,6 +183,30 @@ class LayerGraph:
             self._plan_cache[key] = ops
         return self._plan_cache[key]
 
+    def producers(self) -> dict[str, list[str]]:
+        """Per layer, the layers whose outputs reach its input through parameter-free operations (additions,
+        activations, pooling, reshapes), in execution order; an empty list means the model's input feeds it.
+
+        A runtime that runs some layers as int8 and others as float pays a conversion on every such edge whose
+        two ends run differently (``TableLatency``'s transition term). Cached; computed from the dependency graph.
+        """
+        cached = getattr(self, "_producers", None)
+        if cached is not None:
+            return cached
+        order = {n: i for i, n in enumerate(self.layer_names)}
+        names = self._dg._module2name
+        out: dict[str, list[str]] = {}
+        modules = dict(self.module.named_modules())
+        for name in self.layer_names:
+            node = self._dg.module2node.get(modules.get(name))
+            found: set[str] = set()
+            if node is not None:
+                for nb in node.inputs:
+                    found |= _reach(nb, names, depth=64)
+            out[name] = sorted((n for n in found if n in order and n != name), key=order.__getitem__)
+        self._producers = out
+        return out
+
     def rows(self) -> list[dict[str, Any]]:
         """The per-layer inspection table."""
         return [layer.to_dict() for layer in self.layers]

@@ -83,11 +83,25 @@ class LatencyModel:
     additions, the runtime's fixed overhead), fitted once against an end-to-end measurement.
     """
 
+    # a model whose layers run different kinds of kernels (int8 and float) pays for each edge between them:
+    # ``total`` then includes ``transition_ms`` per such edge (``transitions``), and only a choice within the
+    # layer's kind of kernel is a local one
+    prices_transitions = False
+    transition_ms = 0.0
+
     def __init__(
         self, layer_ms: Callable[[str, int, int, float, int], float], residual_ms: float = 0.0
     ) -> None:
         self.layer_ms = layer_ms
         self.residual_ms = residual_ms
+
+    def run_class(self, w_bits: float, a_bits: int) -> str:
+        """The kind of kernel a layer at these bits runs as (one kind here: no transitions)."""
+        return "float"
+
+    def transitions(self, costs: Costs) -> int:
+        """Edges between layers of different kinds of kernel in a policy's model (none with one kind)."""
+        return 0
 
     def per_layer(self, costs: Costs) -> dict[str, float]:
         return {
@@ -96,7 +110,24 @@ class LatencyModel:
         }
 
     def total(self, costs: Costs) -> float:
-        return sum(self.per_layer(costs).values()) + self.residual_ms
+        extra = self.transition_ms * self.transitions(costs) if self.transition_ms else 0.0
+        return sum(self.per_layer(costs).values()) + self.residual_ms + extra
+
+
+def count_transitions(producers: dict[str, list[str]], int8: dict[str, bool]) -> int:
+    """Int8/float transitions of a model: ``producers`` from ``LayerGraph.producers``, ``int8`` per layer.
+
+    A layer counts once when any layer feeding it (or the model's input, which is float) runs the other kind of
+    kernel; an int8 layer no other layer consumes counts once for the conversion back to the float output.
+    """
+    consumed: set[str] = set()
+    t = 0
+    for n, ps in producers.items():
+        consumed.update(ps)
+        mine = int8.get(n, False)
+        if (any(int8.get(p, False) != mine for p in ps) if ps else mine):
+            t += 1
+    return t + sum(1 for n, q in int8.items() if q and n not in consumed)
 
 
 class CompressionEnvironment:
@@ -199,20 +230,41 @@ class CompressionEnvironment:
                 if self._is_leader(n):
                     thin.layers.setdefault(n, LayerPolicy()).keep_ratio = self._snap_keep(n, s.min_keep)
         costs = self.base_policy_costs(thin)
-        out: dict[str, tuple[int, int]] = {}
-        for n in self.steps:
-            c = costs.layers[n]
-            best: tuple[float, int, int] | None = None
-            # most bits first, so a tie keeps the more precise choice: on TVM weight bits cost no time (it
-            # computes in float), and 2-bit weights would only lose accuracy for nothing
-            for w in reversed(self._levels):
-                for a in reversed(self._levels):
-                    ms = self.latency.layer_ms(n, c.in_channels, c.out_channels, w, a)
-                    if best is None or ms < best[0] - 1e-12:
-                        best = (ms, w, a)
-            assert best is not None
-            out[n] = (best[1], best[2])
-        return out
+        lat = self.latency
+        kinds = [None] + (sorted({lat.run_class(w, a) for w in self._levels for a in self._levels})
+                          if lat.prices_transitions else [])
+        choices: list[dict[str, tuple[int, int]]] = []
+        for kind in kinds:
+            out: dict[str, tuple[int, int]] = {}
+            for n in self.steps:
+                c = costs.layers[n]
+                best: tuple[float, int, int] | None = None
+                # most bits first, so a tie keeps the more precise choice: on TVM weight bits cost no time (it
+                # computes in float), and 2-bit weights would only lose accuracy for nothing
+                for w in reversed(self._levels):
+                    for a in reversed(self._levels):
+                        if kind is not None and lat.run_class(w, a) != kind:
+                            continue
+                        ms = lat.layer_ms(n, c.in_channels, c.out_channels, w, a)
+                        if best is None or ms < best[0] - 1e-12:
+                            best = (ms, w, a)
+                if best is not None:
+                    out[n] = (best[1], best[2])
+            if len(out) == len(self.steps):
+                choices.append(out)
+        if len(choices) == 1:
+            return choices[0]
+
+        # with int8/float transitions, each layer's cheapest kind can make a slower model than one kind throughout:
+        # the cheapest of the per-layer choice and the one-kind choices, priced whole
+        def whole(bits: dict[str, tuple[int, int]]) -> float:
+            p = Policy(layers={n: LayerPolicy(**lp.to_dict()) for n, lp in thin.layers.items()})
+            for n, (w, a) in bits.items():
+                lp = p.layers.setdefault(n, LayerPolicy())
+                lp.w_bits, lp.a_bits = w, a
+            return lat.total(self.base_policy_costs(p))
+
+        return min(choices, key=whole)
 
     def _min_cost_ratio(self) -> float:
         """Cost of the most compressed policy the action space allows, over the original cost."""
@@ -437,10 +489,15 @@ class CompressionEnvironment:
             return self.latency.layer_ms(name, c.in_channels, c.out_channels, w, a)  # type: ignore[union-attr]
 
         here = ms(c.w_bits, c.a_bits)
+        # where int8 and float layers convert at every edge between them, switching kinds is not a local choice
+        # (the layer's own entry may be cheaper while the model gets slower): raise only within the layer's kind
+        kind = self.latency.run_class(c.w_bits, c.a_bits) if self.latency.prices_transitions else None
         best: tuple[int, float, int, int] | None = None
         for w in levels:
             for a in levels:
                 if w < w_min or a < a_min:
+                    continue
+                if kind is not None and self.latency.run_class(w, a) != kind:
                     continue
                 t = ms(w, a)
                 if t <= here * (1 + 1e-9) + 1e-12:

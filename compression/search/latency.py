@@ -57,7 +57,18 @@ class TableLatency(LatencyModel):
     the original model, uniformly pruned copies (``CALIBRATION_KEEPS``, rounded like the search) and, for a
     search that quantizes, copies at ``CALIBRATION_BITS`` bits are measured end to end once, and
     ``measured = overhead + a * F + b * Q + rest`` is fitted by least squares over them. ``rest`` holds the
-    residual operations (additions, pooling) and per-operation costs. A fit that is not determined or not
+    residual operations (additions, pooling) and per-operation costs.
+
+    **Runtimes with int8 kernels** (ONNX Runtime: ``bits_run`` gives int8 for <= 8 bits) run a model in two
+    kinds of kernels, and the per-layer sum misses what ties them: a one-layer int8 entry pays its own
+    quantize/dequantize and layout conversions at both ends, which a layer inside a run of int8 layers does
+    not, while every edge from a float layer to an int8 one (or back, or from the input / to the output) pays
+    them once. Measured on ResNet-20/digits: every layer int8 0.60 ms, the float original 0.76 ms, every other
+    layer int8 1.23 ms, which the per-layer sum priced below the original. There, ``F`` is the float entries of
+    the float layers, ``Q`` the int8 entries of the int8 layers, and ``T`` the number of such transitions
+    (``transitions``, from ``LayerGraph.producers``): ``measured = overhead + a * F + b * Q + t * T + rest``,
+    fitted with two more calibration copies whose layers alternate between int8 and float. A fit that is not
+    determined or not
     increasing falls back to one factor (the table's own calibration). ``calibration`` keeps the points,
     the fit and its residuals. The measurements are stored in the table and reused by searches of the same
     model on the same target for ``reuse_s`` seconds (``COMPRESSION_CALIBRATION_REUSE_S``, default one
@@ -92,6 +103,13 @@ class TableLatency(LatencyModel):
         self.templates = templates
         self.scale = 1.0
         self.q_scale = 1.0
+        self.transition_ms = 0.0
+        bits_run = getattr(table.backend, "bits_run", None)
+        # kernel classes: a runtime that runs <= 8 bits as int8 kernels, in a search that quantizes
+        self.prices_transitions = bool(
+            quantized and graph.quantizable and bits_run is not None and tuple(bits_run(8, 8)) != (32, 32)
+        )
+        self._bits_run = bits_run
         self._cache: dict[tuple, float] = {}
         _, rows, _ = table.predict(graph.module, x, measure_missing=True, calibrated=False)
         base = float(rows[-1]["ms"] or 0.0)  # the runtime's per-call overhead
@@ -112,6 +130,19 @@ class TableLatency(LatencyModel):
                     layers.setdefault(n, LayerPolicy()).keep_ratio = k
                 policies.append(Policy(layers=layers))
                 kinds.append(f"keep {k}, {b} bits")
+            if self.prices_transitions:
+                # layers alternating between int8 and float: many transitions, at two sizes, so that their cost
+                # is told apart from the kernels' (the two copies quantize complementary layers)
+                for parity, k in ((0, 1.0), (1, CALIBRATION_KEEPS[0])):
+                    layers = {
+                        n: LayerPolicy(w_bits=b, a_bits=b)
+                        for i, n in enumerate(graph.quantizable)
+                        if i % 2 == parity
+                    }
+                    for n in graph.prunable_leaders if k < 1.0 else ():
+                        layers.setdefault(n, LayerPolicy()).keep_ratio = k
+                    policies.append(Policy(layers=layers))
+                    kinds.append(f"keep {k}, {b} bits on alternate layers")
         from compression.targets.table import fit_scales, structure_key
 
         memo_key = "search-calibration|" + json.dumps(
@@ -135,7 +166,7 @@ class TableLatency(LatencyModel):
             self.calibration.pop("measurement", None)
             table.remember(memo_key, {k: v for k, v in self.calibration.items() if k != "measurement"})
         measured = [float(pt["measured_ms"]) for pt in self.calibration["points"]]
-        fs, qs = [], []
+        fs, qs, ts = [], [], []
         for p in policies:
             costs = compute_costs(graph, p, round_to)
             parts = [
@@ -144,13 +175,23 @@ class TableLatency(LatencyModel):
             ]
             fs.append(sum(f for f, _ in parts))
             qs.append(sum(q for _, q in parts))
+            ts.append(self.transitions(costs))
         ys = [m - base for m in measured]
         has_q = any(abs(q) > 1e-9 for q in qs)
-        found = fit_scales([fs, qs] if has_q else [fs], ys)
+        has_t = any(ts)
+        columns = [fs] + ([qs] if has_q else []) + ([ts] if has_t else [])
+        found = fit_scales(columns, ys)
+        if found is None and has_t:
+            # the transitions' own factor did not come out positive (noise): fit the kernels alone
+            log.warning("%s: no positive cost per int8/float transition in the calibration fit", table.spec.name)
+            has_t = False
+            found = fit_scales(columns[:-1], ys)
         fit = None
+        t_ms = 0.0
         if found is not None:
             scales, rest = found
             fit = (scales[0], scales[1] if has_q else 1.0, rest)
+            t_ms = scales[-1] if has_t else 0.0
         if fit is not None and graph.prunable_leaders:
             # a line fitted between keep 1 and 0.25 must not predict the most pruned model (keep MIN_KEEP) at or
             # below the bare call overhead: measured on ONNX Runtime, whose times are not linear in the layer sums
@@ -174,18 +215,31 @@ class TableLatency(LatencyModel):
             whole = fs[0] + rest_raw
             a = (measured[0] - base) / whole if whole > 0 and measured[0] > base else 1.0
             fit = (a, a, a * rest_raw)
+            t_ms = 0.0
+            if self.prices_transitions:
+                log.warning(
+                    "%s: the calibration did not separate int8 kernels and int8/float transitions; models mixing "
+                    "int8 and float layers are priced without their conversions and may measure slower",
+                    table.spec.name,
+                )
         self.scale, self.q_scale, rest = max(fit[0], 1e-3), fit[1], fit[2]
+        self.transition_ms = t_ms
         super().__init__(self._layer_ms, residual_ms=base + rest)
         self.original_ms = base + self.scale * fs[0] + rest
-        predicted = [base + self.scale * f + self.q_scale * q + rest for f, q in zip(fs, qs, strict=True)]
+        predicted = [
+            base + self.scale * f + self.q_scale * q + t_ms * t + rest
+            for f, q, t in zip(fs, qs, ts, strict=True)
+        ]
         self.calibration["search_fit"] = {
             "models": kinds,
             "float_ms": fs,
             "quant_delta_ms": qs,
+            "transitions": ts,
             "measured_ms": measured,
             "predicted_ms": predicted,
             "scale": self.scale,
             "quant_scale": self.q_scale,
+            "transition_ms": t_ms,
             "rest_ms": rest,
             "overhead_ms": base,
             "residuals": [(pr - m) / m if m > 0 else 0.0 for pr, m in zip(predicted, measured, strict=True)],
@@ -207,8 +261,31 @@ class TableLatency(LatencyModel):
         f, q = self._parts(name, in_c, out_c, w_bits, a_bits)
         return self.scale * f + self.q_scale * q
 
+    def run_class(self, w_bits: float, a_bits: int) -> str:
+        """The kind of kernel the target runs a layer at these bits with: ``int8`` or ``float``."""
+        if self._bits_run is None:
+            return "float"
+        return "float" if tuple(self._bits_run(int(round(w_bits)), int(a_bits))) == (32, 32) else "int8"
+
+    def transitions(self, costs) -> int:
+        """Edges between an int8 and a float layer in a policy's model (``count_transitions``; 0 where the
+        target runs one kind of kernel)."""
+        if not self.prices_transitions:
+            return 0
+        from compression.search.env import count_transitions
+
+        int8 = {n: self.run_class(c.w_bits, c.a_bits) == "int8" for n, c in costs.layers.items()}
+        return count_transitions(self.graph.producers(), int8)
+
     def _parts(self, name: str, in_c: int, out_c: int, w_bits: float, a_bits: int) -> tuple[float, float]:
-        """(float part, quantization delta) of one layer, unscaled (see the class docstring)."""
+        """(float part, quantization part) of one layer, unscaled (see the class docstring).
+
+        With kernel classes (``prices_transitions``): (float entry, 0) for a float layer and (0, int8 entry) for an
+        int8 one; otherwise (float entry, entry at the bits - float entry)."""
+        if self.prices_transitions:
+            if self.run_class(w_bits, a_bits) == "int8":
+                return 0.0, self._raw_layer_ms(name, in_c, out_c, w_bits, a_bits)
+            return self._raw_layer_ms(name, in_c, out_c, 32, 32), 0.0
         f = self._raw_layer_ms(name, in_c, out_c, 32, 32)
         if int(round(w_bits)) >= 32 and int(a_bits) >= 32:
             return f, 0.0
