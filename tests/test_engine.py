@@ -159,6 +159,9 @@ def test_activation_quantizer_scoring_path_matches_the_traced_one(bits):
     x = torch.randn(8, 16, 12, 12) * 3 + 0.5
     q(x)
     q.finish_calibration()
+    # values beyond the calibrated range on both sides (clamped), huge ones, zeros of both signs
+    x = x * 2
+    x.view(-1)[:6] = torch.tensor([1e30, -1e30, 0.0, -0.0, 3e7, -3e7])
     before = x.clone()
     with torch.no_grad():
         fast = q(x)

@@ -334,7 +334,11 @@ class TargetForm(OwnedForm):
         required=False, min_value=1, max_value=256, help_text="CPU threads to measure with"
     )
     round_to = forms.IntegerField(
-        min_value=1, max_value=256, initial=1, help_text="kept channels are rounded to a multiple of this"
+        min_value=1,
+        max_value=256,
+        required=False,
+        help_text="kept channels are rounded to a multiple of this (blank: the backend's own: 8 for ONNX Runtime, "
+        "whose blocked kernels need multiples of 8, else 1)",
     )
 
     def clean_name(self) -> str:
@@ -406,7 +410,7 @@ class TargetForm(OwnedForm):
             name=d["name"],
             backend=d["backend"],
             settings=self.settings_dict(),
-            round_to=d["round_to"],
+            round_to=d["round_to"] or catalog.catalog()["backend_round_to"].get(d["backend"], 1),
             description=d.get("description") or "",
             health={"status": "checking"},
         )
