@@ -471,6 +471,24 @@ def test_device_lock_serialises_two_processes(tmp_path: Path) -> None:
     assert second["waited"] > 0.05  # the second really queued behind the first
 
 
+def test_onnx_runtime_rounds_channels_to_its_kernel_block_unless_told() -> None:
+    """ONNX Runtime's blocked float kernels need channel counts in multiples of its block (16 floats with AVX-512, 8
+    with AVX2); other channel counts made ResNet-20 slower than the unpruned model (docs/targets.md)."""
+    from compression.targets.registry import default_round_to, ort_block_channels
+
+    assert ort_block_channels("processor : 0\nflags : fpu sse2 avx2 avx512f avx512dq\n") == 16
+    assert ort_block_channels("processor : 0\nflags : fpu sse2 avx avx2 fma\n") == 8
+    assert ort_block_channels("no flags line\n") == 8
+    here = ort_block_channels()
+    assert here in (8, 16) and default_round_to("onnxruntime") == here
+    assert default_round_to("tvm") == default_round_to("torch") == 1
+    assert get_target("local-ort").round_to == here
+    assert validate_target({"name": "x", "backend": "onnxruntime"}).round_to == here
+    assert validate_target({"name": "x", "backend": "onnxruntime", "round_to": None}).round_to == here
+    assert validate_target({"name": "x", "backend": "onnxruntime", "round_to": 4}).round_to == 4  # the user's own
+    assert validate_target({"name": "x", "backend": "torch"}).round_to == 1
+
+
 def test_spec_objects_are_revalidated() -> None:
     with pytest.raises(TargetError, match="round_to"):
         get_target(TargetSpec("x", "torch", {}, round_to=0))

@@ -279,6 +279,12 @@ def test_target_form_creates_remote_device(client, alice, dispatch, django_captu
     assert dispatch.names() == ["enqueue_check_target"]
     page = client.get(resp["Location"]).content.decode()
     assert "checking" in page and "data-poll-url" in page
+    # left blank, the rounding is the backend's own, decided by the engine on the machine that measures
+    with django_capture_on_commit_callbacks(execute=True):
+        client.post(reverse("ui:targets"), {"name": "ort-2", "backend": "onnxruntime", "threads": 1})
+    ort = Target.objects.get(name="ort-2")
+    assert ort.round_to == 0 and ort.spec_dict()["round_to"] is None
+    assert "own (ONNX Runtime: its kernel block" in client.get(reverse("ui:target", args=["ort-2"])).content.decode()
 
 
 def test_measure_now_queues_a_benchmark(client, alice, dispatch, django_capture_on_commit_callbacks):

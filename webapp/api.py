@@ -154,7 +154,7 @@ def target_json(t: Target) -> dict[str, Any]:
         "builtin": t.is_builtin,
         "backend": t.backend,
         "settings": t.settings,
-        "round_to": t.round_to,
+        "round_to": t.round_to or None,  # None: the backend's own, decided by the engine
         "description": t.description,
         "health": t.health,
         "created_at": _iso(t.created_at),

@@ -27,7 +27,6 @@ def build_catalog() -> dict[str, Any]:
     from compression.models import zoo
     from compression.search.spaces import LAYOUTS
     from compression.targets.base import BACKENDS
-    from compression.targets.registry import DEFAULT_ROUND_TO
 
     agents = []
     for name, cls in AGENTS.items():
@@ -49,7 +48,6 @@ def build_catalog() -> dict[str, Any]:
         "zoo_default_input_shape": list(zoo.DEFAULT_INPUT_SHAPE),
         "zoo_default_num_classes": int(zoo.DEFAULT_NUM_CLASSES),
         "backends": list(BACKENDS),
-        "backend_round_to": {b: int(DEFAULT_ROUND_TO.get(b, 1)) for b in BACKENDS},
     }
 
 

@@ -212,7 +212,8 @@ class Target(models.Model):
             "name": self.name,
             "backend": self.backend,
             "settings": self.settings or {},
-            "round_to": self.round_to,
+            # 0: none set, the engine uses the backend's own (it depends on the measuring machine's CPU)
+            "round_to": self.round_to or None,
             "description": self.description,
         }
 
