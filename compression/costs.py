@@ -68,10 +68,8 @@ def _layer_w_bits(graph: LayerGraph, name: str, policy: Policy, out_kept: int) -
     return sum(kept_bits) / len(kept_bits) if kept_bits else float(FLOAT_BITS)
 
 
-def compute_costs(graph: LayerGraph, policy: Policy | None = None, round_to: int = 1) -> Costs:
-    """MACs, BOPs, params and bytes of ``graph``'s model after applying ``policy`` (None: the original)."""
-    policy = policy or Policy()
-    keeps = group_keeps(graph, policy, round_to)
+def _pruned_inputs(graph: LayerGraph, keeps: dict[int, int]) -> dict[str, float]:
+    """Per consumer layer, how many of its input channels (or features) the groups' pruning removes."""
     pruned_in: dict[str, float] = {}
     for g in graph.groups:
         removed = g.channels - keeps[g.id]
@@ -80,17 +78,35 @@ def compute_costs(graph: LayerGraph, policy: Policy | None = None, round_to: int
         for consumer, n_in in g.consumers.items():
             # n_in / channels is the fan-out of each channel into the consumer (H*W after a flatten)
             pruned_in[consumer] = pruned_in.get(consumer, 0.0) + removed * n_in / g.channels
+    return pruned_in
+
+
+def _kept_shape(layer, keeps: dict[int, int], pruned_in: dict[str, float]) -> tuple[int, int, int]:
+    """(in_channels, out_channels, groups) of a layer after pruning."""
+    out_c = keeps[layer.group] if layer.group is not None else layer.out_channels
+    if layer.op == "dwconv2d":
+        return out_c, out_c, out_c
+    return int(round(layer.in_channels - pruned_in.get(layer.name, 0.0))), out_c, layer.groups
+
+
+def layer_shape(graph: LayerGraph, policy: Policy, name: str, round_to: int = 1) -> tuple[int, int, float, int]:
+    """(in_channels, out_channels, w_bits, a_bits) of one layer under ``policy``, as ``compute_costs`` gives them,
+    without pricing the whole model (the search asks this for many candidate entries of one layer)."""
+    keeps = group_keeps(graph, policy, round_to)
+    in_c, out_c, _ = _kept_shape(graph[name], keeps, _pruned_inputs(graph, keeps))
+    return in_c, out_c, _layer_w_bits(graph, name, policy, out_c), policy[name].a_bits
+
+
+def compute_costs(graph: LayerGraph, policy: Policy | None = None, round_to: int = 1) -> Costs:
+    """MACs, BOPs, params and bytes of ``graph``'s model after applying ``policy`` (None: the original)."""
+    policy = policy or Policy()
+    keeps = group_keeps(graph, policy, round_to)
+    pruned_in = _pruned_inputs(graph, keeps)
 
     total = Costs(macs=0, bops=0, params=0, bytes=0.0)
     conv_linear_params = 0
     for layer in graph.layers:
-        out_c = keeps[layer.group] if layer.group is not None else layer.out_channels
-        if layer.op == "dwconv2d":
-            in_c = out_c
-            groups = out_c
-        else:
-            in_c = int(round(layer.in_channels - pruned_in.get(layer.name, 0.0)))
-            groups = layer.groups
+        in_c, out_c, groups = _kept_shape(layer, keeps, pruned_in)
         kh, kw = layer.kernel
         if layer.op == "linear":
             rows = layer.macs // max(1, layer.in_channels * layer.out_channels)

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from compression.apply import apply_policy
-from compression.costs import Costs, compute_costs
+from compression.costs import Costs, compute_costs, layer_shape
 from compression.errors import SearchError
 from compression.models.graph import LayerGraph
 from compression.policy import LayerPolicy, Policy
@@ -192,6 +192,8 @@ class CompressionEnvironment:
         )
         self._static = self._static_features()
         self._decoded_bits: dict[str, tuple[int, int]] = {}
+        # per step, the most compressed entry of each later layer (the cap prices every candidate against them)
+        self._most_compressed_memo: dict[tuple[str, int], LayerPolicy] = {}
         self._cheap_bits = self._cheapest_bits()
         self.reset()
         self.min_cost_ratio = self._min_cost_ratio()
@@ -262,6 +264,7 @@ class CompressionEnvironment:
             for n, (w, a) in bits.items():
                 lp = p.layers.setdefault(n, LayerPolicy())
                 lp.w_bits, lp.a_bits = w, a
+                self._pin(n, lp)  # HAQ's pinned first and last layers run int8 whatever the rest does
             return lat.total(self.base_policy_costs(p))
 
         return min(choices, key=whole)
@@ -369,6 +372,7 @@ class CompressionEnvironment:
         self._policy = Policy(
             layers={n: LayerPolicy(**lp.to_dict()) for n, lp in self.base_policy.layers.items()}
         )
+        self._most_compressed_memo.clear()
         self._raw: list[list[float]] = []
         self._enforced: list[list[float]] = []
         self._asked: dict[str, LayerPolicy] = {}
@@ -463,8 +467,9 @@ class CompressionEnvironment:
 
         Only where fewer bits are not always cheaper (the latency objective): fewer bits that buy no time only lose
         accuracy. On TVM (float compute) every quantized choice costs at least float, so layers stay float; on
-        ONNX Runtime 2..7 bits run as the same int8 kernels as 8 bits, so they become 8 bits (or float where float
-        is as fast). Part of decoding the action, like rounding to whole channels: not recorded as a change.
+        ONNX Runtime 2..7 bits run as the same int8 kernels as 8 bits, so they become 8 bits (never float there: with
+        transitions priced, only bits within the layer's kind of kernel are considered). Part of decoding the action,
+        like rounding to whole channels: not recorded as a change.
         """
         s = self.settings
         if not s.free_precision or self._costs_fall_with_bits or "w_bits" not in self.action_spec.names:
@@ -483,15 +488,15 @@ class CompressionEnvironment:
         assert self.latency is not None
         trial = Policy(layers=dict(self._policy.layers))
         trial.layers[name] = entry
-        c = compute_costs(self.graph, trial, self.settings.round_to).layers[name]
+        in_c, out_c, w_now, a_now = layer_shape(self.graph, trial, name, self.settings.round_to)
 
         def ms(w: float, a: int) -> float:
-            return self.latency.layer_ms(name, c.in_channels, c.out_channels, w, a)  # type: ignore[union-attr]
+            return self.latency.layer_ms(name, in_c, out_c, w, a)  # type: ignore[union-attr]
 
-        here = ms(c.w_bits, c.a_bits)
+        here = ms(w_now, a_now)
         # where int8 and float layers convert at every edge between them, switching kinds is not a local choice
         # (the layer's own entry may be cheaper while the model gets slower): raise only within the layer's kind
-        kind = self.latency.run_class(c.w_bits, c.a_bits) if self.latency.prices_transitions else None
+        kind = self.latency.run_class(w_now, a_now) if self.latency.prices_transitions else None
         best: tuple[int, float, int, int] | None = None
         for w in levels:
             for a in levels:
@@ -565,6 +570,8 @@ class CompressionEnvironment:
             if not 1 <= int(pin) <= 8:
                 raise SearchError(f"pin_first_last_bits={pin} is out of range", "use 1..8")
             self.settings.pin_first_last_bits = int(pin)
+            self._most_compressed_memo.clear()
+            self._cheap_bits = self._cheapest_bits()  # with transitions priced, the pinned layers change the best kind
             self.min_cost_ratio = self._min_cost_ratio()
             s = self.settings
             if s.enforce_budget and self.min_cost_ratio > s.budget * (1 + 1e-9):
@@ -595,7 +602,19 @@ class CompressionEnvironment:
         return out
 
     def _most_compressed(self, name: str) -> LayerPolicy:
-        """The most compressed entry the action space allows for a layer not decided yet."""
+        """The most compressed entry the action space allows for a layer not decided yet.
+
+        Memoised per step: it depends on the layers decided so far (AJPQ's free precision prices the layer at the
+        shape they leave it), which change only between steps; the cap asks for it once per candidate and later
+        layer (measured: AJPQ's environment spent ~1 s per episode re-deriving the same entries). Callers only read
+        the entry."""
+        key = (name, self._t)
+        hit = self._most_compressed_memo.get(key)
+        if hit is None:
+            hit = self._most_compressed_memo[key] = self._derive_most_compressed(name)
+        return hit
+
+    def _derive_most_compressed(self, name: str) -> LayerPolicy:
         s = self.settings
         entry = LayerPolicy(**self.base_policy[name].to_dict())
         names = self.action_spec.names
