@@ -151,7 +151,7 @@ def _table_entries(target: str) -> int:
 
 
 def _ranking(
-    ctx: Context, model: str, target: str, n_policies: int, sizes: list[int], draws: int
+    ctx: Context, model: str, target: str, n_policies: int, sizes: list[int], draws: int, budget: float = 0.5
 ) -> dict[str, Any]:
     """Rank quality of validation subsets: per-sample correctness of each policy on val and test."""
     import torch
@@ -162,14 +162,14 @@ def _ranking(
     from compression.search.loop import run_search
     from compression.search.results import SearchConfig
 
-    # candidate policies as a search produces them: a random pruning search at a 50% latency budget
+    # candidate policies as a search produces them: a random pruning search at the first budget the target reaches
     out = ctx.work_dir / "throughput" / "ranking-policies"
     cfg = SearchConfig(
         model=model,
         agent="random",
         layout="prune",
         target=target,
-        budget=0.5,
+        budget=budget,
         episodes=n_policies,
         seed=7,
         top_k=1,
@@ -284,7 +284,7 @@ def _val_speed(ctx: Context, model: str, sizes: list[int], policies: int = 4) ->
     return {"apply_s": apply_s, "sizes": rows, "load": load.summary()}
 
 
-def _profile(ctx: Context, model: str, target: str, episodes: int) -> dict[str, Any]:
+def _profile(ctx: Context, model: str, target: str, episodes: int, budget: float = 0.5) -> dict[str, Any]:
     """cProfile of a short AMC search (warm table and sensitivity), top functions by cumulative time."""
     from compression.search.loop import run_search
     from compression.search.results import SearchConfig
@@ -294,7 +294,7 @@ def _profile(ctx: Context, model: str, target: str, episodes: int) -> dict[str, 
         model=model,
         agent="amc",
         target=target,
-        budget=0.5,
+        budget=budget,
         episodes=episodes,
         seed=0,
         agent_config=agent_config("amc", episodes),
@@ -432,11 +432,14 @@ def _run(ctx: Context) -> dict[str, Any]:
     sizes_rank = [25, 50, 100, 180, 250, 500, 1000]
     n_pol = int(ctx.opt("policies", 20, 60))
     log(ctx, f"validation subsets: ranking quality over {n_pol} policies")
-    result["val_ranking"] = _ranking(ctx, model, target, n_pol, sizes_rank, draws=5 if ctx.quick else 20)
+    prune_budget = pick_budget(floors["prune"])  # 50% is below the pruning floor on some targets (ORT, rounding 16)
+    result["val_ranking"] = _ranking(
+        ctx, model, target, n_pol, sizes_rank, draws=5 if ctx.quick else 20, budget=prune_budget
+    )
     log(ctx, "validation subsets: speed")
     result["val_speed"] = _val_speed(ctx, model, [100, 250, 500, 1000])
     log(ctx, "profile of a short AMC search")
-    result["profile"] = _profile(ctx, model, target, 5 if ctx.quick else 10)
+    result["profile"] = _profile(ctx, model, target, 5 if ctx.quick else 10, budget=prune_budget)
     publish(ctx, "throughput", result, summarize)
     return result
 
