@@ -317,13 +317,13 @@ def _device(kind: str):
     return LatencyModel(layer_ms, residual_ms=0.01)
 
 
-def _latency_env(ws, kind, layout, budget, **kw):
+def _latency_env(ws, kind, layout, budget, latency=None, **kw):
     return CompressionEnvironment(
         ws.graph,
         subset(ws.data.val, 60),
         ws.calibration_batch(32),
         EnvSettings(layout=layout, objective="latency", budget=budget, **kw),
-        latency=_device(kind),
+        latency=latency or _device(kind),
     )
 
 
@@ -447,13 +447,7 @@ def test_int8_and_float_layers_are_not_mixed_for_a_layer_that_alone_is_cheaper_i
     slow = steps[2]
 
     def env_for(budget, **kw):
-        return CompressionEnvironment(
-            workspace.graph,
-            subset(workspace.data.val, 60),
-            workspace.calibration_batch(32),
-            EnvSettings(layout="bits", objective="latency", budget=budget, **kw),
-            latency=_TransitionDevice(workspace.graph, slow),
-        )
+        return _latency_env(workspace, None, "bits", budget, latency=_TransitionDevice(workspace.graph, slow), **kw)
 
     env = env_for(2.0)
     assert set(env._cheap_bits.values()) == {(8, 8)}  # per layer, the slow layer alone would be float
