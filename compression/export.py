@@ -6,9 +6,11 @@
   searched model's accuracy exactly.
 - ``model.onnx``: opset 18, dynamic batch, float activations (ONNX has no sub-8-bit activation type every
   runtime runs); weights on their quantization grid.
-- ``model.int8.onnx``: when every quantized layer has 8 bits or fewer, ONNX Runtime's static QDQ
-  quantization (int8 weights per channel, uint8 activations calibrated on training samples) of those
-  layers: the format that really runs in int8. Bit-widths below 8 run as int8 there; the report says so.
+- ``model.int8.onnx``: when some layers have both bit-widths at 8 or fewer, ONNX Runtime's static QDQ
+  quantization (int8 weights per channel, uint8 activations calibrated on training samples) of those layers
+  and only those: the format that really runs in int8, with the layers the search left float (or at bits
+  ONNX Runtime has no int8 kernel for) in float, as ONNX Runtime ran the model when the search measured it.
+  Bit-widths below 8 run as int8 there; the report says so.
 - ``report.json``: policy, costs before/after, accuracies, bit-widths per layer and what each file runs
   at, seed, library versions.
 """
@@ -19,6 +21,7 @@ import copy
 import json
 import logging
 import os
+import tempfile
 import time
 from typing import Any
 
@@ -27,7 +30,7 @@ import torch
 from torch import nn
 
 from compression.policy import FLOAT_BITS, Policy
-from compression.quant import bit_widths, strip_act_quantizers
+from compression.quant import bit_widths, quantization_plan, strip_act_quantizers
 
 HOW_TO_LOAD = {
     "pt2": "import torch; m = torch.export.load('model.pt2').module(); m(x)  # x: float32 (N, C, H, W), normalised",
@@ -53,9 +56,21 @@ def export_onnx_float(model: nn.Module, example_input: torch.Tensor, path: str) 
 
 
 def export_onnx_int8(
-    onnx_path: str, calib: torch.Tensor, out_path: str, quantized_layers: list[str] | None = None
+    onnx_path: str,
+    calib: torch.Tensor,
+    out_path: str,
+    *,
+    model: nn.Module | None = None,
+    example_input: torch.Tensor | None = None,
+    int8_layers: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Static QDQ int8 quantization of an ONNX model with ONNX Runtime, calibrated on ``calib``."""
+    """Static QDQ int8 quantization of an ONNX model with ONNX Runtime, calibrated on ``calib``.
+
+    With ``int8_layers`` (names of ``model``'s layers, the float model ``onnx_path`` was exported from), only
+    those layers (and an activation each one alone feeds) are quantized; the others stay float, as ONNX Runtime
+    ran them when the search measured the model. Without, every operation the quantizer supports is.
+    """
+    import onnx
     import onnxruntime as ort
     from onnxruntime.quantization import CalibrationDataReader
 
@@ -70,18 +85,33 @@ def export_onnx_int8(
         def get_next(self):
             return next(self._it, None)
 
-    # onnxruntime's quantizer logs advice on the root logger at WARNING; keep the user's logs clean
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        _quantize(onnx_path, out_path, Reader())
-    finally:
-        root.setLevel(level)
+    nodes = None
+    src = onnx_path
+    with tempfile.TemporaryDirectory(prefix="compression-int8-") as tmp:
+        if int8_layers is not None:
+            from compression.quant import quantization_plan
+            from compression.targets.ort_backend import int8_node_names
+            from compression.targets.workloads import extract_workloads
+
+            if model is None or example_input is None:
+                raise ValueError("export_onnx_int8 needs the model and an example input to quantize some layers")
+            graph = onnx.load(onnx_path)
+            workloads = extract_workloads(model, example_input[:1], quantization_plan(model))
+            nodes = int8_node_names(graph, workloads, int8_layers)
+            src = os.path.join(tmp, "named.onnx")
+            onnx.save(graph, src)
+        # onnxruntime's quantizer logs advice on the root logger at WARNING; keep the user's logs clean
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.ERROR)
+        try:
+            _quantize(src, out_path, Reader(), nodes)
+        finally:
+            root.setLevel(level)
     return {"path": out_path, "bytes": os.path.getsize(out_path)}
 
 
-def _quantize(onnx_path: str, out_path: str, reader) -> None:
+def _quantize(onnx_path: str, out_path: str, reader, nodes: list[str] | None = None) -> None:
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     quantize_static(
@@ -92,6 +122,7 @@ def _quantize(onnx_path: str, out_path: str, reader) -> None:
         per_channel=True,
         weight_type=QuantType.QInt8,
         activation_type=QuantType.QUInt8,
+        nodes_to_quantize=nodes,
     )
 
 
@@ -141,18 +172,40 @@ def write_artifacts(
                 "how": HOW_TO_LOAD["onnx"],
             }
         )
-        quantized = {n: b for n, b in bits.items()}
-        if quantized and calib is not None:
-            widest = max(
-                max(b["w_bits"]) if isinstance(b["w_bits"], list) else b["w_bits"] for b in quantized.values()
+        # the layers ONNX Runtime runs as int8 kernels (both bit-widths <= 8), as the search measured the model
+        # there: those, and only those, are int8 in the file; a layer searched at other bits stays float
+        from compression.targets.ort_backend import int8_bits
+
+        plan = quantization_plan(model)
+        int8_layers = sorted(n for n, (w, a) in plan.items() if int8_bits(w, a))
+        if int8_layers and calib is not None:
+            float_model = copy.deepcopy(model).eval()
+            strip_act_quantizers(float_model)
+            int8 = export_onnx_int8(
+                onnx_path,
+                calib,
+                os.path.join(out_dir, "model.int8.onnx"),
+                model=float_model,
+                example_input=example_input,
+                int8_layers=int8_layers,
             )
-            if widest <= 8:
-                int8 = export_onnx_int8(onnx_path, calib, os.path.join(out_dir, "model.int8.onnx"))
-                below = sorted(n for n, b in quantized.items() if _min_bits(b) < 8)
-                note = "ONNX Runtime static int8 (QDQ): real int8 kernels"
-                if below:
-                    note += f"; {len(below)} layers searched below 8 bits run as int8"
-                files.append({**int8, "format": "int8.onnx", "note": note, "how": HOW_TO_LOAD["int8.onnx"]})
+            layers = sum(1 for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+            note = (
+                f"ONNX Runtime static int8 (QDQ): {len(int8_layers)} of {layers} layers in real int8 kernels"
+                + ("" if len(int8_layers) == layers else ", the others float as searched")
+            )
+            below = [n for n in int8_layers if min(plan[n]) < 8]
+            if below:
+                note += f"; {len(below)} layers searched below 8 bits run as int8"
+            files.append(
+                {
+                    **int8,
+                    "format": "int8.onnx",
+                    "int8_layers": int8_layers,
+                    "note": note,
+                    "how": HOW_TO_LOAD["int8.onnx"],
+                }
+            )
     report = {
         **report,
         "policy": policy.to_dict() if policy is not None else None,

@@ -260,6 +260,48 @@ def test_export_writes_loadable_smaller_models_and_report(tmp_path):
         assert any(n.endswith("extra/compression.json") for n in zf.namelist())
 
 
+def test_the_int8_onnx_file_runs_int8_exactly_the_layers_the_search_ran_int8(tmp_path):
+    """A policy mixing int8 and float layers (as HAQ and Galen find on ONNX Runtime, where int8 beside float pays
+    conversions): the downloadable int8 file quantizes the layers with both bit-widths <= 8 and leaves the others
+    float, as ONNX Runtime ran the model when the search measured it; quantizing everything would be another
+    model, of other accuracy and speed."""
+    import onnx
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    model = build_zoo_model("resnet20", num_classes=10, in_channels=1, input_size=8).eval()
+    graph = LayerGraph.build(model, (1, 8, 8), num_classes=10)
+    calib = torch.randn(64, 1, 8, 8)
+    x = torch.randn(2, 1, 8, 8)
+    policy = Policy()
+    names = graph.quantizable
+    int8 = set(names[::2])
+    for name in int8:
+        policy.layers[name] = LayerPolicy(w_bits=6, a_bits=8)
+    wide_acts = names[1]  # 4-bit weights, float activations: no int8 kernel on ONNX Runtime
+    policy.layers[wide_acts] = LayerPolicy(w_bits=4, a_bits=32)
+    files = write_artifacts(
+        apply_policy(graph, policy, calib), x, str(tmp_path), policy=policy, calib=calib, report={}
+    )
+    entry = next(f for f in files if f["format"] == "int8.onnx")
+    assert entry["int8_layers"] == sorted(int8)
+    assert f"{len(int8)} of {len(names)} layers" in entry["note"] and "below 8 bits" in entry["note"]
+    g = onnx.load(str(tmp_path / "model.int8.onnx")).graph
+    dequantized = {n.output[0] for n in g.node if n.op_type == "DequantizeLinear"}
+    convs = [n for n in g.node if n.op_type in ("Conv", "Gemm")]
+    assert len(convs) == len(names)
+    assert sum(n.input[1] in dequantized for n in convs) == len(int8)  # int8 weights on those layers only
+    sess = ort.InferenceSession(str(tmp_path / "model.int8.onnx"), providers=["CPUExecutionProvider"])
+    out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    assert out.shape == (2, 10) and np.isfinite(out).all()
+    # no layer int8-able: no int8 file
+    only_wide = Policy(layers={wide_acts: LayerPolicy(w_bits=4, a_bits=32)})
+    files = write_artifacts(
+        apply_policy(graph, only_wide, calib), x, str(tmp_path / "wide"), policy=only_wide, calib=calib, report={}
+    )
+    assert "int8.onnx" not in {f["format"] for f in files}
+
+
 def test_load_model_specs_are_checked(tmp_path):
     with pytest.raises(ModelError, match="unknown zoo model"):
         load_model("zoo:resnet999")

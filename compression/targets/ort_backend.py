@@ -53,7 +53,7 @@ def int8_bits(w_bits: int, a_bits: int) -> bool:
     return w_bits <= 8 and a_bits <= 8
 
 
-def _session_options(threads: int, optimization: str, spinning: bool) -> Any:
+def session_options(threads: int, optimization: str, spinning: bool) -> Any:
     import onnxruntime as ort
 
     levels = {
@@ -174,6 +174,19 @@ def _following_activations(model: Any, node_names: set[str]) -> list[str]:
                 if len(nxt) == 1 and nxt[0].op_type in _ACTIVATION_OPS:
                     extra.append(nxt[0].name)
     return extra
+
+
+def int8_node_names(model: Any, workloads: list[LayerWorkload], layers: list[str]) -> list[str]:
+    """The ONNX nodes to quantize so that ``layers`` (and nothing else) run as int8 kernels.
+
+    Names the model's nodes and inlines shared constants in place (``map_layers_to_nodes``,
+    ``inline_constant_identities``): the caller saves the model it passes and quantizes that file. An activation
+    that alone consumes a quantized layer is quantized with it (ONNX Runtime fuses it into the int8 kernel).
+    """
+    inline_constant_identities(model)
+    node_of = map_layers_to_nodes(model, [w for w in workloads if w.is_layer])
+    nodes = sorted(node for n, node in node_of.items() if n in set(layers))
+    return nodes + _following_activations(model, set(nodes))
 
 
 def _quantize(
@@ -318,11 +331,7 @@ class OrtBackend:
                     bits_run[name] = "float (int8 needs both w_bits and a_bits <= 8)"
             if int8_layers:
                 model = onnx.load(str(path))
-                inline_constant_identities(model)
-                node_of = map_layers_to_nodes(model, [w for w in layer_workloads if w.is_layer])
-                node_of = {n: node for n, node in node_of.items() if n in set(int8_layers)}
-                nodes = sorted(node_of.values())
-                nodes += _following_activations(model, set(nodes))
+                nodes = int8_node_names(model, layer_workloads, int8_layers)
                 onnx.save(model, str(tmp / "named.onnx"))
                 _quantize(tmp / "named.onnx", tmp / "int8.onnx", inputs, exported.input_names, nodes, tmp)
                 path = tmp / "int8.onnx"
@@ -331,7 +340,7 @@ class OrtBackend:
                     details["note"] = INT8_NOTE
             if plan:
                 details["bits_run"] = bits_run
-            so = _session_options(self.threads, self.optimization, self.spinning)
+            so = session_options(self.threads, self.optimization, self.spinning)
             if int8_layers:
                 so.optimized_model_filepath = str(tmp / "optimized.onnx")
             try:
