@@ -9,7 +9,9 @@ same layer inside the whole model (its own boundaries), and a fake quantizer cos
 
 from __future__ import annotations
 
+import math
 import random
+import statistics
 from pathlib import Path
 
 import pytest
@@ -248,16 +250,18 @@ SMALL_RESNET_FEEDS = {
 }
 INT8_MAC_MS = 1e-7  # an int8 kernel: half the float time per multiply-accumulate...
 INT8_LAYER_MS = 0.02  # ...but a larger fixed cost per layer: a tiny layer is faster in float
-TRANSITION_MS = 0.05  # quantize / dequantize and layout change on each int8 <-> float edge
+TRANSITION_MS = 2e-5  # quantize / dequantize and layout change on each int8 <-> float edge, per element converted
 
 
 class Int8Device(SimulatedDevice):
     """ONNX Runtime's shape of costs: <= 8-bit layers run as int8 kernels (``bits_run``), a one-layer int8 model pays
     its own conversions at both ends (twice the cost of the same layer inside an int8 run), and the whole model
-    pays ``TRANSITION_MS`` for each edge between an int8 and a float layer, counted on the data flow above."""
+    pays ``TRANSITION_MS`` per element of the activation converted at each edge between an int8 and a float layer
+    (the layer's input there; the last layer's output for the conversion back to the float output), counted on
+    the data flow above."""
 
     def fingerprint(self) -> dict[str, str]:
-        return {"backend": "simulated-int8", "law": f"{INT8_MAC_MS},{INT8_LAYER_MS},{TRANSITION_MS}"}
+        return {"backend": "simulated-int8", "law": f"{INT8_MAC_MS},{INT8_LAYER_MS},{TRANSITION_MS}/element"}
 
     def bits_run(self, w_bits: int, a_bits: int) -> tuple[int, int]:
         return (8, 8) if w_bits <= 8 and a_bits <= 8 else (32, 32)
@@ -277,12 +281,14 @@ class Int8Device(SimulatedDevice):
             q = bool(plan) and self.bits_run(*next(iter(plan.values()))) == (8, 8)
             return CALL_MS + self.layer_ms(w.macs, q) * (2 if q else 1)
         ws = {w.name: w for w in extract_workloads(module, x) if w.is_layer}
-        t = 0
+        converted = 0  # elements
         for name, feeds in SMALL_RESNET_FEEDS.items():
             sources = [int8[f] for f in feeds] or [False]
-            t += any(s != int8[name] for s in sources)
-        t += int8["fc"]  # the output is float
-        return CALL_MS + sum(self.layer_ms(w.macs, int8[n]) for n, w in ws.items()) + TRANSITION_MS * t
+            if any(s != int8[name] for s in sources):
+                converted += math.prod(ws[name].in_shape[1:])
+        if int8["fc"]:
+            converted += math.prod(ws["fc"].out_shape[1:])  # the output is float
+        return CALL_MS + sum(self.layer_ms(w.macs, int8[n]) for n, w in ws.items()) + TRANSITION_MS * converted
 
     def measure(self, module, example_input, *, warmup=0, repeats=1, timeout_s=60.0, bits=None) -> Measurement:
         ms = self.latency(module, example_input, bits)
@@ -308,13 +314,21 @@ def test_a_runtime_with_int8_kernels_prices_the_transitions_between_int8_and_flo
     lat = TableLatency(table, graph, x, quantized=True, reuse_s=0)
     fit = lat.calibration["search_fit"]
     assert lat.prices_transitions and len(fit["models"]) == 7
-    assert fit["transitions"][:5] == [0, 0, 0, 2, 2] and min(fit["transitions"][5:]) > 5
+    # transitions in units of the mean layer input: the int8 copies convert the input and the output only, the
+    # alternating copies many activations (the pruned one smaller ones)
+    assert fit["transitions"][:3] == [0, 0, 0] and max(fit["transitions"][3:5]) < 1 < min(fit["transitions"][5:])
+    assert fit["transitions"][6] < fit["transitions"][5]
     assert max(abs(r) for r in fit["residuals"]) < 1e-9
-    assert lat.transition_ms == pytest.approx(TRANSITION_MS)
+    unit = statistics.fmean(math.prod(w.in_shape[1:]) for w in lat.templates.values())
+    assert lat.transition_ms == pytest.approx(TRANSITION_MS * unit)
     assert lat.q_scale == pytest.approx(0.5)  # an int8 layer inside the model costs half its one-layer entry
+    # the same measurements fitted with every transition counted as 1 (``transition_weight="count"``)
+    counted = TableLatency(table, graph, x, quantized=True, reuse_s=3600, transition_weight="count")
+    assert counted.calibration["reused"] and max(abs(r) for r in counted.calibration["search_fit"]["residuals"]) > 0.01
     calib = torch.randn(16, *x.shape[1:])
     rng = random.Random(0)
     mixed = 0
+    counted_errors = []
     for _ in range(8):
         layers = {n: LayerPolicy(keep_ratio=rng.choice([0.5, 0.75, 1.0])) for n in graph.prunable_leaders}
         for n in graph.quantizable:
@@ -323,9 +337,11 @@ def test_a_runtime_with_int8_kernels_prices_the_transitions_between_int8_and_flo
                 lp.w_bits, lp.a_bits = rng.randint(2, 8), rng.choice([4, 8])
         policy = Policy(layers=layers)
         costs = compute_costs(graph, policy)
-        mixed += lat.transitions(costs) > 2
+        mixed += counted.transitions(costs) > 2
         measured = device.latency(apply_policy(graph, policy, calib), x)
         assert lat.total(costs) == pytest.approx(measured, rel=1e-6)
+        counted_errors.append(abs(counted.total(costs) - measured) / measured)
     assert mixed >= 6
+    assert max(counted_errors) > 0.01  # counting misses the activations' sizes
     # a target with one kind of kernel is unchanged: no transitions, five calibration models
     assert TableLatency(_table(tmp_path), graph, x, quantized=True, reuse_s=0).transitions(costs) == 0

@@ -99,9 +99,10 @@ class LatencyModel:
         """The kind of kernel a layer at these bits runs as (one kind here: no transitions)."""
         return "float"
 
-    def transitions(self, costs: Costs) -> int:
-        """Edges between layers of different kinds of kernel in a policy's model (none with one kind)."""
-        return 0
+    def transitions(self, costs: Costs) -> float:
+        """Edges between layers of different kinds of kernel in a policy's model, each weighted by the
+        activation converted there (none with one kind)."""
+        return 0.0
 
     def per_layer(self, costs: Costs) -> dict[str, float]:
         return {
@@ -114,20 +115,29 @@ class LatencyModel:
         return sum(self.per_layer(costs).values()) + self.residual_ms + extra
 
 
-def count_transitions(producers: dict[str, list[str]], int8: dict[str, bool]) -> int:
+def count_transitions(
+    producers: dict[str, list[str]],
+    int8: dict[str, bool],
+    size: dict[str, tuple[float, float]] | None = None,
+) -> float:
     """Int8/float transitions of a model: ``producers`` from ``LayerGraph.producers``, ``int8`` per layer.
 
     A layer counts once when any layer feeding it (or the model's input, which is float) runs the other kind of
     kernel; an int8 layer no other layer consumes counts once for the conversion back to the float output.
+    With ``size`` (layer -> (input weight, output weight)) each transition counts the weight of the activation
+    converted there (its input, or for that last conversion its output) instead of 1.
     """
     consumed: set[str] = set()
-    t = 0
+    t = 0.0
     for n, ps in producers.items():
         consumed.update(ps)
         mine = int8.get(n, False)
-        if (any(int8.get(p, False) != mine for p in ps) if ps else mine):
-            t += 1
-    return t + sum(1 for n, q in int8.items() if q and n not in consumed)
+        if any(int8.get(p, False) != mine for p in ps) if ps else mine:
+            t += size[n][0] if size is not None else 1.0
+    for n, q in int8.items():
+        if q and n not in consumed:
+            t += size[n][1] if size is not None else 1.0
+    return t
 
 
 class CompressionEnvironment:

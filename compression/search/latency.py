@@ -46,6 +46,8 @@ MIN_KEEP = 0.1  # the search's default min_keep: the most pruned model the line 
 # 10-20% (measured: the original ResNet-20 0.65-0.96 ms over five interleaved rounds), TVM's by ~1%.
 CALIBRATION_ROUNDS = {"onnxruntime": 5}
 CALIBRATION_REUSE_S = 3600.0  # a search reuses calibration measurements this recent (same model, same target)
+# how TableLatency weighs an int8/float transition (see TableLatency.transitions)
+TRANSITION_WEIGHTS = ("elements", "count")
 
 
 class TableLatency(LatencyModel):
@@ -69,8 +71,9 @@ class TableLatency(LatencyModel):
     not, while every edge from a float layer to an int8 one (or back, or from the input / to the output) pays
     them once. Measured on ResNet-20/digits: every layer int8 0.60 ms, the float original 0.76 ms, every other
     layer int8 1.23 ms, which the per-layer sum priced below the original. There, ``F`` is the float entries of
-    the float layers, ``Q`` the int8 entries of the int8 layers, and ``T`` the number of such transitions
-    (``transitions``, from ``LayerGraph.producers``): ``measured = overhead + a * F + b * Q + t * T + rest``,
+    the float layers, ``Q`` the int8 entries of the int8 layers, and ``T`` the transitions (``transitions``, from
+    ``LayerGraph.producers``), each weighted by the size of the activation it converts in units of the original's
+    mean layer input: ``measured = overhead + a * F + b * Q + t * T + rest``,
     fitted with two more calibration copies whose layers alternate between int8 and float. A fit that is not
     determined or not
     increasing falls back to one factor (the table's own calibration). ``calibration`` keeps the points,
@@ -88,6 +91,7 @@ class TableLatency(LatencyModel):
         round_to: int = 1,
         quantized: bool = True,
         reuse_s: float | None = None,
+        transition_weight: str = "elements",
     ) -> None:
         from compression.apply import apply_policy
         from compression.costs import compute_costs
@@ -105,6 +109,19 @@ class TableLatency(LatencyModel):
         if missing:
             raise RuntimeError(f"no workload found for layers {missing[:5]}")
         self.templates = templates
+        if transition_weight not in TRANSITION_WEIGHTS:
+            raise ValueError(
+                f"transition_weight must be one of {TRANSITION_WEIGHTS}, not {transition_weight!r}"
+            )
+        self.transition_weight = transition_weight
+        # per layer: (input, output) activation elements per channel; transitions are weighted by the elements
+        # converted, in units of the original model's mean layer input (so ``transition_ms`` is the cost of a
+        # transition at an average layer's input)
+        self._per_channel = {
+            n: (_per_channel(t.in_shape, t.kind), _per_channel(t.out_shape, t.kind)) for n, t in templates.items()
+        }
+        inputs = [t.in_channels * self._per_channel[n][0] for n, t in templates.items()]
+        self._elements_unit = (sum(inputs) / len(inputs)) if inputs and sum(inputs) > 0 else 1.0
         self.scale = 1.0
         self.q_scale = 1.0
         self.transition_ms = 0.0
@@ -285,15 +302,26 @@ class TableLatency(LatencyModel):
             kind = self._kinds[key] = "float" if run in (None, (32, 32)) else "int8"
         return kind
 
-    def transitions(self, costs) -> int:
-        """Edges between an int8 and a float layer in a policy's model (``count_transitions``; 0 where the
-        target runs one kind of kernel)."""
+    def transitions(self, costs) -> float:
+        """Int8/float transitions in a policy's model (``count_transitions``; 0 where the target runs one kind of
+        kernel). Each is weighted by the activation it converts (elements at the pruned shape over the original
+        model's mean layer input): a conversion is a pass over that tensor (quantize or dequantize, and a change of
+        layout), so one at a 16x32x32 input costs about four times one at 64x8x8. ``transition_weight="count"``
+        counts each as 1 (the benchmark's comparison)."""
         if not self.prices_transitions:
-            return 0
+            return 0.0
         from compression.search.env import count_transitions
 
         int8 = {n: self.run_class(c.w_bits, c.a_bits) == "int8" for n, c in costs.layers.items()}
-        return count_transitions(self.graph.producers(), int8)
+        if self.transition_weight == "count":
+            return count_transitions(self.graph.producers(), int8)
+        unit = self._elements_unit
+        pc = self._per_channel
+        size = {
+            n: (c.in_channels * pc[n][0] / unit, c.out_channels * pc[n][1] / unit)
+            for n, c in costs.layers.items()
+        }
+        return count_transitions(self.graph.producers(), int8, size)
 
     def _parts(self, name: str, in_c: int, out_c: int, w_bits: float, a_bits: int) -> tuple[float, float]:
         """(float part, quantization part) of one layer, unscaled (see the class docstring).
@@ -356,6 +384,16 @@ class TableLatency(LatencyModel):
         return v
 
 
+def _per_channel(shape: tuple[int, ...], kind: str) -> int:
+    """Elements per channel of an activation (batch first): the spatial size of a conv's NCHW tensor, the
+    leading dimensions of a linear layer's (..., features) one."""
+    dims = shape[2:] if kind == "conv2d" else shape[1:-1]
+    n = 1
+    for d in dims:
+        n *= int(d)
+    return n
+
+
 def build_latency_model(
     target: TargetSpec,
     graph: LayerGraph,
@@ -364,6 +402,7 @@ def build_latency_model(
     round_to: int = 1,
     quantized: bool = True,
     progress: Callable[[int, int, dict], None] | None = None,
+    transition_weight: str = "elements",
 ) -> LatencyModel | None:
     """The search's latency model for a target (None for the analytic target, which has no time).
 
@@ -375,4 +414,11 @@ def build_latency_model(
 
     # fewer repeats than a benchmark: an entry is measured once and reused by every later run
     table = LatencyTable(target, table_path(), warmup=5, repeats=40)
-    return TableLatency(table, graph, artifact.example_input(1), round_to=round_to, quantized=quantized)
+    return TableLatency(
+        table,
+        graph,
+        artifact.example_input(1),
+        round_to=round_to,
+        quantized=quantized,
+        transition_weight=transition_weight,
+    )
