@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--agents", help="comma-separated agents (quality, throughput)")
     p.add_argument("--models", help="comma-separated models for quality: resnet20,dwnet")
     p.add_argument("--model", help="use this .pt2 instead of the trained ResNet-20 (throughput, fidelity)")
-    p.add_argument("--budgets", help="comma-separated latency budgets for quality, e.g. 0.5,0.25,0.1")
+    p.add_argument("--budgets", help="comma-separated latency budgets for quality (speedup: the first), e.g. 0.5,0.25,0.1")
     p.add_argument("--round-to", type=int, help="quality: channel rounding (default: the target's own)")
     p.add_argument(
         "--fresh", action="store_true", help="quality: do not reuse finished cells of a stored result"
