@@ -68,11 +68,13 @@ def _one_target(
     x = ws.artifact.example_input(1)
     log(ctx, f"fidelity on {target}: building the search's latency model")
     latency = build_latency_model(tspec, ws.graph, ws.artifact, round_to=round_to)
-    # on runtimes with int8 kernels, the same measurements fitted with each transition counted as 1 (the model
-    # before transitions were weighted by the activation they convert): both predict every policy below
-    counted = None
+    # on runtimes with int8 kernels, the same measurements fitted with each transition weighted by the activation
+    # it converts (``transition_weight="elements"``; the search counts each as 1): both predict every policy below
+    weighted = None
     if getattr(latency, "prices_transitions", False):
-        counted = build_latency_model(tspec, ws.graph, ws.artifact, round_to=round_to, transition_weight="count")
+        weighted = build_latency_model(
+            tspec, ws.graph, ws.artifact, round_to=round_to, transition_weight="elements"
+        )
     rng = np.random.default_rng(0)
     # joint on a float runtime: the quantizers' arithmetic is real work there; mixed: int8 beside float kernels
     kinds = ["prune", "joint", "mixed"]
@@ -90,7 +92,7 @@ def _one_target(
             policy = random_policy(ws.graph, rng, kind)
             costs = compute_costs(ws.graph, policy, round_to)
             predicted = latency.total(costs)
-            predicted_counted = counted.total(costs) if counted is not None else None
+            predicted_elements = weighted.total(costs) if weighted is not None else None
             model = apply_policy(ws.graph, policy, calib, round_to=round_to)
             try:
                 m = bench_model(model, x, tspec, bits=policy if kind != "prune" else None)
@@ -105,8 +107,8 @@ def _one_target(
                     "measured_ms": m.median_ms,
                     "rel_error": rel,
                     **(
-                        {"rel_error_counted": (predicted_counted - m.median_ms) / m.median_ms}
-                        if predicted_counted is not None
+                        {"rel_error_elements": (predicted_elements - m.median_ms) / m.median_ms}
+                        if predicted_elements is not None
                         else {}
                     ),
                     "cv": m.cv,
@@ -126,8 +128,8 @@ def _one_target(
         "measured": len(ok),
         "original_predicted_ms": getattr(latency, "original_ms", None),
         "calibration": _calibration_summary(getattr(latency, "calibration", None)),
-        "transitions_counted_fit": (
-            counted.calibration.get("search_fit") if counted is not None else None
+        "transitions_elements_fit": (
+            weighted.calibration.get("search_fit") if weighted is not None else None
         ),
         "original_measured": original_runs,
         "original_between_runs_cv": (
@@ -154,9 +156,9 @@ def _one_target(
             "cv": mean_std(r["cv"] for r in sel),
             **rank_correlations([r["predicted_ms"] for r in sel], [r["measured_ms"] for r in sel]),
         }
-        if counted is not None:
-            err_c = [r["rel_error_counted"] for r in sel]
-            out[kind]["transitions_counted"] = {
+        if weighted is not None:
+            err_c = [r["rel_error_elements"] for r in sel]
+            out[kind]["transitions_elements"] = {
                 "mean_abs_rel_error": statistics.fmean(abs(e) for e in err_c),
                 "worst_abs_rel_error": max(abs(e) for e in err_c),
                 "mean_rel_error": statistics.fmean(err_c),
@@ -276,8 +278,8 @@ def summarize(r: dict[str, Any]) -> str:
                     s["n"],
                     f"{s['mean_abs_rel_error']:.1%}",
                     (
-                        f"{s['transitions_counted']['mean_abs_rel_error']:.1%}"
-                        if "transitions_counted" in s
+                        f"{s['transitions_elements']['mean_abs_rel_error']:.1%}"
+                        if "transitions_elements" in s
                         else "-"
                     ),
                     f"{s['median_abs_rel_error']:.1%}",
@@ -296,7 +298,7 @@ def summarize(r: dict[str, Any]) -> str:
             "policies",
             "n",
             "mean |err|",
-            "mean |err|, transitions counted 1 each",
+            "mean |err|, transitions weighted by elements",
             "median |err|",
             "worst |err|",
             "bias",

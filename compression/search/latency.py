@@ -46,8 +46,8 @@ MIN_KEEP = 0.1  # the search's default min_keep: the most pruned model the line 
 # 10-20% (measured: the original ResNet-20 0.65-0.96 ms over five interleaved rounds), TVM's by ~1%.
 CALIBRATION_ROUNDS = {"onnxruntime": 5}
 CALIBRATION_REUSE_S = 3600.0  # a search reuses calibration measurements this recent (same model, same target)
-# how TableLatency weighs an int8/float transition (see TableLatency.transitions)
-TRANSITION_WEIGHTS = ("elements", "count")
+# how TableLatency weighs an int8/float transition (see TableLatency.transitions); the first is the default
+TRANSITION_WEIGHTS = ("count", "elements")
 
 
 class TableLatency(LatencyModel):
@@ -71,9 +71,8 @@ class TableLatency(LatencyModel):
     not, while every edge from a float layer to an int8 one (or back, or from the input / to the output) pays
     them once. Measured on ResNet-20/digits: every layer int8 0.60 ms, the float original 0.76 ms, every other
     layer int8 1.23 ms, which the per-layer sum priced below the original. There, ``F`` is the float entries of
-    the float layers, ``Q`` the int8 entries of the int8 layers, and ``T`` the transitions (``transitions``, from
-    ``LayerGraph.producers``), each weighted by the size of the activation it converts in units of the original's
-    mean layer input: ``measured = overhead + a * F + b * Q + t * T + rest``,
+    the float layers, ``Q`` the int8 entries of the int8 layers, and ``T`` the number of such transitions
+    (``transitions``, from ``LayerGraph.producers``): ``measured = overhead + a * F + b * Q + t * T + rest``,
     fitted with two more calibration copies whose layers alternate between int8 and float. A fit that is not
     determined or not
     increasing falls back to one factor (the table's own calibration). ``calibration`` keeps the points,
@@ -91,7 +90,7 @@ class TableLatency(LatencyModel):
         round_to: int = 1,
         quantized: bool = True,
         reuse_s: float | None = None,
-        transition_weight: str = "elements",
+        transition_weight: str = "count",
     ) -> None:
         from compression.apply import apply_policy
         from compression.costs import compute_costs
@@ -114,9 +113,9 @@ class TableLatency(LatencyModel):
                 f"transition_weight must be one of {TRANSITION_WEIGHTS}, not {transition_weight!r}"
             )
         self.transition_weight = transition_weight
-        # per layer: (input, output) activation elements per channel; transitions are weighted by the elements
-        # converted, in units of the original model's mean layer input (so ``transition_ms`` is the cost of a
-        # transition at an average layer's input)
+        # per layer: (input, output) activation elements per channel; with ``transition_weight="elements"`` a
+        # transition weighs the elements it converts, in units of the original model's mean layer input (so
+        # ``transition_ms`` is the cost of a transition at an average layer's input)
         self._per_channel = {
             n: (_per_channel(t.in_shape, t.kind), _per_channel(t.out_shape, t.kind)) for n, t in templates.items()
         }
@@ -304,10 +303,11 @@ class TableLatency(LatencyModel):
 
     def transitions(self, costs) -> float:
         """Int8/float transitions in a policy's model (``count_transitions``; 0 where the target runs one kind of
-        kernel). Each is weighted by the activation it converts (elements at the pruned shape over the original
-        model's mean layer input): a conversion is a pass over that tensor (quantize or dequantize, and a change of
-        layout), so one at a 16x32x32 input costs about four times one at 64x8x8. ``transition_weight="count"``
-        counts each as 1 (the benchmark's comparison)."""
+        kernel), each counted as 1. With ``transition_weight="elements"``, each is weighted by the activation it
+        converts (elements at the pruned shape over the original model's mean layer input): a conversion is a pass
+        over that tensor, so one at a 16x32x32 input would cost four times one at 64x8x8. Measured on ResNet-20 on
+        ONNX Runtime (docs/BENCHMARKS.md 3, session 7) the weighting predicted no better than counting (4.9% vs
+        4.7% mean error on the same measurements): the fixed part of a conversion dominates at these sizes."""
         if not self.prices_transitions:
             return 0.0
         from compression.search.env import count_transitions
@@ -402,7 +402,7 @@ def build_latency_model(
     round_to: int = 1,
     quantized: bool = True,
     progress: Callable[[int, int, dict], None] | None = None,
-    transition_weight: str = "elements",
+    transition_weight: str = "count",
 ) -> LatencyModel | None:
     """The search's latency model for a target (None for the analytic target, which has no time).
 
