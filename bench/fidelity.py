@@ -4,7 +4,8 @@ For random policies on ResNet-20/digits (a third channel pruning only, a third p
 third pruning with 2..8 bits on half the layers and float on the others: the kinds of policy the searches
 produce), the latency the search uses (``TableLatency.total``: per-layer
 table entries at the pruned shapes and bits plus a constant residual, see ``compression/search/latency.py``)
-is compared with ``bench_model`` of the applied policy on the same target. Reported: mean, median and
+is compared with ``bench_model`` of the applied policy on the same target, measured in interleaved rounds
+(``--rounds``, default 3; the median of the rounds is the policy's latency). Reported: mean, median and
 worst relative error, the signed mean (bias), the rank correlation of predicted with measured (what the
 search's choices depend on), and the measurement's own spread: the within-measurement coefficient of
 variation of every measurement, and the spread of the original model measured repeatedly through the run.
@@ -50,7 +51,7 @@ def random_policy(graph, rng, kind: str, min_keep: float = 0.1):
 
 
 def _one_target(
-    ctx: Context, spec: str, target: str, n: int, check_every: int, round_to: int | None = None
+    ctx: Context, spec: str, target: str, n: int, rounds: int, round_to: int | None = None
 ) -> dict[str, Any]:
     import numpy as np
 
@@ -78,48 +79,64 @@ def _one_target(
     rng = np.random.default_rng(0)
     # joint on a float runtime: the quantizers' arithmetic is real work there; mixed: int8 beside float kernels
     kinds = ["prune", "joint", "mixed"]
-    rows: list[dict[str, Any]] = []
     original_runs: list[dict[str, float]] = []
 
     def measure_original() -> None:
         m = bench_model(ws.artifact.module, x, tspec)
         original_runs.append({"median_ms": m.median_ms, "cv": m.cv})
 
+    items = []
+    for i in range(n):
+        kind = kinds[i % len(kinds)]
+        policy = random_policy(ws.graph, rng, kind)
+        costs = compute_costs(ws.graph, policy, round_to)
+        items.append(
+            {
+                "kind": kind,
+                "policy": policy,
+                "predicted": latency.total(costs),
+                "predicted_elements": weighted.total(costs) if weighted is not None else None,
+                "model": apply_policy(ws.graph, policy, calib, round_to=round_to),
+                "runs": [],
+            }
+        )
+    # interleaved rounds (as the table's own calibration): a busy window of the machine costs each policy one
+    # round at most, and the median of the rounds is the policy's latency
     with LoadSampler() as load:
+        for r in range(rounds):
+            measure_original()
+            for it in items:
+                if "error" in it:
+                    continue
+                try:
+                    m = bench_model(it["model"], x, tspec, bits=it["policy"] if it["kind"] != "prune" else None)
+                except CompressionError as exc:
+                    it["error"] = str(exc)
+                    continue
+                it["runs"].append(m)
+            log(ctx, f"  round {r + 1}/{rounds}: {n} policies measured")
         measure_original()
-        for i in range(n):
-            kind = kinds[i % len(kinds)]
-            policy = random_policy(ws.graph, rng, kind)
-            costs = compute_costs(ws.graph, policy, round_to)
-            predicted = latency.total(costs)
-            predicted_elements = weighted.total(costs) if weighted is not None else None
-            model = apply_policy(ws.graph, policy, calib, round_to=round_to)
-            try:
-                m = bench_model(model, x, tspec, bits=policy if kind != "prune" else None)
-            except CompressionError as exc:
-                rows.append({"kind": kind, "predicted_ms": predicted, "error": str(exc)})
-                continue
-            rel = (predicted - m.median_ms) / m.median_ms
-            rows.append(
-                {
-                    "kind": kind,
-                    "predicted_ms": predicted,
-                    "measured_ms": m.median_ms,
-                    "rel_error": rel,
-                    **(
-                        {"rel_error_elements": (predicted_elements - m.median_ms) / m.median_ms}
-                        if predicted_elements is not None
-                        else {}
-                    ),
-                    "cv": m.cv,
-                    "bits_run": str(m.details.get("bits_run")),
-                    "load1": load.samples[-1] if load.samples else None,
-                }
-            )
-            if (i + 1) % check_every == 0:
-                measure_original()
-                log(ctx, f"  {i + 1}/{n} policies; last error {rel:+.1%} (cv {m.cv:.2f})")
-        measure_original()
+    rows: list[dict[str, Any]] = []
+    for it in items:
+        if "error" in it:
+            rows.append({"kind": it["kind"], "predicted_ms": it["predicted"], "error": it["error"]})
+            continue
+        per_round = [m.median_ms for m in it["runs"]]
+        med = statistics.median(per_round)
+        pe = it["predicted_elements"]
+        rows.append(
+            {
+                "kind": it["kind"],
+                "predicted_ms": it["predicted"],
+                "measured_ms": med,
+                "rounds_ms": per_round,
+                "round_spread": (max(per_round) - min(per_round)) / med,
+                "rel_error": (it["predicted"] - med) / med,
+                **({"rel_error_elements": (pe - med) / med} if pe is not None else {}),
+                "cv": statistics.fmean(m.cv for m in it["runs"]),
+                "bits_run": str(it["runs"][0].details.get("bits_run")),
+            }
+        )
     ok = [r for r in rows if "rel_error" in r]
     out: dict[str, Any] = {
         "target": target,
@@ -154,6 +171,7 @@ def _one_target(
             "mean_rel_error": statistics.fmean(r["rel_error"] for r in sel),
             "within_5pct": sum(1 for e in abs_err if e <= 0.05) / len(sel),
             "cv": mean_std(r["cv"] for r in sel),
+            "round_spread": mean_std(r["round_spread"] for r in sel),
             **rank_correlations([r["predicted_ms"] for r in sel], [r["measured_ms"] for r in sel]),
         }
         if weighted is not None:
@@ -230,6 +248,7 @@ def rounding(ctx: Context, spec: str, target: str, n: int, rounds: int) -> dict[
 def run(ctx: Context) -> dict[str, Any]:
     """Run the fidelity benchmark and write ``bench/results/fidelity[-quick].json``."""
     n = int(ctx.opt("policies", 16, 50))
+    rounds = int(ctx.opt("rounds", 2, 3))
     # (target, channel rounding): the target's own rounding, and multiples of 8 / 16 (ONNX Runtime's blocked
     # NCHWc layout works in blocks of 8 channels on AVX2 and 16 on AVX-512; TVM's default schedules
     # vectorise by 8 or more)
@@ -240,11 +259,11 @@ def run(ctx: Context) -> dict[str, Any]:
     else:
         configs = [("local-ort", None), ("local-ort", 8), ("local-ort", 16), ("local-tvm", 8)]
     spec = ctx.options.get("model") or resnet20_digits(ctx).spec
-    result: dict[str, Any] = {"model": spec, "policies": n, "targets": {}}
+    result: dict[str, Any] = {"model": spec, "policies": n, "rounds": rounds, "targets": {}}
     for t, rt in configs:
         label = t if rt is None else f"{t} round_to={rt}"
         try:
-            result["targets"][label] = _one_target(ctx, spec, t, n, check_every=max(2, n // 8), round_to=rt)
+            result["targets"][label] = _one_target(ctx, spec, t, n, rounds, round_to=rt)
         except Exception as exc:
             log(ctx, f"fidelity on {label} failed: {type(exc).__name__}: {exc}")
             result["targets"][label] = {"error": f"{type(exc).__name__}: {exc}"}
@@ -265,7 +284,7 @@ def summarize(r: dict[str, Any]) -> str:
     rows = []
     for t, res in r["targets"].items():
         if "error" in res:
-            rows.append([t, "error: " + res["error"][:80], *[""] * 11])
+            rows.append([t, "error: " + res["error"][:80], *[""] * 12])
             continue
         for kind in ("prune", "joint", "mixed", "all"):
             s = res.get(kind)
@@ -288,6 +307,7 @@ def summarize(r: dict[str, Any]) -> str:
                     f"{s['within_5pct']:.0%}",
                     fmt(s["spearman"], ".3f"),
                     f"{s['cv']['mean']:.2f}",
+                    f"{s['round_spread']['mean']:.2f}" if "round_spread" in s else "-",
                     fmt(res["original_between_runs_cv"], ".2f"),
                     f"{res['load']['load1_mean']:.1f}",
                 ]
@@ -305,6 +325,7 @@ def summarize(r: dict[str, Any]) -> str:
             "within 5%",
             "Spearman",
             "CV (within)",
+            "spread between rounds",
             "CV (original, between runs)",
             "load",
         ],
