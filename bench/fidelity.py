@@ -101,21 +101,29 @@ def _one_target(
             }
         )
     # interleaved rounds (as the table's own calibration): a busy window of the machine costs each policy one
-    # round at most, and the median of the rounds is the policy's latency
+    # round at most, and the median of the rounds is the policy's latency. The original is measured every
+    # ``every`` policies: each policy's latency is also taken relative to the mean of the original's two
+    # measurements around it (the search works in such ratios: a budget is a fraction of the original), which
+    # cancels a slower state of the whole machine (seen here: everything 35-70% slower for 5-15 s)
+    every = 5
     with LoadSampler() as load:
         for r in range(rounds):
+            before = len(original_runs)
             measure_original()
-            for it in items:
-                if "error" in it:
-                    continue
-                try:
-                    m = bench_model(it["model"], x, tspec, bits=it["policy"] if it["kind"] != "prune" else None)
-                except CompressionError as exc:
-                    it["error"] = str(exc)
-                    continue
-                it["runs"].append(m)
-            log(ctx, f"  round {r + 1}/{rounds}: {n} policies measured")
-        measure_original()
+            for j, it in enumerate(items):
+                if "error" not in it:
+                    try:
+                        m = bench_model(it["model"], x, tspec, bits=it["policy"] if it["kind"] != "prune" else None)
+                    except CompressionError as exc:
+                        it["error"] = str(exc)
+                    else:
+                        it["runs"].append(m)
+                        it.setdefault("ref", []).append(len(original_runs) - 1)
+                if (j + 1) % every == 0 or j + 1 == len(items):
+                    measure_original()
+            log(ctx, f"  round {r + 1}/{rounds}: {n} policies and {len(original_runs) - before} originals measured")
+    orig_ms = [o["median_ms"] for o in original_runs]
+    orig_pred = latency.total(compute_costs(ws.graph, None, round_to))
     rows: list[dict[str, Any]] = []
     for it in items:
         if "error" in it:
@@ -123,6 +131,12 @@ def _one_target(
             continue
         per_round = [m.median_ms for m in it["runs"]]
         med = statistics.median(per_round)
+        # the original's measurements just before and just after this policy's, per round
+        ratios = [
+            m / ((orig_ms[k] + orig_ms[k + 1]) / 2) for m, k in zip(per_round, it["ref"], strict=True)
+        ]
+        ratio = statistics.median(ratios)
+        pred_ratio = it["predicted"] / orig_pred
         pe = it["predicted_elements"]
         rows.append(
             {
@@ -133,6 +147,9 @@ def _one_target(
                 "round_spread": (max(per_round) - min(per_round)) / med,
                 "rel_error": (it["predicted"] - med) / med,
                 **({"rel_error_elements": (pe - med) / med} if pe is not None else {}),
+                "predicted_ratio": pred_ratio,
+                "measured_ratio": ratio,
+                "ratio_rel_error": (pred_ratio - ratio) / ratio,
                 "cv": statistics.fmean(m.cv for m in it["runs"]),
                 "bits_run": str(it["runs"][0].details.get("bits_run")),
             }
@@ -172,6 +189,13 @@ def _one_target(
             "within_5pct": sum(1 for e in abs_err if e <= 0.05) / len(sel),
             "cv": mean_std(r["cv"] for r in sel),
             "round_spread": mean_std(r["round_spread"] for r in sel),
+            "ratio_to_original": {
+                "mean_abs_rel_error": statistics.fmean(abs(r["ratio_rel_error"]) for r in sel),
+                "median_abs_rel_error": statistics.median(abs(r["ratio_rel_error"]) for r in sel),
+                "worst_abs_rel_error": max(abs(r["ratio_rel_error"]) for r in sel),
+                "mean_rel_error": statistics.fmean(r["ratio_rel_error"] for r in sel),
+                "within_5pct": sum(1 for r in sel if abs(r["ratio_rel_error"]) <= 0.05) / len(sel),
+            },
             **rank_correlations([r["predicted_ms"] for r in sel], [r["measured_ms"] for r in sel]),
         }
         if weighted is not None:
@@ -284,7 +308,7 @@ def summarize(r: dict[str, Any]) -> str:
     rows = []
     for t, res in r["targets"].items():
         if "error" in res:
-            rows.append([t, "error: " + res["error"][:80], *[""] * 12])
+            rows.append([t, "error: " + res["error"][:80], *[""] * 13])
             continue
         for kind in ("prune", "joint", "mixed", "all"):
             s = res.get(kind)
@@ -296,6 +320,7 @@ def summarize(r: dict[str, Any]) -> str:
                     kind,
                     s["n"],
                     f"{s['mean_abs_rel_error']:.1%}",
+                    f"{s['ratio_to_original']['mean_abs_rel_error']:.1%}" if "ratio_to_original" in s else "-",
                     (
                         f"{s['transitions_elements']['mean_abs_rel_error']:.1%}"
                         if "transitions_elements" in s
@@ -318,6 +343,7 @@ def summarize(r: dict[str, Any]) -> str:
             "policies",
             "n",
             "mean |err|",
+            "mean |err| of the ratio to the original",
             "mean |err|, transitions weighted by elements",
             "median |err|",
             "worst |err|",
