@@ -195,6 +195,7 @@ def _one_target(
                 "worst_abs_rel_error": max(abs(r["ratio_rel_error"]) for r in sel),
                 "mean_rel_error": statistics.fmean(r["ratio_rel_error"] for r in sel),
                 "within_5pct": sum(1 for r in sel if abs(r["ratio_rel_error"]) <= 0.05) / len(sel),
+                **rank_correlations([r["predicted_ratio"] for r in sel], [r["measured_ratio"] for r in sel]),
             },
             **rank_correlations([r["predicted_ms"] for r in sel], [r["measured_ms"] for r in sel]),
         }
