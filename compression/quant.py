@@ -151,6 +151,39 @@ def bit_widths(model: nn.Module) -> dict[str, dict[str, object]]:
     return out
 
 
+def graph_quantizer_levels(gm: nn.Module) -> int | None:
+    """Steps of the coarsest activation quantizer in the fx graph ``gm`` (``clamp(round(x / s) + z, lo, hi)`` with
+    integer bounds: the form this tool's quantizers take in an exported ``.pt2``, loaded back), or None when there
+    is none (or ``gm`` has no graph)."""
+    from torch import fx
+
+    graph = getattr(gm, "graph", None)
+    if not isinstance(graph, fx.Graph):
+        return None
+
+    def op(target) -> str:
+        name = target.overloadpacket.__name__ if isinstance(target, torch._ops.OpOverload) else target
+        return str(getattr(name, "__name__", name)).split(".")[0]
+
+    levels = []
+    for node in graph.nodes:
+        if node.op != "call_function" or op(node.target) not in ("clamp", "clamp_"):
+            continue
+        src = node.args[0] if node.args else None
+        # the rounded value, possibly shifted by a zero point first: clamp(round(x / s) + z, lo, hi)
+        for _ in range(2):
+            if not isinstance(src, fx.Node) or op(src.target) not in ("add", "sub"):
+                break
+            src = src.args[0]
+        if not isinstance(src, fx.Node) or op(src.target) not in ("round", "round_"):
+            continue
+        lo = node.args[1] if len(node.args) > 1 else node.kwargs.get("min")
+        hi = node.args[2] if len(node.args) > 2 else node.kwargs.get("max")
+        if isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and hi > lo:
+            levels.append(int(round(hi - lo)))
+    return min(levels) if levels else None
+
+
 def output_tolerance(model: nn.Module, base: float) -> float:
     """Relative tolerance for comparing a runtime's outputs of ``model`` with PyTorch's.
 
@@ -161,9 +194,10 @@ def output_tolerance(model: nn.Module, base: float) -> float:
     miscompiled model still fails, since its outputs are unrelated to PyTorch's.
     """
     bits = [q.bits for q in act_quantizers(model)]
-    if not bits:
+    levels = (2 ** min(bits) - 1) if bits else graph_quantizer_levels(model)  # a compressed .pt2 loaded back
+    if not levels:
         return base
-    return max(base, min(0.5, 8.0 / (2 ** min(bits) - 1)))
+    return max(base, min(0.5, 8.0 / levels))
 
 
 def quantization_plan(model: nn.Module) -> dict[str, tuple[int, int]]:

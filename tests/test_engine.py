@@ -307,7 +307,7 @@ def test_a_downloaded_quantized_model_loads_back(tmp_path):
     further). Its activation quantizers round: a batch of inputs sums in another order than single inputs and
     now and then lands one grid step away, which the loader's batch-independence check must tell from a fixed
     batch (found by the speedup benchmark: Galen's ONNX Runtime model was refused, 0.036 off in an output of ~10)."""
-    from compression.models.pt2 import _quantizer_levels
+    from compression.quant import graph_quantizer_levels, output_tolerance
 
     torch.manual_seed(0)
     model = build_zoo_model("resnet20", num_classes=10, in_channels=1, input_size=16).eval()
@@ -320,13 +320,17 @@ def test_a_downloaded_quantized_model_loads_back(tmp_path):
     compressed = apply_policy(graph, policy, calib)
     write_artifacts(compressed, torch.randn(2, 1, 16, 16), str(tmp_path), policy=policy, calib=calib, report={})
     art = load_model(str(tmp_path / "model.pt2"))
-    assert _quantizer_levels(art.module) == 3  # the 2-bit quantizers are the coarsest
+    assert graph_quantizer_levels(art.module) == 3  # the 2-bit quantizers are the coarsest
+    # the runtimes' output checks (TVM, ONNX export) allow such a model its grid steps too: found when TVM refused
+    # Galen's reloaded model (0.016 off in an output of 13.6)
+    assert output_tolerance(art.module, 1e-4) == output_tolerance(compressed, 1e-4) == 0.5
     x = torch.randn(7, 1, 16, 16)
     with torch.no_grad():
         assert torch.allclose(art.module(x), compressed(x), atol=1e-4)
     # a float model has no quantizers: its check keeps the strict tolerance
     write_artifacts(model, torch.randn(2, 1, 16, 16), str(tmp_path / "float"), policy=None, calib=calib, report={})
-    assert _quantizer_levels(load_model(str(tmp_path / "float" / "model.pt2")).module) is None
+    reloaded_float = load_model(str(tmp_path / "float" / "model.pt2")).module
+    assert graph_quantizer_levels(reloaded_float) is None and output_tolerance(reloaded_float, 1e-4) == 1e-4
 
 
 def test_load_model_specs_are_checked(tmp_path):

@@ -749,6 +749,8 @@ def _attr_in_module(layer: _Layer, node: fx.Node, lifter: _Lifter) -> str:
 
 
 def _check_batch_independence(gm: fx.GraphModule, facts: dict[str, Any], source: str) -> None:
+    from compression.quant import graph_quantizer_levels
+
     """Batch of 3 in one call must equal three single-sample calls: catches any remaining fixed batch."""
     c, h, w = facts["input_shape"]
     gen = torch.Generator().manual_seed(0)
@@ -758,7 +760,7 @@ def _check_batch_independence(gm: fx.GraphModule, facts: dict[str, Any], source:
             together = gm(x)
             apart = torch.cat([gm(x[i : i + 1]) for i in range(3)])
         ok = together.shape == apart.shape and torch.allclose(together, apart, rtol=1e-4, atol=1e-5)
-        levels = _quantizer_levels(gm)
+        levels = graph_quantizer_levels(gm)
         if not ok and levels and together.shape == apart.shape:
             # activation quantizers (a compressed model exported by this tool: round and clamp to a grid): a
             # batched convolution sums in another order than a single one, which moves a value across a
@@ -783,28 +785,6 @@ def _check_batch_independence(gm: fx.GraphModule, facts: dict[str, Any], source:
             "use x.flatten(1) or x.view(x.size(0), -1) instead of a fixed batch, or export with "
             "dynamic_shapes=({0: torch.export.Dim('batch')},)",
         )
-
-
-def _quantizer_levels(gm: fx.GraphModule) -> int | None:
-    """Steps of the coarsest activation quantizer in ``gm`` (``clamp(round(x / s) + z, lo, hi)`` with integer
-    bounds: the form this tool's exported quantizers take), or None when there is none."""
-    levels = []
-    for node in gm.graph.nodes:
-        if node.op != "call_function" or _op_name(node.target).split(".")[0] not in ("clamp", "clamp_"):
-            continue
-        src = node.args[0] if node.args else None
-        # the rounded value, possibly shifted by a zero point first: clamp(round(x / s) + z, lo, hi)
-        for _ in range(2):
-            if not isinstance(src, fx.Node) or _op_name(src.target).split(".")[0] not in ("add", "sub"):
-                break
-            src = src.args[0]
-        if not isinstance(src, fx.Node) or _op_name(src.target).split(".")[0] not in ("round", "round_"):
-            continue
-        lo = node.args[1] if len(node.args) > 1 else node.kwargs.get("min")
-        hi = node.args[2] if len(node.args) > 2 else node.kwargs.get("max")
-        if isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and hi > lo:
-            levels.append(int(round(hi - lo)))
-    return min(levels) if levels else None
 
 
 def _batch_suspects(gm: fx.GraphModule, static_batch: int | None) -> list[str]:
