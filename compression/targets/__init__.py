@@ -13,6 +13,14 @@ This package imports torch, ONNX and ONNX Runtime (lazily where it can); never D
 from __future__ import annotations
 
 import inspect
+import os
+
+# TVM pins its thread pool's threads to cores, the thread that runs a module included (TVM_BIND_THREADS, on by
+# default). In a process that also measures ONNX Runtime (a worker, the benchmarks), ONNX Runtime sessions made
+# later from a pinned thread run all their threads on its one core: measured on ResNet-20/digits, 0.214 ms before
+# a TVM measurement in the same process and 0.39 ms (within-measurement cv 1.5) after, for as long as the process
+# lives. TVM's own latency is the same unpinned (0.72 vs 0.73 ms). An explicit setting is kept.
+os.environ.setdefault("TVM_BIND_THREADS", "0")
 from typing import Any
 
 import torch
