@@ -89,7 +89,6 @@ def export_onnx_int8(
     src = onnx_path
     with tempfile.TemporaryDirectory(prefix="compression-int8-") as tmp:
         if int8_layers is not None:
-            from compression.quant import quantization_plan
             from compression.targets.ort_backend import int8_node_names
             from compression.targets.workloads import extract_workloads
 

@@ -100,8 +100,8 @@ class LatencyModel:
         return "float"
 
     def transitions(self, costs: Costs) -> float:
-        """Edges between layers of different kinds of kernel in a policy's model, each weighted by the
-        activation converted there (none with one kind)."""
+        """Edges between layers of different kinds of kernel in a policy's model (none with one kind); a model
+        may weigh each one (``TableLatency``'s ``transition_weight``)."""
         return 0.0
 
     def per_layer(self, costs: Costs) -> dict[str, float]:
