@@ -382,12 +382,17 @@ def run(ctx: Context) -> dict[str, Any]:
     return result
 
 
+def _failed(run: dict[str, Any]) -> bool:
+    """A worker run whose search failed (refused its budget, crashed)."""
+    return str(run.get("status", "")).startswith("error")
+
+
 def goals(r: dict[str, Any]) -> dict[str, Any]:
     """The issue's memory goals checked against the measurements (None: not measured)."""
     out: dict[str, Any] = {}
     w = r.get("worker") or {}
     # a search that failed (refused its budget, crashed) measured nothing worth a verdict
-    failed = [x for x in w.get("runs", []) if str(x.get("status", "")).startswith("error")]
+    failed = [x for x in w.get("runs", []) if _failed(x)]
     r56 = [
         x for x in w.get("runs", []) if x.get("arch") == "resnet56" and "maxrss_bytes" in x and x not in failed
     ]
@@ -420,7 +425,7 @@ def summarize(r: dict[str, Any]) -> str:
                     x["label"],
                     x["episodes"],
                     ("search only" if x["stop_at_finalize"] else "search + finalize")
-                    + ("" if not str(x.get("status", "")).startswith("error") else f" ({x['status'][:60]})"),
+                    + (f" ({x['status'][:60]})" if _failed(x) else ""),
                     f"{x['maxrss_bytes'] / MIB:.0f}",
                     f"{x['seconds']:.0f}",
                     f"{x['load']['load1_mean']:.1f}",
