@@ -107,6 +107,7 @@ def _search_method(
         round_to=round_to,
         agent_config=cfg_extra,
         top_k=1,
+        device_check_rounds=int(ctx.opt("device_check_rounds", 3, 3)),
         fine_tune_epochs=ft_epochs,
         export_formats=("pt2",),
         checkpoint_every=max(5, episodes),
@@ -132,8 +133,12 @@ def _search_method(
         "predicted_ratio": cand["cost_ratio"],
         "within_budget": report["within_budget"],
         "finalize_latency": {
-            k: report["latency"].get(k) for k in ("speedup", "predicted_ms", "prediction_error")
+            k: report["latency"].get(k)
+            for k in ("speedup", "predicted_ms", "prediction_error", "measured_ratio", "over_budget")
         },
+        # the finalize step's check on the device: which best-by-reward policies measured over the budget
+        "device_check": report["latency"].get("device_check"),
+        "best_episode": report["best_episode"],
         "episodes": report["episodes"],
         "policy_path": str(out / "best_policy.json"),
         "seconds": time.perf_counter() - t0,

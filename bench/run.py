@@ -37,6 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fine-tune-epochs", type=int, help="fine-tune epochs (quality, speedup)")
     p.add_argument("--policies", type=int, help="random policies (fidelity, reconstruction, search_set)")
     p.add_argument("--rounds", type=int, help="fidelity: interleaved measurement rounds per policy (default 3)")
+    p.add_argument(
+        "--device-check-rounds",
+        type=int,
+        help="quality: the finalize step's device check, in interleaved rounds (default 3; 0: trust the table)",
+    )
     p.add_argument("--agents", help="comma-separated agents (quality, throughput)")
     p.add_argument("--models", help="comma-separated models for quality: resnet20,dwnet")
     p.add_argument("--model", help="use this .pt2 instead of the trained ResNet-20 (throughput, fidelity)")
@@ -98,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         "fine_tune_epochs": args.fine_tune_epochs,
         "policies": args.policies,
         "rounds": args.rounds,
+        "device_check_rounds": args.device_check_rounds,
         "agents": args.agents.split(",") if args.agents else None,
         "model": args.model,
         "round_to": args.round_to,

@@ -365,6 +365,7 @@ def cmd_search(args: argparse.Namespace) -> None:
             free_precision=not args.no_free_precision,
             reconstruct=not args.no_reconstruct,
             top_k=args.top_k,
+            device_check_rounds=args.device_check_rounds,
             fine_tune_epochs=args.fine_tune_epochs,
         )
         config.validate()
@@ -450,6 +451,20 @@ def cmd_search(args: argparse.Namespace) -> None:
                 f"latency on {r['target']['name']}: {lat['original']['median_ms']:.3f} ms -> "
                 f"{lat['compressed']['median_ms']:.3f} ms (x{lat['speedup']:.2f})"
             )
+        dc = lat.get("device_check")
+        if dc and dc.get("error"):
+            print(f"device check failed, the latency table's choice was kept: {dc['error']}")
+        elif dc:
+            print(
+                f"device check: {len(dc['measured'])} policies measured in {dc['rounds']} rounds"
+                + (
+                    f"; over the budget and replaced: episodes {', '.join(map(str, dc['dropped_over_budget']))}"
+                    if dc["dropped_over_budget"]
+                    else ""
+                )
+            )
+        if lat.get("over_budget"):
+            print(f"warning: {lat['over_budget']}")
         for f in r["files"]:
             print(f"wrote {f['path']} ({_si(f['bytes'])}B)")
 
@@ -565,6 +580,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-reconstruct", action="store_true", help=NO_RECONSTRUCT_HELP)
     sp.add_argument("--agent-config", help="agent hyper-parameters as JSON")
     sp.add_argument("--top-k", type=int, default=3)
+    sp.add_argument(
+        "--device-check-rounds",
+        type=int,
+        default=3,
+        help="measure the best policies on the device against the original in this many interleaved rounds and "
+        "replace those over a latency budget by the next ones (0: off, trust the latency table)",
+    )
     sp.add_argument("--fine-tune-epochs", type=int, default=2)
     sp.add_argument("--out", help="new run directory")
     sp.add_argument("--resume", metavar="DIR", help="continue the search in DIR")

@@ -235,6 +235,13 @@ def test_latency_objective_on_a_measured_target(trained_small_cnn, tmp_path, mon
     assert lat["original"]["median_ms"] > 0 and lat["compressed"]["median_ms"] > 0
     assert "prediction_error" in lat
     assert os.path.exists(tmp_path / "cache" / "latency.sqlite")
+    # the candidates were measured on the device, side by side with the original, before fine-tuning
+    check = lat["device_check"]
+    assert check["rounds"] == 3 and check["measured"] and check["original_ms"] > 0
+    assert all(len(m["rounds_ratios"]) == 3 for m in check["measured"])
+    chosen = next(c for c in report["candidates"] if c["episode"] == report["best_episode"])
+    assert chosen["measured_ratio"] == pytest.approx(lat["measured_ratio"])
+    assert "device check" in rec.phases and "measure" not in rec.phases  # the check's measurement is reused
 
 
 def test_two_stage_run_whose_quantization_stage_cannot_reach_the_budget_is_refused_before_it_starts(
@@ -447,14 +454,18 @@ def test_int8_and_float_layers_are_not_mixed_for_a_layer_that_alone_is_cheaper_i
     slow = steps[2]
 
     def env_for(budget, **kw):
-        return _latency_env(workspace, None, "bits", budget, latency=_TransitionDevice(workspace.graph, slow), **kw)
+        return _latency_env(
+            workspace, None, "bits", budget, latency=_TransitionDevice(workspace.graph, slow), **kw
+        )
 
     env = env_for(2.0)
     assert set(env._cheap_bits.values()) == {(8, 8)}  # per layer, the slow layer alone would be float
     info = _run(env, [0.3, 0.3])  # a few bits everywhere: int8 kernels; 8 bits cost no more
     bits = {n: (info["policy"][n].w_bits, info["policy"][n].a_bits) for n in env.steps}
     assert set(bits.values()) == {(8, 8)}, bits
-    assert env.latency.transitions(compute_costs(workspace.graph, info["policy"])) == 2  # input and output only
+    assert (
+        env.latency.transitions(compute_costs(workspace.graph, info["policy"])) == 2
+    )  # input and output only
     # the same device without the transitions priced: the slow layer is raised to float, a mixed model
     env.latency.prices_transitions = False
     mixed = _run(env, [0.3, 0.3])["policy"]
@@ -637,7 +648,9 @@ def test_pinned_first_and_last_layers_take_float_where_8_bits_would_only_cost_ti
     assert floors[False] > prune.min_cost_ratio
 
 
-def test_finalize_says_when_the_device_measures_the_chosen_model_over_the_budget(trained_small_cnn, monkeypatch):
+def test_finalize_says_when_the_device_measures_the_chosen_model_over_the_budget(
+    trained_small_cnn, monkeypatch
+):
     """The search meets a latency budget by its table; the end-to-end measurement is the device's word. A model that
     measures over the budget (the device is the boundary here: it answers 1.0 ms for the original and 0.9 ms for the
     compressed model, as ONNX Runtime did for an int8 model its table priced at 55%) is reported as such."""
@@ -670,3 +683,182 @@ def test_finalize_says_when_the_device_measures_the_chosen_model_over_the_budget
     cfg = SimpleNamespace(objective="macs", budget=0.6)  # not a latency budget: nothing to compare
     run = SimpleNamespace(ws=ws, target=targets.get_target("local-torch"), config=cfg)
     assert "over_budget" not in _measure(run, original, compressed, cand)
+
+
+# --- the device check: candidates measured end to end before fine-tuning ----------------------------------
+
+
+def _policy_key(policy) -> str:
+    from compression.policy import Policy
+
+    if isinstance(policy, dict):
+        policy = Policy.from_dict(policy)
+    return json.dumps(policy.to_dict()["layers"], sort_keys=True)
+
+
+class _Device:
+    """A device (the true boundary) that answers per policy: ``speeds`` maps a policy key to its latency over the
+    original's; the original takes 1 ms. Every second round the whole machine is 1.6x slower (as this machine's
+    slow stretches), which a ratio against the original of the same round cancels. ``fail`` raises instead."""
+
+    def __init__(self, original, speeds, fail=False):
+        self.original, self.speeds, self.fail = original, speeds, fail
+        self.rounds = 0
+        self.calls = []
+
+    def __call__(self, module, x, target, **kw):
+        from compression.errors import TargetError
+        from compression.targets.base import Measurement
+
+        if self.fail:
+            raise TargetError("target local-torch: the device did not answer within 600 s")
+        if module is self.original:
+            self.rounds += 1
+            ms = 1.0
+        else:
+            ms = self.speeds.get(getattr(module, "_policy_key", None), 1.0)
+        ms *= 1.6 if self.rounds % 2 == 0 else 1.0
+        self.calls.append("original" if module is self.original else module._policy_key)
+        return Measurement(target.name, "simulated", ms, ms, 0.0, ms, 10, 1, 0.0)
+
+
+@pytest.fixture
+def searched(trained_small_cnn, tmp_path_factory, monkeypatch):
+    """Real episodes of a short search, the policies ranked by reward, and apply_policy tagging its models."""
+    import compression.search.finalize as fin
+    from compression.search.finalize import pick_candidates
+
+    cfg = _config(trained_small_cnn["weights_spec"], "random", objective="macs", episodes=10, top_k=2)
+    rec = Record()
+    run_search(cfg, str(tmp_path_factory.mktemp("searched")), [rec])
+    ranked, _ = pick_candidates(rec.episodes, 6)
+    assert len(ranked) == 6
+    real_apply = fin.apply_policy
+
+    def tagged(graph, policy, *a, **kw):
+        model = real_apply(graph, policy, *a, **kw)
+        model._policy_key = _policy_key(policy)
+        return model
+
+    monkeypatch.setattr(fin, "apply_policy", tagged)
+    return rec.episodes, ranked
+
+
+def _check_run(workspace, budget=0.6, top_k=2, rounds=3):
+    from types import SimpleNamespace
+
+    import compression.targets as targets
+
+    cfg = SimpleNamespace(
+        objective="latency", budget=budget, top_k=top_k, device_check_rounds=rounds, reconstruct=True
+    )
+    return SimpleNamespace(
+        config=cfg,
+        ws=workspace,
+        calib=workspace.calibration_batch(64, seed=0),
+        round_to=1,
+        target=targets.get_target("local-torch"),
+        emit=SimpleNamespace(should_stop=lambda: False),
+        latency=object(),
+    )
+
+
+def test_device_check_replaces_the_candidates_the_device_measures_over_the_budget(
+    searched, workspace, monkeypatch
+):
+    import compression.targets as targets
+    from compression.search.finalize import device_check
+
+    episodes, ranked = searched
+    k = [_policy_key(e.policy) for e in ranked]
+    # the two best by reward measure over the 60% budget (limit 66% with the slack); of the next two, one fits
+    device = _Device(workspace.artifact.module, {k[0]: 0.9, k[1]: 0.8, k[2]: 0.5, k[3]: 0.9})
+    monkeypatch.setattr(targets, "bench_model", device)
+    check = device_check(_check_run(workspace), workspace.artifact.module, episodes)
+    assert check.fits and check.error is None
+    assert [c.episode for c in check.candidates] == [ranked[2].episode]
+    assert check.dropped == [ranked[0].episode, ranked[1].episode, ranked[3].episode]
+    assert check.ratios[ranked[2].episode] == pytest.approx(0.5)  # the slow rounds cancel out
+    assert check.rounds_ratios[ranked[0].episode] == pytest.approx([0.9, 0.9, 0.9])
+    assert set(check.models) == {ranked[2].episode}  # the applied model is handed to the fine-tune
+    # interleaved: each round measures the original, then every policy of the batch; two batches, then it stops
+    per_round = ["original", k[0], k[1]]
+    assert device.calls[:9] == per_round * 3 and device.calls[9:] == ["original", k[2], k[3]] * 3
+    summary = check.summary()
+    assert summary["fits"] and summary["original_ms"] == pytest.approx(1.0)
+    assert [m["episode"] for m in summary["measured"]] == [e.episode for e in ranked[:4]]
+
+
+def test_device_check_keeps_the_fastest_when_nothing_fits_and_the_tables_choice_when_the_device_fails(
+    searched, workspace, monkeypatch
+):
+    import compression.targets as targets
+    from compression.search.finalize import CHECK_BATCHES, device_check
+
+    episodes, ranked = searched
+    speeds = {_policy_key(e.policy): 0.9 for e in ranked}
+    speeds[_policy_key(ranked[4].policy)] = 0.7
+    speeds[_policy_key(ranked[5].policy)] = 0.8
+    monkeypatch.setattr(targets, "bench_model", _Device(workspace.artifact.module, speeds))
+    check = device_check(_check_run(workspace), workspace.artifact.module, episodes)
+    assert not check.fits and len(check.ratios) == 2 * CHECK_BATCHES  # every batch measured
+    assert [c.episode for c in check.candidates] == [ranked[4].episode, ranked[5].episode]
+    assert len(check.dropped) == 6
+
+    monkeypatch.setattr(targets, "bench_model", _Device(workspace.artifact.module, {}, fail=True))
+    check = device_check(_check_run(workspace), workspace.artifact.module, episodes)
+    assert check.candidates == [] and "did not answer" in check.error
+    assert check.summary()["error"] == check.error
+
+
+def test_a_search_whose_candidates_all_measure_over_the_budget_says_so(
+    trained_small_cnn, tmp_path, monkeypatch
+):
+    """End to end on ONNX Runtime (its latency table measured for real); the finalize step's device answers that
+    every compressed model is 30% slower than the original: the report names the check and the verdict."""
+    import compression.targets as targets
+
+    monkeypatch.setenv("COMPRESSION_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = _config(
+        trained_small_cnn["weights_spec"],
+        "random",
+        target="local-ort",
+        objective="latency",
+        budget=1.0,
+        episodes=4,
+        round_to=8,
+        top_k=1,
+        device_check_rounds=2,
+    )
+    original_ids = set()
+
+    def device(module, x, target, **kw):
+        from compression.targets.base import Measurement
+
+        ms = 1.0 if not hasattr(module, "_policy_key") and id(module) in original_ids else 1.3
+        return Measurement(target.name, "simulated", ms, ms, 0.0, ms, 10, 1, 0.0)
+
+    import compression.search.finalize as fin
+
+    real_check = fin.device_check
+
+    def check(run, original, episodes):
+        original_ids.add(id(original))
+        return real_check(run, original, episodes)
+
+    monkeypatch.setattr(fin, "device_check", check)
+    monkeypatch.setattr(targets, "bench_model", device)
+    rec = Record()
+    report = run_search(cfg, str(tmp_path / "run"), [rec])
+    lat = report["latency"]
+    assert lat["measured_ratio"] == pytest.approx(1.3)
+    assert "over the 100% budget" in lat["over_budget"] and "None of the" in lat["over_budget"]
+    assert lat["device_check"]["fits"] is False and lat["device_check"]["rounds"] == 2
+    assert len(lat["device_check"]["measured"]) == len(lat["device_check"]["dropped_over_budget"]) >= 1
+
+
+def test_device_check_rounds_are_validated():
+    for bad in (-1, 21, 1.5, True):
+        with pytest.raises(SearchError, match="device_check_rounds"):
+            SearchConfig(model="m", device_check_rounds=bad).validate()
+    SearchConfig(model="m", device_check_rounds=0).validate()

@@ -284,7 +284,10 @@ def test_target_form_creates_remote_device(client, alice, dispatch, django_captu
         client.post(reverse("ui:targets"), {"name": "ort-2", "backend": "onnxruntime", "threads": 1})
     ort = Target.objects.get(name="ort-2")
     assert ort.round_to == 0 and ort.spec_dict()["round_to"] is None
-    assert "own (ONNX Runtime: its kernel block" in client.get(reverse("ui:target", args=["ort-2"])).content.decode()
+    assert (
+        "own (ONNX Runtime: its kernel block"
+        in client.get(reverse("ui:target", args=["ort-2"])).content.decode()
+    )
 
 
 def test_measure_now_queues_a_benchmark(client, alice, dispatch, django_capture_on_commit_callbacks):
@@ -523,6 +526,26 @@ def test_finished_run_shows_results_and_downloads(client, alice):
     assert (
         'id="over-budget"' in html and "113% of the original" in html and "over budget on the device" in html
     )
+    assert 'id="device-check"' not in html  # a report from before the device check: nothing claimed
+    # the candidates were checked on the device: their measured ratios and the ones it replaced are shown
+    del run.summary["latency"]["over_budget"]
+    run.summary["candidates"][0]["measured_ratio"] = 0.412
+    run.summary["latency"]["device_check"] = {
+        "rounds": 3,
+        "limit": 0.55,
+        "measured": [
+            {"episode": run.best["number"], "measured_ratio": 0.412},
+            {"episode": 7, "measured_ratio": 0.71},
+        ],
+        "dropped_over_budget": [7],
+        "fits": True,
+        "seconds": 4.2,
+    }
+    run.save()
+    html = client.get(reverse("ui:run", args=[run.pk])).content.decode()
+    note = html[html.index('id="device-check"') :].split("</p>")[0]
+    assert "2 policies measured against the original in 3 interleaved rounds" in note
+    assert "replaced: episode 7." in note and "0.412" in html
 
 
 def test_artifact_missing_on_disk_is_404(client, alice):

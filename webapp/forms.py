@@ -518,6 +518,15 @@ class RunForm(OwnedForm):
         initial=_SEARCH_DEFAULTS.top_k,
         help_text="best policies fine-tuned after the search",
     )
+    device_check_rounds = forms.IntegerField(
+        min_value=0,
+        max_value=20,
+        initial=_SEARCH_DEFAULTS.device_check_rounds,
+        required=False,
+        label="Device check rounds",
+        help_text="with a latency budget: measure the best policies on the device against the original in this "
+        "many interleaved rounds and replace those over the budget by the next ones (0: trust the latency table)",
+    )
     fine_tune_epochs = forms.IntegerField(
         min_value=0, max_value=500, initial=_SEARCH_DEFAULTS.fine_tune_epochs
     )
@@ -709,6 +718,11 @@ class RunForm(OwnedForm):
             enforce_budget={"true": True, "false": False}.get(d.get("enforce_budget") or ""),
             export_formats=tuple(d["export_formats"]),
             top_k=d["top_k"],
+            device_check_rounds=(
+                _SEARCH_DEFAULTS.device_check_rounds
+                if d.get("device_check_rounds") is None
+                else d["device_check_rounds"]
+            ),
             fine_tune_epochs=d["fine_tune_epochs"],
             checkpoint_every=d["checkpoint_every"],
         )

@@ -1,13 +1,20 @@
-"""After the search: fine-tune the best policies, pick by validation accuracy, export, measure on the target.
+"""After the search: check the best policies on the device, fine-tune them, pick by validation accuracy, export.
 
-The top ``top_k`` distinct policies by reward that meet the budget are applied, fine-tuned for
-``fine_tune_epochs`` (distilling from the uncompressed model) and scored on the validation and test splits; the
-chosen one is the best on validation (the test split only reports). A fine-tune that lowers a candidate's
-validation accuracy is undone: with reconstruction a candidate can start close to the original, and a short
-fine-tune at the default learning rate sometimes disturbs it more than it helps (docs/BENCHMARKS.md, 1d). It is
-exported (``.pt2``, ONNX, int8 ONNX where it applies, the TVM library
-for TVM targets) and both the original and the compressed model are measured end to end on the target,
-which also checks the latency table's prediction for that policy.
+The top ``top_k`` distinct policies by reward that meet the budget are the candidates. With a latency budget on a
+target that measures (not the analytic one), each candidate is first **measured end to end on the device**,
+side by side with the original in ``device_check_rounds`` interleaved rounds: the search met the budget by its
+latency table, and a table can be wrong for some shapes (docs/BENCHMARKS.md 1g: an HAQ model priced at 59%
+measured 76% on ONNX Runtime). Candidates that measure over the budget (beyond ``BUDGET_SLACK``) are dropped and
+the next policies by reward are measured in their place, up to ``CHECK_BATCHES`` batches of ``top_k``; when none
+fits, the ones that measured fastest are kept and the report says the budget was not met on the device.
+
+The candidates are applied, fine-tuned for ``fine_tune_epochs`` (distilling from the uncompressed model) and
+scored on the validation and test splits; the chosen one is the best on validation (the test split only
+reports). A fine-tune that lowers a candidate's validation accuracy is undone: with reconstruction a candidate
+can start close to the original, and a short fine-tune at the default learning rate sometimes disturbs it more
+than it helps (docs/BENCHMARKS.md, 1d). It is exported (``.pt2``, ONNX, int8 ONNX where it applies, the TVM
+library for TVM targets); its end-to-end latency against the original's (from the device check, or measured
+now when there was none) is in the report, which also checks the latency table's prediction for that policy.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from compression.apply import apply_policy
@@ -26,13 +34,60 @@ from compression.search.results import EpisodeResult
 from compression.training import evaluate, fine_tune
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from compression.search.loop import SearchRun
+    from compression.targets.base import Measurement
 
 log = logging.getLogger("compression.search")
 
 # measured end to end, the compressed model may exceed a latency budget by this much (measurement noise) before the
 # report says the budget was not met on the device
 BUDGET_SLACK = 0.10
+# the device check measures at most this many batches of top_k policies (by reward) looking for ones that fit
+CHECK_BATCHES = 3
+
+
+@dataclass
+class DeviceCheck:
+    """What the device said about the search's best policies (see the module docstring).
+
+    ``candidates`` are the policies to fine-tune (those that fit, or the fastest when none did), ``ratios`` the
+    measured latency over the original's per episode (median of the rounds' ratios), ``measurements`` the
+    (original, policy) Measurements of each episode's median round, ``original`` the original's median round, ``models`` the applied
+    models of the candidates (reused by the fine-tune), ``dropped`` the episodes measured over the budget.
+    """
+
+    rounds: int
+    limit: float
+    candidates: list[EpisodeResult] = field(default_factory=list)
+    ratios: dict[int, float] = field(default_factory=dict)
+    rounds_ratios: dict[int, list[float]] = field(default_factory=dict)
+    measurements: dict[int, tuple[Any, Any]] = field(default_factory=dict)
+    original: Any = None
+    models: dict[int, Any] = field(default_factory=dict)
+    dropped: list[int] = field(default_factory=list)
+    fits: bool = False
+    error: str | None = None
+    seconds: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "rounds": self.rounds,
+            "limit": self.limit,
+            "measured": [
+                {"episode": e, "measured_ratio": r, "rounds_ratios": self.rounds_ratios.get(e, [])}
+                for e, r in self.ratios.items()
+            ],
+            "dropped_over_budget": list(self.dropped),
+            "fits": self.fits,
+            "seconds": self.seconds,
+        }
+        if self.original is not None:
+            out["original_ms"] = self.original.median_ms
+        if self.error:
+            out["error"] = self.error
+        return out
 
 
 class Cancelled(Exception):
@@ -40,7 +95,7 @@ class Cancelled(Exception):
 
 
 def pick_candidates(episodes: list[EpisodeResult], k: int) -> tuple[list[EpisodeResult], bool]:
-    """The top-k distinct policies by reward; (candidates, within_budget)."""
+    """The top-k distinct policies by reward, those within budget first; (candidates, within_budget)."""
     ok = [e for e in episodes if e.meets_budget]
     within = bool(ok)
     pool = sorted(ok or episodes, key=lambda e: (-e.reward, e.episode))
@@ -62,18 +117,31 @@ def finalize(run: SearchRun, episodes: list[EpisodeResult], *, search_s: float) 
     emit = run.emit
     ws = run.ws
     out_dir = run.out_dir
-    candidates, within_budget = pick_candidates(episodes, cfg.top_k)
-    emit.on_phase("finalize", {"candidates": [c.episode for c in candidates], "within_budget": within_budget})
+    t0 = time.perf_counter()
     original = ws.artifact.module
+    candidates, within_budget = pick_candidates(episodes, cfg.top_k)
+    check: DeviceCheck | None = None
+    if _checks_on_device(run):
+        emit.on_phase(
+            "device check",
+            {"target": run.target.name, "rounds": cfg.device_check_rounds, "budget": cfg.budget},
+        )
+        check = device_check(run, original, episodes)
+        if check.candidates:
+            candidates = check.candidates
+    emit.on_phase("finalize", {"candidates": [c.episode for c in candidates], "within_budget": within_budget})
     orig_test = evaluate(original, ws.data.test)
     scored = []
     best_model = None
-    t0 = time.perf_counter()
     for cand in candidates:
         if emit.should_stop():
             raise Cancelled()
         policy = Policy.from_dict(cand.policy)
-        model = apply_policy(ws.graph, policy, run.calib, round_to=run.round_to, reconstruct=cfg.reconstruct)
+        model = check.models.pop(cand.episode, None) if check is not None else None
+        if model is None:
+            model = apply_policy(
+                ws.graph, policy, run.calib, round_to=run.round_to, reconstruct=cfg.reconstruct
+            )
         before = evaluate(model, ws.data.test).top1
         val_before = evaluate(model, ws.data.val).top1
         kept_fine_tune = None
@@ -102,6 +170,8 @@ def finalize(run: SearchRun, episodes: list[EpisodeResult], *, search_s: float) 
             "cost_ratio": cand.cost_ratio,
             "latency_ms_predicted": cand.latency_ms,
         }
+        if check is not None and cand.episode in check.ratios:
+            entry["measured_ratio"] = check.ratios[cand.episode]
         scored.append(entry)
         log.info(
             "candidate episode %d: validation top-1 %.4f, test top-1 %.4f after fine-tuning",
@@ -120,10 +190,20 @@ def finalize(run: SearchRun, episodes: list[EpisodeResult], *, search_s: float) 
     with open(os.path.join(out_dir, "best_policy.json"), "w", encoding="utf-8") as f:
         f.write(policy.to_json(indent=2))
 
-    measured = {}
-    if run.latency is not None:
+    measured: dict[str, Any] = {}
+    if check is not None and best_cand.episode in check.measurements:
+        measured = _latency_summary(run, *check.measurements[best_cand.episode], best_cand)
+        measured["device_check"] = check.summary()
+    elif run.latency is not None:
         emit.on_phase("measure", {"target": run.target.name})
         measured = _measure(run, original, best_model, best_cand)
+        if check is not None:
+            measured["device_check"] = check.summary()
+    if check is not None and check.candidates and not check.fits and "over_budget" in measured:
+        measured["over_budget"] += (
+            f". None of the {len(check.ratios)} best policies by reward measured within the budget on the device; "
+            "this is the best of the fastest of them"
+        )
 
     emit.on_phase("export", {"formats": list(cfg.export_formats)})
     from compression.export import write_artifacts
@@ -176,18 +256,125 @@ def finalize(run: SearchRun, episodes: list[EpisodeResult], *, search_s: float) 
     return report
 
 
+def _checks_on_device(run: SearchRun) -> bool:
+    """A latency budget on a target that measures, and the check not turned off."""
+    cfg = run.config
+    return cfg.objective == "latency" and cfg.device_check_rounds > 0 and run.latency is not None
+
+
+def device_check(run: SearchRun, original: nn.Module, episodes: list[EpisodeResult]) -> DeviceCheck:
+    """Measure the best policies by reward on the device, side by side with the original; keep those that fit.
+
+    Policies are measured in batches of ``top_k`` (best reward first); each batch is measured in interleaved
+    rounds (the original, then each policy, per round) so a slow stretch of the machine costs each model one
+    round, which the median discards, and a policy's ratio is taken against the original of its own round.
+    The check stops after the first batch with a policy that fits. A failed measurement (a dead device, a
+    timeout) ends the check with ``error`` set: the caller then keeps the table's choice.
+    """
+    from compression.targets import bench_model
+
+    cfg = run.config
+    k = cfg.top_k
+    limit = cfg.budget * (1 + BUDGET_SLACK)
+    check = DeviceCheck(rounds=cfg.device_check_rounds, limit=limit)
+    pool, _ = pick_candidates(episodes, k * CHECK_BATCHES)
+    x = run.ws.artifact.example_input(1)
+    t0 = time.perf_counter()
+    fitting: list[EpisodeResult] = []
+    measured: list[EpisodeResult] = []
+    originals: list[Measurement] = []
+    for start in range(0, len(pool), k):
+        batch = pool[start : start + k]
+        models = {
+            c.episode: apply_policy(
+                run.ws.graph,
+                Policy.from_dict(c.policy),
+                run.calib,
+                round_to=run.round_to,
+                reconstruct=cfg.reconstruct,
+            )
+            for c in batch
+        }
+        runs: dict[int, list[tuple[float, Measurement, Measurement]]] = {c.episode: [] for c in batch}
+        try:
+            for r in range(check.rounds):
+                if run.emit.should_stop():
+                    raise Cancelled()
+                before = bench_model(original, x, run.target)
+                originals.append(before)
+                for c in batch:
+                    after = bench_model(models[c.episode], x, run.target)
+                    runs[c.episode].append((after.median_ms / before.median_ms, after, before))
+                log.info("device check: round %d/%d of episodes %s", r + 1, check.rounds, list(models))
+        except CompressionError as exc:
+            check.error = str(exc)
+            log.warning("device check failed, keeping the latency table's choice: %s", exc)
+            break
+        for c in batch:
+            values = sorted(runs[c.episode], key=lambda t: t[0])
+            ratio, after, before = values[len(values) // 2]
+            check.ratios[c.episode] = ratio
+            check.rounds_ratios[c.episode] = [t[0] for t in runs[c.episode]]
+            check.measurements[c.episode] = (before, after)
+            measured.append(c)
+            if ratio <= limit:
+                fitting.append(c)
+                check.models[c.episode] = models[c.episode]
+            else:
+                check.dropped.append(c.episode)
+                log.info(
+                    "device check: episode %d measured %.1f%% of the original (table: %.1f%%), over the %.0f%% "
+                    "budget; dropped",
+                    c.episode,
+                    100 * ratio,
+                    100 * c.cost_ratio,
+                    100 * cfg.budget,
+                )
+        if fitting:
+            break
+    check.seconds = time.perf_counter() - t0
+    if originals:
+        check.original = sorted(originals, key=lambda m: m.median_ms)[(len(originals) - 1) // 2]
+    if check.error is not None and not fitting:
+        check.models.clear()
+        return check  # nothing usable measured: the caller keeps the table's candidates
+    if fitting:
+        check.fits = True
+        check.candidates = fitting
+    else:
+        # nothing measured within the budget: the ones closest to it, and the report says so
+        check.candidates = sorted(measured, key=lambda c: check.ratios[c.episode])[:k]
+        for c in check.candidates:
+            check.models[c.episode] = None
+        log.warning(
+            "device check: none of the %d best policies measured within the %.0f%% budget (fastest: %.1f%%)",
+            len(measured),
+            100 * cfg.budget,
+            100 * min(check.ratios.values()),
+        )
+    check.models = {e: m for e, m in check.models.items() if m is not None}
+    return check
+
+
 def _measure(run: SearchRun, original, compressed, cand: EpisodeResult) -> dict[str, Any]:
     """End-to-end latency of the original and the compressed model on the target (and table error)."""
     from compression.targets import bench_model
 
     x = run.ws.artifact.example_input(1)
-    out: dict[str, Any] = {}
     try:
         before = bench_model(original, x, run.target)
         after = bench_model(compressed, x, run.target)
     except CompressionError as exc:
         log.warning("end-to-end measurement failed: %s", exc)
         return {"error": str(exc)}
+    return _latency_summary(run, before, after, cand)
+
+
+def _latency_summary(
+    run: SearchRun, before: Measurement, after: Measurement, cand: EpisodeResult
+) -> dict[str, Any]:
+    """The report's latency entry: both measurements, the speed-up, the table's error, the budget verdict."""
+    out: dict[str, Any] = {}
     out["original"] = before.to_dict()
     out["compressed"] = after.to_dict()
     out["speedup"] = before.median_ms / after.median_ms if after.median_ms > 0 else None
@@ -205,6 +392,8 @@ def _measure(run: SearchRun, original, compressed, cand: EpisodeResult) -> dict[
                 f"(the latency table predicted {cand.cost_ratio:.0%}): the table is off for this model on "
                 f"{run.target.name}; check the target's latency fidelity (docs/BENCHMARKS.md, section 3)"
             )
+            if getattr(cand, "episode", None) is not None:
+                out["over_budget"] = f"episode {cand.episode} " + out["over_budget"]
             log.warning("finalize: %s", out["over_budget"])
     return out
 

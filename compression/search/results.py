@@ -48,7 +48,10 @@ class SearchConfig:
         from the last layer after the episode). enforce_budget: None means on for the acc and haq rewards and
         off for galen and acc-log-cost, which price the cost in the reward instead.
     top_k / fine_tune_epochs: after the search, the best ``top_k`` policies within budget are fine-tuned
-        for ``fine_tune_epochs`` and scored on the test split; the best by test accuracy is exported.
+        for ``fine_tune_epochs`` and scored on the validation and test splits; the best on validation is exported.
+    device_check_rounds: with a latency budget on a measuring target, the candidates are first measured end to
+        end on the device against the original in this many interleaved rounds, and those over the budget are
+        replaced by the next policies by reward (``compression/search/finalize.py``); 0 turns the check off.
     checkpoint_every: episodes between checkpoints.
     """
 
@@ -79,6 +82,7 @@ class SearchConfig:
     budget_mode: str = "cap"
     enforce_budget: bool | None = None
     top_k: int = 3
+    device_check_rounds: int = 3
     fine_tune_epochs: int = 2
     checkpoint_every: int = 5
     export_formats: tuple[str, ...] = ("pt2", "onnx")
@@ -103,6 +107,15 @@ class SearchConfig:
             raise SearchError("val_samples must be at least 10")
         if self.top_k < 1:
             raise SearchError("top_k must be at least 1")
+        if (
+            isinstance(self.device_check_rounds, bool)
+            or not isinstance(self.device_check_rounds, int)
+            or not 0 <= self.device_check_rounds <= 20
+        ):
+            raise SearchError(
+                f"device_check_rounds {self.device_check_rounds!r} must be an integer in 0..20",
+                "0 turns the device check off; 3 is the default",
+            )
         if self.fine_tune_epochs < 0 or self.checkpoint_every < 1:
             raise SearchError("fine_tune_epochs must be >= 0 and checkpoint_every >= 1")
         if self.round_to is not None and self.round_to < 1:

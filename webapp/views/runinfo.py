@@ -172,6 +172,7 @@ COMPARE_KEYS = (
     "train_top_up",
     "calib_samples",
     "top_k",
+    "device_check_rounds",
     "fine_tune_epochs",
     "agent_config",
 )
