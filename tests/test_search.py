@@ -697,29 +697,34 @@ def _policy_key(policy) -> str:
 
 
 class _Device:
-    """A device (the true boundary) that answers per policy: ``speeds`` maps a policy key to its latency over the
-    original's; the original takes 1 ms. Every second round the whole machine is 1.6x slower (as this machine's
-    slow stretches), which a ratio against the original of the same round cancels. ``fail`` raises instead."""
+    """A device (the true boundary) that answers ``compare_models`` per policy: ``speeds`` maps a policy key to its
+    latency over the original's; the original takes 1 ms. Every second block the whole machine is 1.6x slower (as
+    this machine's slow stretches), which a ratio within the block cancels. ``fail`` raises instead."""
 
     def __init__(self, original, speeds, fail=False):
         self.original, self.speeds, self.fail = original, speeds, fail
-        self.rounds = 0
-        self.calls = []
+        self.batches = []
 
-    def __call__(self, module, x, target, **kw):
+    def __call__(self, modules, x, target, *, blocks=3, **kw):
+        import statistics
+
         from compression.errors import TargetError
+        from compression.targets import Comparison
         from compression.targets.base import Measurement
 
         if self.fail:
             raise TargetError("target local-torch: the device did not answer within 600 s")
-        if module is self.original:
-            self.rounds += 1
-            ms = 1.0
-        else:
-            ms = self.speeds.get(getattr(module, "_policy_key", None), 1.0)
-        ms *= 1.6 if self.rounds % 2 == 0 else 1.0
-        self.calls.append("original" if module is self.original else module._policy_key)
-        return Measurement(target.name, "simulated", ms, ms, 0.0, ms, 10, 1, 0.0)
+        assert modules[0] is self.original
+        keys = [m._policy_key for m in modules[1:]]
+        self.batches.append(keys)
+        slow = [1.6 if b % 2 else 1.0 for b in range(blocks)]
+        block_ms = [slow] + [[self.speeds.get(k, 1.0) * f for f in slow] for k in keys]
+        block_ratios = [[v / r for v, r in zip(per, slow, strict=True)] for per in block_ms]
+        ms = [statistics.median(per) for per in block_ms]
+        meas = [Measurement(target.name, "simulated", v, v, 0.0, v, 10, 1, 0.0) for v in ms]
+        return Comparison(
+            meas, block_ms, block_ratios, [statistics.median(r) for r in block_ratios], "simulated"
+        )
 
 
 @pytest.fixture
@@ -773,7 +778,7 @@ def test_device_check_replaces_the_candidates_the_device_measures_over_the_budge
     k = [_policy_key(e.policy) for e in ranked]
     # the two best by reward measure over the 60% budget (limit 66% with the slack); of the next two, one fits
     device = _Device(workspace.artifact.module, {k[0]: 0.9, k[1]: 0.8, k[2]: 0.5, k[3]: 0.9})
-    monkeypatch.setattr(targets, "bench_model", device)
+    monkeypatch.setattr(targets, "compare_models", device)
     check = device_check(_check_run(workspace), workspace.artifact.module, episodes)
     assert check.fits and check.error is None
     assert [c.episode for c in check.candidates] == [ranked[2].episode]
@@ -781,9 +786,8 @@ def test_device_check_replaces_the_candidates_the_device_measures_over_the_budge
     assert check.ratios[ranked[2].episode] == pytest.approx(0.5)  # the slow rounds cancel out
     assert check.rounds_ratios[ranked[0].episode] == pytest.approx([0.9, 0.9, 0.9])
     assert set(check.models) == {ranked[2].episode}  # the applied model is handed to the fine-tune
-    # interleaved: each round measures the original, then every policy of the batch; two batches, then it stops
-    per_round = ["original", k[0], k[1]]
-    assert device.calls[:9] == per_round * 3 and device.calls[9:] == ["original", k[2], k[3]] * 3
+    # each batch side by side with the original: two batches, then it stops
+    assert device.batches == [[k[0], k[1]], [k[2], k[3]]]
     summary = check.summary()
     assert summary["fits"] and summary["original_ms"] == pytest.approx(1.0)
     assert [m["episode"] for m in summary["measured"]] == [e.episode for e in ranked[:4]]
@@ -799,13 +803,13 @@ def test_device_check_keeps_the_fastest_when_nothing_fits_and_the_tables_choice_
     speeds = {_policy_key(e.policy): 0.9 for e in ranked}
     speeds[_policy_key(ranked[4].policy)] = 0.7
     speeds[_policy_key(ranked[5].policy)] = 0.8
-    monkeypatch.setattr(targets, "bench_model", _Device(workspace.artifact.module, speeds))
+    monkeypatch.setattr(targets, "compare_models", _Device(workspace.artifact.module, speeds))
     check = device_check(_check_run(workspace), workspace.artifact.module, episodes)
     assert not check.fits and len(check.ratios) == 2 * CHECK_BATCHES  # every batch measured
     assert [c.episode for c in check.candidates] == [ranked[4].episode, ranked[5].episode]
     assert len(check.dropped) == 6
 
-    monkeypatch.setattr(targets, "bench_model", _Device(workspace.artifact.module, {}, fail=True))
+    monkeypatch.setattr(targets, "compare_models", _Device(workspace.artifact.module, {}, fail=True))
     check = device_check(_check_run(workspace), workspace.artifact.module, episodes)
     assert check.candidates == [] and "did not answer" in check.error
     assert check.summary()["error"] == check.error
@@ -830,24 +834,16 @@ def test_a_search_whose_candidates_all_measure_over_the_budget_says_so(
         top_k=1,
         device_check_rounds=2,
     )
-    original_ids = set()
 
-    def device(module, x, target, **kw):
+    def device(modules, x, target, *, blocks=3, **kw):
+        from compression.targets import Comparison
         from compression.targets.base import Measurement
 
-        ms = 1.0 if not hasattr(module, "_policy_key") and id(module) in original_ids else 1.3
-        return Measurement(target.name, "simulated", ms, ms, 0.0, ms, 10, 1, 0.0)
+        ms = [1.0] + [1.3] * (len(modules) - 1)
+        meas = [Measurement(target.name, "simulated", v, v, 0.0, v, 10, 1, 0.0) for v in ms]
+        return Comparison(meas, [[v] * blocks for v in ms], [[v] * blocks for v in ms], ms, "simulated")
 
-    import compression.search.finalize as fin
-
-    real_check = fin.device_check
-
-    def check(run, original, episodes):
-        original_ids.add(id(original))
-        return real_check(run, original, episodes)
-
-    monkeypatch.setattr(fin, "device_check", check)
-    monkeypatch.setattr(targets, "bench_model", device)
+    monkeypatch.setattr(targets, "compare_models", device)
     rec = Record()
     report = run_search(cfg, str(tmp_path / "run"), [rec])
     lat = report["latency"]

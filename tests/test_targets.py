@@ -485,7 +485,9 @@ def test_onnx_runtime_rounds_channels_to_its_kernel_block_unless_told() -> None:
     assert get_target("local-ort").round_to == here
     assert validate_target({"name": "x", "backend": "onnxruntime"}).round_to == here
     assert validate_target({"name": "x", "backend": "onnxruntime", "round_to": None}).round_to == here
-    assert validate_target({"name": "x", "backend": "onnxruntime", "round_to": 4}).round_to == 4  # the user's own
+    assert (
+        validate_target({"name": "x", "backend": "onnxruntime", "round_to": 4}).round_to == 4
+    )  # the user's own
     assert validate_target({"name": "x", "backend": "torch"}).round_to == 1
 
 
@@ -497,3 +499,73 @@ def test_spec_objects_are_revalidated() -> None:
 def test_table_rejects_unknown_statistic(tmp_path: Path) -> None:
     with pytest.raises(TargetError, match="unknown table statistic"):
         LatencyTable(TORCH_1, tmp_path / "t.sqlite", statistic="p99")
+
+
+# ------------------------------------------------------------------------------------------ side by side
+def test_time_interleaved_alternates_the_models_and_rotates_their_order() -> None:
+    from compression.targets.measure import time_interleaved
+
+    calls: list[str] = []
+
+    def run(label: str, own_ms: float | None = None):
+        def f():
+            calls.append(label)
+            return own_ms
+
+        return f
+
+    times = time_interleaved([run("a"), run("b"), run("c", 7.5)], warmup=1, repeats=2, blocks=2)
+    # warm-up, then each repeat runs every model once, the order rotating
+    assert calls == ["a", "b", "c"] + ["a", "b", "c", "b", "c", "a"] * 2
+    assert [len(b) for per in times for b in per] == [2] * 6
+    assert times[2] == [[7.5, 7.5], [7.5, 7.5]]  # a run that reports its own time (a device timer)
+    assert all(t >= 0 for b in times[0] for t in b)
+
+    calls.clear()
+    times = time_interleaved([run("a"), run("b")], warmup=0, repeats=3, blocks=1, chunk=2)
+    # turns of 2 timed runs (the last one shorter), each after one untimed run that settles the device
+    assert calls == ["a"] * 3 + ["b"] * 3 + ["b"] * 2 + ["a"] * 2
+    assert [len(per[0]) for per in times] == [3, 3]
+    with pytest.raises(TargetError, match="bad timing protocol"):
+        time_interleaved([], warmup=0, repeats=1, blocks=1)
+
+
+@pytest.mark.parametrize("target", [TORCH_1, ORT_1])
+def test_compare_models_times_models_side_by_side(target: dict) -> None:
+    big, small = SmallResNet(), SmallResNet(mids=(4, 4, 8, 8))
+    bits = None
+    if target["backend"] == "onnxruntime":
+        bits = [None, {n: (8, 8) for n in layer_names(small)}]
+    spec = {**target, "settings": {**target["settings"], "lock": unique_lock()}}
+    c = targets.compare_models([big, small], small_input(), spec, bits=bits, warmup=2, repeats=10, blocks=3)
+    assert c.method == "interleaved" and c.ratios[0] == 1.0
+    assert len(c.block_ms) == 2 and all(len(b) == 3 for b in c.block_ms + c.block_ratios)
+    for i in (0, 1):
+        m = c.measurements[i]
+        assert m.runs == 30 and m.details["blocks"] == 3 and 0 < m.min_ms <= m.median_ms
+        assert c.block_ratios[i] == pytest.approx(
+            [v / r for v, r in zip(c.block_ms[i], c.block_ms[0], strict=True)]
+        )
+    assert sorted(c.block_ratios[1])[1] == pytest.approx(c.ratios[1]) and c.spread(1) >= 0
+    if bits:
+        assert set(c.measurements[1].details["bits_run"].values()) == {"int8"}
+        assert "bits_run" not in c.measurements[0].details
+    assert not big.training and not small.training
+
+
+def test_compare_models_falls_back_to_rounds_where_models_cannot_alternate() -> None:
+    # the analytic target has no timer to alternate (a device behind an RPC tracker neither): model by model
+    big, small = SmallResNet(), SmallResNet(mids=(4, 4, 8, 8))
+    c = targets.compare_models([big, small], small_input(), "analytic", blocks=2)
+    assert c.method == "rounds" and len(c.block_ms[1]) == 2
+    assert 0 < c.ratios[1] < 1  # BOPs: the narrower blocks cost less
+
+
+def test_compare_models_that_does_not_answer_fails_within_its_timeout() -> None:
+    target = {"name": "stuck", "backend": "torch", "settings": {"threads": 1, "lock": unique_lock()}}
+    t0 = time.monotonic()
+    with pytest.raises(TargetError, match="did not answer within its timeout of 1 s"):
+        targets.compare_models([SmallResNet(), Sleeper(4.0)], small_input(), target, repeats=5, timeout_s=1.0)
+    assert time.monotonic() - t0 < 2.0
+    with pytest.raises(TargetError, match="2 bit plans for 1 models"):
+        targets.compare_models([SmallResNet()], small_input(), TORCH_1, bits=[None, None])

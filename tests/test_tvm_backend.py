@@ -487,3 +487,23 @@ def test_tuned_workloads_are_reused_by_another_process(tmp_path: Path) -> None:
     )
     assert second["details"]["from_database"] >= 1
     assert second["details"]["tuning_s"] < first["details"]["tuning_s"]
+
+
+def test_models_compiled_once_and_timed_side_by_side() -> None:
+    from compression.targets import compare_models
+
+    spec = _spec("tvm-side-by-side", lock="tvm-side-by-side-test")
+    wide, narrow = _conv_block(8, 32), _conv_block(8, 8)
+    c = compare_models([wide, narrow], torch.randn(1, 8, 16, 16), spec, warmup=2, repeats=10, blocks=2)
+    assert c.method == "interleaved" and c.ratios[0] == 1.0
+    for m in c.measurements:
+        d = m.details
+        assert m.runs == 20 and d["timer"] == "tvm time_evaluator, interleaved" and d["calls_per_run"] >= 1
+        assert d["max_abs_diff"] < 1e-3 and m.compile_s > 0
+    assert c.ratios[1] < 1.0  # a quarter of the output channels: the C++ timer tells them apart
+
+
+def test_a_remote_device_cannot_alternate_models_locally() -> None:
+    backend = make_backend(_spec("tvm-remote", rpc={"host": "127.0.0.1", "port": 9, "key": "x"}))
+    with pytest.raises(TargetError, match="local targets only"):
+        backend.measure_interleaved([_conv_block()], torch.randn(1, 8, 16, 16))

@@ -2,7 +2,7 @@
 
 The top ``top_k`` distinct policies by reward that meet the budget are the candidates. With a latency budget on a
 target that measures (not the analytic one), each candidate is first **measured end to end on the device**,
-side by side with the original in ``device_check_rounds`` interleaved rounds: the search met the budget by its
+side by side with the original (alternating run by run, in ``device_check_rounds`` blocks): the search met the budget by its
 latency table, and a table can be wrong for some shapes (docs/BENCHMARKS.md 1g: an HAQ model priced at 59%
 measured 76% on ONNX Runtime). Candidates that measure over the budget (beyond ``BUDGET_SLACK``) are dropped and
 the next policies by reward are measured in their place, up to ``CHECK_BATCHES`` batches of ``top_k``; when none
@@ -53,8 +53,9 @@ class DeviceCheck:
     """What the device said about the search's best policies (see the module docstring).
 
     ``candidates`` are the policies to fine-tune (those that fit, or the fastest when none did), ``ratios`` the
-    measured latency over the original's per episode (median of the rounds' ratios), ``measurements`` the
-    (original, policy) Measurements of each episode's median round, ``original`` the original's median round, ``models`` the applied
+    measured latency over the original's per episode (median over blocks), ``rounds_ratios`` the blocks' ratios,
+    ``measurements`` the (original, policy) Measurements of each episode's batch, ``original`` the original's
+    median over batches, ``models`` the applied
     models of the candidates (reused by the fine-tune), ``dropped`` the episodes measured over the budget.
     """
 
@@ -70,6 +71,7 @@ class DeviceCheck:
     fits: bool = False
     error: str | None = None
     seconds: float = 0.0
+    method: str = ""
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -82,6 +84,7 @@ class DeviceCheck:
             "dropped_over_budget": list(self.dropped),
             "fits": self.fits,
             "seconds": self.seconds,
+            "method": self.method,
         }
         if self.original is not None:
             out["original_ms"] = self.original.median_ms
@@ -192,7 +195,9 @@ def finalize(run: SearchRun, episodes: list[EpisodeResult], *, search_s: float) 
 
     measured: dict[str, Any] = {}
     if check is not None and best_cand.episode in check.measurements:
-        measured = _latency_summary(run, *check.measurements[best_cand.episode], best_cand)
+        measured = _latency_summary(
+            run, *check.measurements[best_cand.episode], best_cand, ratio=check.ratios[best_cand.episode]
+        )
         measured["device_check"] = check.summary()
     elif run.latency is not None:
         emit.on_phase("measure", {"target": run.target.name})
@@ -265,13 +270,14 @@ def _checks_on_device(run: SearchRun) -> bool:
 def device_check(run: SearchRun, original: nn.Module, episodes: list[EpisodeResult]) -> DeviceCheck:
     """Measure the best policies by reward on the device, side by side with the original; keep those that fit.
 
-    Policies are measured in batches of ``top_k`` (best reward first); each batch is measured in interleaved
-    rounds (the original, then each policy, per round) so a slow stretch of the machine costs each model one
-    round, which the median discards, and a policy's ratio is taken against the original of its own round.
+    Policies are measured in batches of ``top_k`` (best reward first); each batch side by side with the original
+    (``targets.compare_models``: on a local target the models alternate run by run, so a slow stretch of the
+    machine slows them alike), in ``device_check_rounds`` blocks; a policy's ratio is the median over blocks of
+    its ratio to the original in the same block.
     The check stops after the first batch with a policy that fits. A failed measurement (a dead device, a
     timeout) ends the check with ``error`` set: the caller then keeps the table's choice.
     """
-    from compression.targets import bench_model
+    import compression.targets as targets
 
     cfg = run.config
     k = cfg.top_k
@@ -295,27 +301,29 @@ def device_check(run: SearchRun, original: nn.Module, episodes: list[EpisodeResu
             )
             for c in batch
         }
-        runs: dict[int, list[tuple[float, Measurement, Measurement]]] = {c.episode: [] for c in batch}
+        if run.emit.should_stop():
+            raise Cancelled()
         try:
-            for r in range(check.rounds):
-                if run.emit.should_stop():
-                    raise Cancelled()
-                before = bench_model(original, x, run.target)
-                originals.append(before)
-                for c in batch:
-                    after = bench_model(models[c.episode], x, run.target)
-                    runs[c.episode].append((after.median_ms / before.median_ms, after, before))
-                log.info("device check: round %d/%d of episodes %s", r + 1, check.rounds, list(models))
+            comp = targets.compare_models(
+                [original, *(models[c.episode] for c in batch)], x, run.target, blocks=check.rounds
+            )
         except CompressionError as exc:
             check.error = str(exc)
             log.warning("device check failed, keeping the latency table's choice: %s", exc)
             break
-        for c in batch:
-            values = sorted(runs[c.episode], key=lambda t: t[0])
-            ratio, after, before = values[len(values) // 2]
+        check.method = comp.method
+        log.info(
+            "device check: episodes %s measured side by side with the original (%s, %d blocks)",
+            list(models),
+            comp.method,
+            check.rounds,
+        )
+        originals.append(comp.measurements[0])
+        for i, c in enumerate(batch, start=1):
+            ratio = comp.ratios[i]
             check.ratios[c.episode] = ratio
-            check.rounds_ratios[c.episode] = [t[0] for t in runs[c.episode]]
-            check.measurements[c.episode] = (before, after)
+            check.rounds_ratios[c.episode] = list(comp.block_ratios[i])
+            check.measurements[c.episode] = (comp.measurements[0], comp.measurements[i])
             measured.append(c)
             if ratio <= limit:
                 fitting.append(c)
@@ -371,19 +379,24 @@ def _measure(run: SearchRun, original, compressed, cand: EpisodeResult) -> dict[
 
 
 def _latency_summary(
-    run: SearchRun, before: Measurement, after: Measurement, cand: EpisodeResult
+    run: SearchRun, before: Measurement, after: Measurement, cand: EpisodeResult, ratio: float | None = None
 ) -> dict[str, Any]:
-    """The report's latency entry: both measurements, the speed-up, the table's error, the budget verdict."""
+    """The report's latency entry: both measurements, the speed-up, the table's error, the budget verdict.
+
+    ``ratio`` is the compressed model's latency over the original's when it was measured side by side (the
+    device check); otherwise the ratio of the two medians.
+    """
     out: dict[str, Any] = {}
     out["original"] = before.to_dict()
     out["compressed"] = after.to_dict()
-    out["speedup"] = before.median_ms / after.median_ms if after.median_ms > 0 else None
+    if ratio is None and before.median_ms > 0:
+        ratio = after.median_ms / before.median_ms
+    out["speedup"] = 1.0 / ratio if ratio else None
     if cand.latency_ms:
         out["predicted_ms"] = cand.latency_ms
         out["prediction_error"] = (cand.latency_ms - after.median_ms) / after.median_ms
     cfg = run.config
-    if cfg.objective == "latency" and before.median_ms > 0:
-        ratio = after.median_ms / before.median_ms
+    if cfg.objective == "latency" and ratio is not None:
         out["measured_ratio"] = ratio
         if ratio > cfg.budget * (1 + BUDGET_SLACK):
             # the search met the budget by its latency table; the device disagrees: say so, never claim it was met

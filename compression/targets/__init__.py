@@ -21,6 +21,9 @@ import os
 # a TVM measurement in the same process and 0.39 ms (within-measurement cv 1.5) after, for as long as the process
 # lives. TVM's own latency is the same unpinned (0.72 vs 0.73 ms). An explicit setting is kept.
 os.environ.setdefault("TVM_BIND_THREADS", "0")
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -42,12 +45,14 @@ from compression.targets.workloads import LayerWorkload, extract_workloads
 __all__ = [
     "BACKENDS",
     "Backend",
+    "Comparison",
     "LatencyTable",
     "LayerWorkload",
     "Measurement",
     "TargetError",
     "TargetSpec",
     "bench_model",
+    "compare_models",
     "extract_workloads",
     "get_target",
     "list_targets",
@@ -92,3 +97,105 @@ def bench_model(
             "note", f"the {spec.backend} backend runs float; bits affect the analytic cost only"
         )
     return m
+
+
+@dataclass
+class Comparison:
+    """Several models timed side by side on one target (``compare_models``); model 0 is the reference.
+
+    ``measurements``: each model over all its timed runs. ``block_ms``: each model's median per block.
+    ``ratios``: each model's latency over the reference's, the median over blocks of the ratio of the block's
+    medians (model 0: 1.0). ``method``: ``interleaved`` (run by run) or ``rounds`` (model by model, the fallback
+    for targets that cannot alternate, e.g. a device behind an RPC tracker).
+    """
+
+    measurements: list[Measurement]
+    block_ms: list[list[float]]
+    block_ratios: list[list[float]]
+    ratios: list[float]
+    method: str
+
+    def spread(self, i: int) -> float:
+        """How far model ``i``'s block ratios disagree: (max - min) / median."""
+        r = self.block_ratios[i]
+        return (max(r) - min(r)) / self.ratios[i] if self.ratios[i] > 0 else 0.0
+
+
+def compare_models(
+    modules: Sequence[nn.Module],
+    example_input: torch.Tensor | tuple[torch.Tensor, ...],
+    target: str | dict[str, Any] | TargetSpec,
+    *,
+    bits: Sequence[Any] | None = None,
+    warmup: int = 10,
+    repeats: int = 50,
+    blocks: int = 3,
+    timeout_s: float = 600.0,
+) -> Comparison:
+    """Time ``modules`` side by side on ``target``; their latencies as ratios to ``modules[0]``'s.
+
+    A machine that changes speed for seconds at a time (seen here: everything 30-70% slower for 1-15 s, from one
+    measurement of a model to the next) makes two separate measurements disagree by that much, and a ratio of
+    them with it. Local targets alternate the models run by run (``measure.time_interleaved``): the models' runs
+    are milliseconds apart and a slow stretch slows them alike (measured on ResNet-20 and a half-pruned copy on
+    ONNX Runtime: the ratio's spread over 12 repeats 71% from separate measurements, 10-24% alternated). Others
+    measure ``blocks`` rounds of each model in turn. ``bits`` gives each model's quantization plan (None: the
+    plan the model carries).
+    """
+    if not modules:
+        raise TargetError("compare_models needs at least one model")
+    for label, v in (("warmup", warmup), ("repeats", repeats), ("blocks", blocks)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < (0 if label == "warmup" else 1):
+            raise TargetError(f"{label} must be an integer >= {0 if label == 'warmup' else 1}, got {v!r}")
+    spec = get_target(target)
+    backend = make_backend(spec)
+    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
+    batch = int(inputs[0].shape[0])
+    plans = list(bits) if bits is not None else [None] * len(modules)
+    if len(plans) != len(modules):
+        raise TargetError(f"{len(plans)} bit plans for {len(modules)} models")
+    interleaves = hasattr(backend, "measure_interleaved") and not getattr(backend, "rpc", None)
+    if interleaves:
+        from compression.targets.measure import make_measurement, summarize
+
+        times, compile_s, details = backend.measure_interleaved(
+            list(modules),
+            example_input,
+            bits=plans,
+            warmup=warmup,
+            repeats=repeats,
+            blocks=blocks,
+            timeout_s=timeout_s,
+        )
+        measurements = [
+            make_measurement(
+                spec,
+                summarize([t for b in per for t in b]),
+                c,
+                {**d, "blocks": blocks},
+                warmup,
+                repeats * blocks,
+                batch,
+            )
+            for per, c, d in zip(times, compile_s, details, strict=True)
+        ]
+        block_ms = [[statistics.median(b) for b in per] for per in times]
+        method = "interleaved"
+    else:
+        rounds: list[list[Measurement]] = [[] for _ in modules]
+        for _ in range(blocks):
+            for i, (m, plan) in enumerate(zip(modules, plans, strict=True)):
+                rounds[i].append(
+                    bench_model(
+                        m, example_input, spec, warmup=warmup, repeats=repeats, timeout_s=timeout_s, bits=plan
+                    )
+                )
+        block_ms = [[m.median_ms for m in per] for per in rounds]
+        measurements = [sorted(per, key=lambda m: m.median_ms)[(len(per) - 1) // 2] for per in rounds]
+        method = "rounds"
+    ref = block_ms[0]
+    block_ratios = [
+        [v / r if r > 0 else float("nan") for v, r in zip(per, ref, strict=True)] for per in block_ms
+    ]
+    ratios = [statistics.median(per) for per in block_ratios]
+    return Comparison(measurements, block_ms, block_ratios, ratios, method)

@@ -323,6 +323,127 @@ def measure_locked(
     return run_with_deadline(job, timeout_s, what, started=started, wait_s=wait_s)
 
 
+def time_interleaved(
+    runs: list[Callable[[], Any]],
+    *,
+    warmup: int,
+    repeats: int,
+    blocks: int,
+    deadline: float | None = None,
+    cancel: threading.Event | None = None,
+    timeout_s: float | None = None,
+    chunk: int = 1,
+) -> list[list[list[float]]]:
+    """Time several runnables side by side, in turn; ``times[model][block]`` in ms.
+
+    Each model is warmed up ``warmup`` times, then ``blocks`` blocks of ``repeats`` runs each follow, the models
+    alternating every ``chunk`` runs (the order rotates, so no model always runs right after the same one; with
+    ``chunk`` > 1 each turn starts with one untimed run, which settles what the previous model left behind, e.g.
+    ONNX Runtime's spinning pool threads). Runs of different models are then milliseconds apart: a slower stretch
+    of the machine (seen here lasting 1-15 s, and making everything 30-70% slower) slows all of them alike, and
+    their ratio stays. A run that returns a float reports its own time in ms (a device timer); otherwise the wall
+    clock around it counts.
+    """
+    if warmup < 0 or repeats < 1 or blocks < 1 or chunk < 1 or not runs:
+        raise TargetError(
+            f"bad timing protocol: warmup={warmup}, repeats={repeats}, blocks={blocks}, {len(runs)} models",
+            "use warmup >= 0, repeats >= 1, blocks >= 1 and at least one model",
+        )
+    n = len(runs)
+    total = n * (warmup + repeats * blocks)
+
+    def check(done: int) -> None:
+        if cancel is not None and cancel.is_set():
+            raise DeadlineExceeded("measurement cancelled after its deadline")
+        if deadline is not None and time.monotonic() > deadline:
+            raise DeadlineExceeded(
+                f"measurement exceeded its timeout{f' of {timeout_s:g} s' if timeout_s else ''} "
+                f"after {done} of {total} runs",
+                "raise the target's timeout, use fewer repeats, or a smaller model/batch",
+            )
+
+    for i in range(warmup):
+        for run in runs:
+            run()
+        check(n * (i + 1))
+    out: list[list[list[float]]] = [[[] for _ in range(blocks)] for _ in range(n)]
+    clock = time.perf_counter
+    done = n * warmup
+    turns = -(-repeats // chunk)
+    for b in range(blocks):
+        for i in range(turns):
+            timed = min(chunk, repeats - i * chunk)
+            for j in range(n):
+                k = (i + j) % n
+                if chunk > 1:
+                    runs[k]()  # settle: untimed
+                for _ in range(timed):
+                    t0 = clock()
+                    v = runs[k]()
+                    dt = (clock() - t0) * 1e3
+                    out[k][b].append(float(v) if isinstance(v, float) else dt)
+            done += n * timed
+            check(done)
+    return out
+
+
+def measure_interleaved_locked(
+    prepares: list[Callable[[], tuple[Callable[[], Any], dict[str, Any]]]],
+    *,
+    what: str,
+    device: str,
+    warmup: int,
+    repeats: int,
+    blocks: int,
+    timeout_s: float,
+    wait_s: float = DEFAULT_WAIT_S,
+    setup_thread: Callable[[], Callable[[], None]] | None = None,
+    chunk: int = 1,
+) -> tuple[list[list[list[float]]], list[float], list[dict[str, Any]], float]:
+    """``measure_locked`` for several models timed side by side (``time_interleaved``).
+
+    Holds ``device`` once for all of them; returns ``(times[model][block], compile_s per model, details per
+    model, lock wait s)``.
+    """
+    started = threading.Event()
+
+    def job(
+        cancel: threading.Event,
+    ) -> tuple[list[list[list[float]]], list[float], list[dict[str, Any]], float]:
+        with device_lock(device, wait_s) as waited:
+            started.set()
+            deadline = time.monotonic() + timeout_s
+            undo = setup_thread() if setup_thread is not None else None
+            try:
+                runs, compile_s, details = [], [], []
+                for prepare in prepares:
+                    t0 = time.perf_counter()
+                    run, d = prepare()
+                    compile_s.append(time.perf_counter() - t0)
+                    runs.append(run)
+                    details.append(d)
+                    if cancel.is_set() or time.monotonic() > deadline:
+                        raise DeadlineExceeded(
+                            f"{what}: preparing {len(prepares)} models took longer than the timeout of {timeout_s:g} s"
+                        )
+                times = time_interleaved(
+                    runs,
+                    warmup=warmup,
+                    repeats=repeats,
+                    blocks=blocks,
+                    deadline=deadline,
+                    cancel=cancel,
+                    timeout_s=timeout_s,
+                    chunk=chunk,
+                )
+            finally:
+                if undo is not None:
+                    undo()
+            return times, compile_s, details, waited
+
+    return run_with_deadline(job, timeout_s, what, started=started, wait_s=wait_s)
+
+
 def make_measurement(
     spec: TargetSpec,
     stats: dict[str, float],

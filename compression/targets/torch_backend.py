@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import platform
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -21,7 +22,13 @@ from torch import nn
 
 from compression.errors import TargetError
 from compression.targets.base import Measurement, TargetSpec
-from compression.targets.measure import DEFAULT_DEVICE, DEFAULT_WAIT_S, make_measurement, measure_locked
+from compression.targets.measure import (
+    DEFAULT_DEVICE,
+    DEFAULT_WAIT_S,
+    make_measurement,
+    measure_interleaved_locked,
+    measure_locked,
+)
 from compression.targets.onnx_io import as_inputs
 from compression.targets.workloads import FLOAT_BITS, extract_workloads, normalize_bits
 
@@ -80,15 +87,69 @@ class TorchBackend:
     ) -> Measurement:
         """Time ``module(*example_input)`` (eval mode, inference mode) with warm-up and repeats."""
         inputs = as_inputs(example_input)
+        prepare, cleanup = self._preparer(module, inputs, bits)
+        try:
+            stats, compile_s, details = measure_locked(
+                prepare,
+                what=f"target {self.spec.name}",
+                device=self.device,
+                warmup=warmup,
+                repeats=repeats,
+                timeout_s=timeout_s,
+                wait_s=self.wait_s,
+                setup_thread=self._setup_thread,
+            )
+        finally:
+            cleanup()
+        return make_measurement(self.spec, stats, compile_s, details, warmup, repeats, inputs[0].shape[0])
+
+    def measure_interleaved(
+        self,
+        modules: Sequence[nn.Module],
+        example_input: torch.Tensor | tuple[torch.Tensor, ...],
+        *,
+        bits: Sequence[Any] | None = None,
+        warmup: int = 10,
+        repeats: int = 50,
+        blocks: int = 3,
+        timeout_s: float = 300.0,
+    ) -> tuple[list[list[list[float]]], list[float], list[dict[str, Any]]]:
+        """Time ``modules`` side by side, one forward of each in turn (``measure.time_interleaved``)."""
+        inputs = as_inputs(example_input)
+        plans = list(bits) if bits is not None else [None] * len(modules)
+        preparers = []
+        try:
+            for m, b in zip(modules, plans, strict=True):
+                preparers.append(self._preparer(m, inputs, b))
+            times, compile_s, details, _ = measure_interleaved_locked(
+                [p for p, _ in preparers],
+                what=f"target {self.spec.name}",
+                device=self.device,
+                warmup=warmup,
+                repeats=repeats,
+                blocks=blocks,
+                timeout_s=timeout_s,
+                wait_s=self.wait_s,
+                setup_thread=self._setup_thread,
+            )
+        finally:
+            for _, cleanup in preparers:
+                cleanup()
+        return times, compile_s, details
+
+    def _setup_thread(self) -> Callable[[], None]:
+        previous = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        return lambda: torch.set_num_threads(previous)
+
+    def _preparer(
+        self, module: nn.Module, inputs: tuple[torch.Tensor, ...], bits: Any
+    ) -> tuple[Callable[[], tuple[Callable[[], None], dict[str, Any]]], Callable[[], None]]:
+        """``(prepare, cleanup)`` for one model; eval mode holds from here until ``cleanup``."""
         plan = normalize_bits(bits)
         quantized = {n: b for n, b in plan.items() if b != (FLOAT_BITS, FLOAT_BITS)}
         if plan:
             extract_workloads(module, inputs, plan)  # refuses a plan naming layers the model lacks
-
-        def setup_thread() -> Any:
-            previous = torch.get_num_threads()
-            torch.set_num_threads(self.threads)
-            return lambda: torch.set_num_threads(previous)
 
         def prepare() -> tuple[Any, dict[str, Any]]:
             def run() -> None:
@@ -114,18 +175,9 @@ class TorchBackend:
                 restore = True
             except NotImplementedError:
                 pass
-        try:
-            stats, compile_s, details = measure_locked(
-                prepare,
-                what=f"target {self.spec.name}",
-                device=self.device,
-                warmup=warmup,
-                repeats=repeats,
-                timeout_s=timeout_s,
-                wait_s=self.wait_s,
-                setup_thread=setup_thread,
-            )
-        finally:
+
+        def cleanup() -> None:
             if restore:
                 module.train(True)
-        return make_measurement(self.spec, stats, compile_s, details, warmup, repeats, inputs[0].shape[0])
+
+        return prepare, cleanup

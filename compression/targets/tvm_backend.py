@@ -46,7 +46,7 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +63,7 @@ from compression.targets.measure import (
     DeadlineExceeded,
     device_lock,
     make_measurement,
+    measure_interleaved_locked,
     run_with_deadline,
     summarize,
 )
@@ -579,6 +580,90 @@ class TvmBackend:
         return make_measurement(
             self.spec, stats, compile_s + import_s, details, warmup, repeats, inputs[0].shape[0]
         )
+
+    def measure_interleaved(
+        self,
+        modules: Sequence[nn.Module],
+        example_input: torch.Tensor | tuple[torch.Tensor, ...],
+        *,
+        bits: Sequence[Any] | None = None,
+        warmup: int = 10,
+        repeats: int = 50,
+        blocks: int = 3,
+        timeout_s: float = 300.0,
+    ) -> tuple[list[list[list[float]]], list[float], list[dict[str, Any]]]:
+        """Time ``modules`` side by side on this machine's CPU (``measure.time_interleaved``).
+
+        Each model is compiled (and checked against PyTorch's output) once; a run is one call of TVM's timer
+        averaging as many calls as ``min_run_ms`` takes, the models in turn. Local targets only: a remote
+        device is measured model by model (``compare_models`` falls back). ``bits`` only annotates (float).
+        """
+        if self.rpc:
+            raise TargetError(f"target {self.spec.name}: side-by-side timing runs on local targets only")
+        import tvm
+        from tvm import relax
+
+        from compression.quant import output_tolerance
+
+        self._check_local_target()
+        inputs = as_inputs(example_input)
+        prepares = []
+        for module in modules:
+            with torch.no_grad():
+                was_training = module.training
+                module.eval()
+                try:
+                    reference = [o.detach().cpu().numpy() for o in _flatten(module(*inputs))]
+                finally:
+                    module.train(was_training)
+            rtol = output_tolerance(module, _OUTPUT_RTOL)
+            fused = None
+            if self.mode == "metaschedule":
+                fused = self._import(module, inputs)
+                self._tune_fused(fused)
+
+            def prepare(
+                module=module, reference=reference, rtol=rtol, fused=fused
+            ) -> tuple[Any, dict[str, Any]]:
+                what = f"target {self.spec.name}"
+                compiled = self.compile(module, inputs, fused=fused)
+                _config_threads(self.threads)
+                dev = tvm.cpu(0)
+                vm = relax.VirtualMachine(compiled.executable, dev)
+                args = [tvm.runtime.tensor(t.detach().cpu().numpy(), dev) for t in inputs]
+                diff = _check_output(vm, args, reference, what, rtol)
+                vm.save_function("main", "compression_timed", *args, include_return=False)
+                first = vm.time_evaluator("compression_timed", dev, number=1, repeat=max(1, warmup))()
+                per_call_ms = float(np.median(first.results)) * 1e3
+                number = max(1, math.ceil(self.min_run_ms / max(per_call_ms, 1e-6)))
+                timer = vm.time_evaluator("compression_timed", dev, number=number, repeat=1)
+
+                def run() -> float:
+                    return float(timer().results[0]) * 1e3
+
+                details = dict(compiled.details)
+                details.update(
+                    device="local",
+                    threads=self.threads,
+                    calls_per_run=number,
+                    max_abs_diff=diff,
+                    timer="tvm time_evaluator, interleaved",
+                    dtype="float32",
+                )
+                return run, details
+
+            prepares.append(prepare)
+        times, compile_s, details, _ = measure_interleaved_locked(
+            prepares,
+            what=f"target {self.spec.name}",
+            device=self.device,
+            warmup=1,  # the per-call calibration above warmed each model up
+            repeats=repeats,
+            blocks=blocks,
+            timeout_s=timeout_s,
+            wait_s=self.wait_s,
+        )
+        return times, compile_s, details
 
     def _measure_local(
         self,
