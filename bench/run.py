@@ -22,7 +22,17 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-BENCHMARKS = ("quality", "reconstruction", "search_set", "throughput", "fidelity", "speedup", "streaming", "memory")
+BENCHMARKS = (
+    "quality",
+    "reconstruction",
+    "search_set",
+    "throughput",
+    "fidelity",
+    "repeatability",
+    "speedup",
+    "streaming",
+    "memory",
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, help="seeds per configuration (quality)")
     p.add_argument("--fine-tune-epochs", type=int, help="fine-tune epochs (quality, speedup)")
     p.add_argument("--policies", type=int, help="random policies (fidelity, reconstruction, search_set)")
-    p.add_argument("--rounds", type=int, help="fidelity: interleaved measurement rounds per policy (default 3)")
+    p.add_argument(
+        "--rounds", type=int, help="fidelity: interleaved measurement rounds per policy (default 3)"
+    )
     p.add_argument(
         "--device-check-rounds",
         type=int,
@@ -45,7 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--agents", help="comma-separated agents (quality, throughput)")
     p.add_argument("--models", help="comma-separated models for quality: resnet20,dwnet")
     p.add_argument("--model", help="use this .pt2 instead of the trained ResNet-20 (throughput, fidelity)")
-    p.add_argument("--budgets", help="comma-separated latency budgets for quality (speedup: the first), e.g. 0.5,0.25,0.1")
+    p.add_argument(
+        "--budgets",
+        help="comma-separated latency budgets for quality (speedup: the first), e.g. 0.5,0.25,0.1",
+    )
     p.add_argument("--round-to", type=int, help="quality: channel rounding (default: the target's own)")
     p.add_argument(
         "--fresh", action="store_true", help="quality: do not reuse finished cells of a stored result"
