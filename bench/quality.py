@@ -280,16 +280,47 @@ def _tp_method(
 def measure_side_by_side(
     ctx: Context, models: dict[str, tuple[Any, Any]], example, target: str, rounds: int
 ) -> dict[str, Any]:
-    """Interleaved end-to-end measurements: ``rounds`` passes over all models, median of the medians.
+    """End-to-end measurements of every model side by side, as ratios to ``models["original"]``.
 
-    ``models`` maps a label to (module, bits plan or None). Interleaving spreads the machine's load
-    changes over every model instead of letting one model take all of a noisy minute.
+    ``models`` maps a label to (module, bits plan or None), the original first. ``targets.compare_models`` times
+    them alternating run by run in ``rounds`` blocks (docs/targets.md); if that fails (one model cannot run
+    there), each model is measured on its own in ``rounds`` interleaved passes, median of the medians.
     """
     import statistics
 
     from compression.errors import CompressionError
-    from compression.targets import bench_model
+    from compression.targets import bench_model, compare_models
 
+    labels = list(models)
+    with LoadSampler() as load:
+        try:
+            c = compare_models(
+                [models[k][0] for k in labels],
+                example,
+                target,
+                bits=[models[k][1] for k in labels],
+                blocks=rounds,
+            )
+        except CompressionError as exc:
+            log(ctx, f"  side-by-side measurement failed ({exc}); measuring the models one by one")
+        else:
+            out = {
+                k: {
+                    "median_ms": c.measurements[i].median_ms,
+                    "ratio": c.ratios[i],
+                    "block_ratios": c.block_ratios[i],
+                    "cv": c.measurements[i].cv,
+                    "bits_run": str(c.measurements[i].details.get("bits_run")),
+                }
+                for i, k in enumerate(labels)
+            }
+            return {
+                "models": out,
+                "rounds": rounds,
+                "method": c.method,
+                "target": target,
+                "load": load.summary(),
+            }
     per: dict[str, list[dict[str, float]]] = {k: [] for k in models}
     with LoadSampler() as load:
         for _ in range(rounds):
@@ -601,7 +632,11 @@ def summarize_cells(result: dict[str, Any]) -> dict[str, Any]:
                         and "median_ms" in lat[method]
                         and "median_ms" in lat.get("original", {})
                     ):
-                        measured.append(lat[method]["median_ms"] / lat["original"]["median_ms"])
+                        # side by side (compare_models) the ratio is measured as such; else a ratio of medians
+                        measured.append(
+                            lat[method].get("ratio")
+                            or lat[method]["median_ms"] / lat["original"]["median_ms"]
+                        )
                 per[f"{budget}/{method}"] = {
                     "status": "ok" if ok else (cells[0].get("status") if cells and cells[0] else "not run"),
                     "floor": next((c.get("floor") for c in cells if c.get("floor") is not None), None),

@@ -230,7 +230,9 @@ def test_a_disturbed_window_costs_each_calibration_model_one_round_at_most(tmp_p
     device = SimulatedDevice()
     for point, model in zip(cal["points"], [reference, *variants], strict=True):
         assert point["measured_ms"] == pytest.approx(device.latency(model, x), rel=1e-9)
-    assert max(cal["points"][0]["rounds_ms"]) > 1.3 * cal["points"][0]["measured_ms"]  # the busy round was seen
+    assert (
+        max(cal["points"][0]["rounds_ms"]) > 1.3 * cal["points"][0]["measured_ms"]
+    )  # the busy round was seen
 
 
 # SmallResNet's data flow, written by hand from its code: which layers' outputs reach each layer's input (through
@@ -251,7 +253,9 @@ SMALL_RESNET_FEEDS = {
 INT8_MAC_MS = 1e-7  # an int8 kernel: half the float time per multiply-accumulate...
 INT8_LAYER_MS = 0.02  # ...but a larger fixed cost per layer: a tiny layer is faster in float
 TRANSITION_MS = 0.05  # quantize / dequantize and layout change on each int8 <-> float edge...
-TRANSITION_ELEMENT_MS = 2e-5  # ...or, on the per-element device, per element of the activation converted there
+TRANSITION_ELEMENT_MS = (
+    2e-5  # ...or, on the per-element device, per element of the activation converted there
+)
 
 
 class Int8Device(SimulatedDevice):
@@ -297,7 +301,9 @@ class Int8Device(SimulatedDevice):
         t = TRANSITION_ELEMENT_MS * sum(edges) if self.per_element else TRANSITION_MS * len(edges)
         return CALL_MS + sum(self.layer_ms(w.macs, int8[n]) for n, w in ws.items()) + t
 
-    def measure(self, module, example_input, *, warmup=0, repeats=1, timeout_s=60.0, bits=None) -> Measurement:
+    def measure(
+        self, module, example_input, *, warmup=0, repeats=1, timeout_s=60.0, bits=None
+    ) -> Measurement:
         ms = self.latency(module, example_input, bits)
         return Measurement("simulated", "simulated", ms, ms, 0.0, ms, repeats, warmup, 0.0)
 
@@ -333,7 +339,9 @@ def test_a_runtime_with_int8_kernels_prices_the_transitions_between_int8_and_flo
     else:
         # in units of the mean layer input: the int8 copies convert the input and the output only, the
         # alternating copies many activations (the half-pruned one smaller ones)
-        assert fit["transitions"][:3] == [0, 0, 0] and max(fit["transitions"][3:5]) < 1 < min(fit["transitions"][5:])
+        assert fit["transitions"][:3] == [0, 0, 0] and max(fit["transitions"][3:5]) < 1 < min(
+            fit["transitions"][5:]
+        )
         assert fit["transitions"][6] < fit["transitions"][5]
         unit = statistics.fmean(math.prod(w.in_shape[1:]) for w in lat.templates.values())
         assert lat.transition_ms == pytest.approx(TRANSITION_ELEMENT_MS * unit)
@@ -341,7 +349,9 @@ def test_a_runtime_with_int8_kernels_prices_the_transitions_between_int8_and_flo
     # the same measurements fitted with the other weighing (the calibration is recalled, not measured again)
     other = "elements" if weight == "count" else "count"
     alt = TableLatency(table, graph, x, quantized=True, reuse_s=3600, transition_weight=other)
-    assert alt.calibration["reused"] and max(abs(r) for r in alt.calibration["search_fit"]["residuals"]) > 0.005
+    assert (
+        alt.calibration["reused"] and max(abs(r) for r in alt.calibration["search_fit"]["residuals"]) > 0.005
+    )
     calib = torch.randn(16, *x.shape[1:])
     rng = random.Random(0)
     mixed = 0
@@ -362,3 +372,35 @@ def test_a_runtime_with_int8_kernels_prices_the_transitions_between_int8_and_flo
     assert max(alt_errors) > 0.005
     # a target with one kind of kernel is unchanged: no transitions, five calibration models
     assert TableLatency(_table(tmp_path), graph, x, quantized=True, reuse_s=0).transitions(costs) == 0
+
+
+class SideBySideDevice(SimulatedDevice):
+    """The simulated device, able to time models side by side, in a machine whose speed changes between blocks:
+    block b runs everything ``1 + 0.5 * b`` times slower."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, int, int]] = []
+
+    def measure_interleaved(
+        self, modules, example_input, *, bits=None, warmup=0, repeats=1, blocks=1, timeout_s=60
+    ):
+        self.calls.append((len(modules), repeats, blocks))
+        assert bits is not None and len(bits) == len(modules)
+        times = [
+            [[self.latency(m, example_input) * (1 + 0.5 * b)] * repeats for b in range(blocks)]
+            for m in modules
+        ]
+        return times, [0.0] * len(modules), [{} for _ in modules]
+
+
+def test_a_backend_that_times_models_side_by_side_calibrates_that_way(tmp_path: Path) -> None:
+    x = small_input()
+    device = SideBySideDevice()
+    table = LatencyTable(SIM, tmp_path / "t.sqlite", backend=device, warmup=0, repeats=4)
+    variants = [SmallResNet((8, 8, 16, 16)), SmallResNet((4, 4, 8, 8))]
+    cal = table.calibrate(SmallResNet(), x, variants=variants, rounds=3)
+    assert device.calls == [(3, 4, 3)]  # one side-by-side measurement of the three models, 3 blocks of 4 runs
+    # every block read in the reference's median state (the middle block, 1.5x): the blocks agree, no warning
+    for p, m in zip(cal["points"], [SmallResNet(), *variants], strict=True):
+        assert p["rounds_ms"] == pytest.approx([1.5 * device.latency(m, x)] * 3)
+    assert "warning" not in cal and max(abs(r) for r in cal["residuals"]) < 1e-9

@@ -510,6 +510,64 @@ class LatencyTable:
         m = self.backend.measure(module, example_input, **kwargs)
         return m, {"median": m.median_ms, "min": m.min_ms, "mean": m.mean_ms}[self.statistic]
 
+    def _measure_rounds(
+        self,
+        models: list[tuple[nn.Module, Any]],
+        example_input: Any,
+        rounds: int,
+        warmup: int | None,
+        repeats: int | None,
+        timeout_s: float | None,
+    ) -> list[list[tuple[Measurement, float]]]:
+        """``rounds`` measurements of every model: ``[model][round] -> (Measurement, statistic)``.
+
+        Where the backend can, the models are timed side by side (prepared once, alternating run by run, a round
+        being a block of ``repeats`` runs each; ``targets.compare_models``): on a machine that changes speed for
+        seconds at a time, separate measurements of the reference and a variant disagree by that much, and every
+        prediction inherits it. Elsewhere the rounds interleave the models, each measured on its own.
+        """
+        w = self.warmup if warmup is None else warmup
+        r = self.repeats if repeats is None else repeats
+        t = self.timeout_s if timeout_s is None else timeout_s
+        side_by_side = getattr(self.backend, "measure_interleaved", None)
+        if side_by_side is not None and not getattr(self.backend, "rpc", None):
+            from compression.targets.measure import make_measurement, summarize
+
+            times, compile_s, details = side_by_side(
+                [m for m, _ in models],
+                example_input,
+                bits=[p or None for _, p in models],
+                warmup=w,
+                repeats=r,
+                blocks=rounds,
+                timeout_s=t * len(models),
+            )
+            inputs = example_input if isinstance(example_input, tuple) else (example_input,)
+            stat = {"median": "median_ms", "min": "min_ms", "mean": "mean_ms"}[self.statistic]
+            measured = [
+                [make_measurement(self.spec, summarize(b), c, d, w, r, inputs[0].shape[0]) for b in per]
+                for per, c, d in zip(times, compile_s, details, strict=True)
+            ]
+            # each block is read in the reference's median state: a model's value in block b is its ratio to the
+            # reference within the block times the reference's median over blocks (the blocks' states differ; a
+            # ratio within one block does not carry it)
+            ref = [getattr(m, stat) for m in measured[0]]
+            ref_median = sorted(ref)[(len(ref) - 1) // 2]
+            return [
+                [
+                    (m, getattr(m, stat) * ref_median / rb if rb > 0 else getattr(m, stat))
+                    for m, rb in zip(per, ref, strict=True)
+                ]
+                for per in measured
+            ]
+        all_runs: list[list[tuple[Measurement, float]]] = [[] for _ in models]
+        for _ in range(rounds):
+            for i, (m, mplan) in enumerate(models):
+                all_runs[i].append(
+                    self._measure_model(m, example_input, mplan or {}, warmup, repeats, timeout_s)
+                )
+        return all_runs
+
     def calibrate(
         self,
         module: nn.Module,
@@ -536,7 +594,8 @@ class LatencyTable:
         pruned copies); with them a line is fitted by least squares over all the models,
         ``measured - overhead = scale * layers + offset_ms``, and a prediction is
         ``overhead + scale * layers + offset_ms``. Each model is measured ``rounds`` times and the median of
-        the rounds is used (one bad window on a shared machine would skew every later prediction).
+        the rounds is used (one bad window on a shared machine would skew every later prediction); where the
+        backend can, all of them side by side, alternating run by run (``_measure_rounds``).
 
         Returns ``scale``, ``offset_ms``, ``raw_predicted_ms`` / ``measured_ms`` of the reference, the
         ``points`` fitted (layers, measured, rounds per model), the fit's ``residuals`` and, when the
@@ -565,16 +624,12 @@ class LatencyTable:
         for m, mplan in models:
             raw, rows, _ = self.predict(m, example_input, mplan, measure_missing=True, calibrated=False)
             raws.append((raw, rows[-1]["ms"]))
-        # Rounds interleave the models (reference, variants, reference, ...): a disturbed window of the machine
-        # then costs each model at most a round, which the median discards, instead of all of one model's rounds
-        # (measured: the reference's three back-to-back rounds after a table build read 1.17/1.11/1.33 ms for a
-        # model that measured 1.08-1.14 ms all through the run, and every prediction inherited the +4%).
-        all_runs: list[list[tuple[Measurement, float]]] = [[] for _ in models]
-        for _ in range(rounds):
-            for i, (m, mplan) in enumerate(models):
-                all_runs[i].append(
-                    self._measure_model(m, example_input, mplan or {}, warmup, repeats, timeout_s)
-                )
+        # The models are timed side by side, or in rounds that interleave them (reference, variants, reference,
+        # ...): a disturbed window of the machine then costs each model at most a round, which the median
+        # discards, instead of all of one model's rounds (measured: the reference's three back-to-back rounds
+        # after a table build read 1.17/1.11/1.33 ms for a model that measured 1.08-1.14 ms all through the run,
+        # and every prediction inherited the +4%).
+        all_runs = self._measure_rounds(models, example_input, rounds, warmup, repeats, timeout_s)
         for i, ((raw, base), runs) in enumerate(zip(raws, all_runs, strict=True)):
             values = sorted(v for _, v in runs)
             measured = values[len(values) // 2]
