@@ -371,7 +371,9 @@
     var elapsed = finite(run.elapsed_s) ? run.elapsed_s + (active ? (Date.now() - state.runAt) / 1000 : 0) : null;
     document.getElementById("elapsed").textContent = fmtDuration(elapsed);
     var eta = "—";
-    if (active && run.status === "finalizing") { eta = "fine-tuning and exporting"; }
+    if (active && run.status === "finalizing") {
+      eta = run.phase === "device check" ? "measuring the best policies on the device" : "fine-tuning and exporting";
+    }
     else if (active && state.walls.length && total > done) {
       var mean = state.walls.reduce(function (a, b) { return a + b; }, 0) / state.walls.length;
       eta = "≈ " + fmtDuration(mean * (total - done));
