@@ -4,8 +4,10 @@ For random policies on ResNet-20/digits (a third channel pruning only, a third p
 third pruning with 2..8 bits on half the layers and float on the others: the kinds of policy the searches
 produce), the latency the search uses (``TableLatency.total``: per-layer
 table entries at the pruned shapes and bits plus a constant residual, see ``compression/search/latency.py``)
-is compared with ``bench_model`` of the applied policy on the same target, measured in interleaved rounds
-(``--rounds``, default 3; the median of the rounds is the policy's latency). Reported: mean, median and
+is compared with the applied policy measured end to end on the same target: by default in groups of five policies
+side by side with the original (``targets.compare_models``, ``--rounds`` blocks, default 3; session 8), or with
+``--measure separate`` each policy on its own by ``bench_model`` in interleaved rounds, the original every five
+policies (the median of the rounds is the policy's latency). Reported: mean, median and
 worst relative error, the signed mean (bias), the rank correlation of predicted with measured (what the
 search's choices depend on), and the measurement's own spread: the within-measurement coefficient of
 variation of every measurement, and the spread of the original model measured repeatedly through the run.
@@ -60,7 +62,7 @@ def _one_target(
     from compression.errors import CompressionError
     from compression.pipeline import open_workspace
     from compression.search.latency import build_latency_model
-    from compression.targets import bench_model, get_target
+    from compression.targets import bench_model, compare_models, get_target
 
     tspec = get_target(target)
     round_to = int(round_to or getattr(tspec, "round_to", 1) or 1)
@@ -100,42 +102,82 @@ def _one_target(
                 "runs": [],
             }
         )
-    # interleaved rounds (as the table's own calibration): a busy window of the machine costs each policy one
-    # round at most, and the median of the rounds is the policy's latency. The original is measured every
-    # ``every`` policies: each policy's latency is also taken relative to the mean of the original's two
-    # measurements around it (the search works in such ratios: a budget is a fraction of the original), which
-    # cancels a slower state of the whole machine (seen here: everything 35-70% slower for 5-15 s)
     every = 5
+    side_by_side = ctx.options.get("measure", "side-by-side") != "separate"
     with LoadSampler() as load:
-        for r in range(rounds):
-            before = len(original_runs)
-            measure_original()
-            for j, it in enumerate(items):
-                if "error" not in it:
-                    try:
-                        m = bench_model(it["model"], x, tspec, bits=it["policy"] if it["kind"] != "prune" else None)
-                    except CompressionError as exc:
+        if side_by_side:
+            # each group of ``every`` policies with the original, side by side (``targets.compare_models``: the
+            # models alternate run by run, so a slow stretch of the machine slows them alike), ``rounds`` blocks;
+            # a policy's ratio is the median over blocks of its ratio to the original within the block
+            for g in range(0, len(items), every):
+                group = items[g : g + every]
+                try:
+                    c = compare_models(
+                        [ws.artifact.module, *(it["model"] for it in group)],
+                        x,
+                        tspec,
+                        bits=[None, *(it["policy"] if it["kind"] != "prune" else None for it in group)],
+                        blocks=rounds,
+                    )
+                except CompressionError as exc:
+                    for it in group:
                         it["error"] = str(exc)
-                    else:
-                        it["runs"].append(m)
-                        it.setdefault("ref", []).append(len(original_runs) - 1)
-                if (j + 1) % every == 0 or j + 1 == len(items):
-                    measure_original()
-            log(ctx, f"  round {r + 1}/{rounds}: {n} policies and {len(original_runs) - before} originals measured")
-    orig_ms = [o["median_ms"] for o in original_runs]
+                    continue
+                original_runs.append({"median_ms": c.measurements[0].median_ms, "cv": c.measurements[0].cv})
+                for i, it in enumerate(group, start=1):
+                    it["per_round"] = list(c.block_ms[i])
+                    it["ratios"] = list(c.block_ratios[i])
+                    it["cv"] = c.measurements[i].cv
+                    it["bits_run"] = str(c.measurements[i].details.get("bits_run"))
+                log(
+                    ctx, f"  policies {g + 1}-{g + len(group)} of {n} measured side by side with the original"
+                )
+        else:
+            # interleaved rounds of separate measurements: a busy window of the machine costs each policy one
+            # round at most, and the median of the rounds is the policy's latency. The original is measured every
+            # ``every`` policies: each policy's latency is also taken relative to the mean of the original's two
+            # measurements around it (the search works in such ratios: a budget is a fraction of the original)
+            for r in range(rounds):
+                before = len(original_runs)
+                measure_original()
+                for j, it in enumerate(items):
+                    if "error" not in it:
+                        try:
+                            m = bench_model(
+                                it["model"], x, tspec, bits=it["policy"] if it["kind"] != "prune" else None
+                            )
+                        except CompressionError as exc:
+                            it["error"] = str(exc)
+                        else:
+                            it["runs"].append(m)
+                            it.setdefault("ref", []).append(len(original_runs) - 1)
+                    if (j + 1) % every == 0 or j + 1 == len(items):
+                        measure_original()
+                log(
+                    ctx,
+                    f"  round {r + 1}/{rounds}: {n} policies and {len(original_runs) - before} originals measured",
+                )
+            orig_ms = [o["median_ms"] for o in original_runs]
+            for it in items:
+                if "error" in it:
+                    continue
+                it["per_round"] = [m.median_ms for m in it["runs"]]
+                # the original's measurements just before and just after this policy's, per round
+                it["ratios"] = [
+                    m / ((orig_ms[k] + orig_ms[k + 1]) / 2)
+                    for m, k in zip(it["per_round"], it["ref"], strict=True)
+                ]
+                it["cv"] = statistics.fmean(m.cv for m in it["runs"])
+                it["bits_run"] = str(it["runs"][0].details.get("bits_run"))
     orig_pred = latency.total(compute_costs(ws.graph, None, round_to))
     rows: list[dict[str, Any]] = []
     for it in items:
         if "error" in it:
             rows.append({"kind": it["kind"], "predicted_ms": it["predicted"], "error": it["error"]})
             continue
-        per_round = [m.median_ms for m in it["runs"]]
+        per_round = it["per_round"]
         med = statistics.median(per_round)
-        # the original's measurements just before and just after this policy's, per round
-        ratios = [
-            m / ((orig_ms[k] + orig_ms[k + 1]) / 2) for m, k in zip(per_round, it["ref"], strict=True)
-        ]
-        ratio = statistics.median(ratios)
+        ratio = statistics.median(it["ratios"])
         pred_ratio = it["predicted"] / orig_pred
         pe = it["predicted_elements"]
         rows.append(
@@ -150,14 +192,15 @@ def _one_target(
                 "predicted_ratio": pred_ratio,
                 "measured_ratio": ratio,
                 "ratio_rel_error": (pred_ratio - ratio) / ratio,
-                "cv": statistics.fmean(m.cv for m in it["runs"]),
-                "bits_run": str(it["runs"][0].details.get("bits_run")),
+                "cv": it["cv"],
+                "bits_run": it["bits_run"],
             }
         )
     ok = [r for r in rows if "rel_error" in r]
     out: dict[str, Any] = {
         "target": target,
         "round_to": round_to,
+        "measure": "side by side" if side_by_side else "separate",
         "policies": len(rows),
         "measured": len(ok),
         "original_predicted_ms": getattr(latency, "original_ms", None),
@@ -321,7 +364,9 @@ def summarize(r: dict[str, Any]) -> str:
                     kind,
                     s["n"],
                     f"{s['mean_abs_rel_error']:.1%}",
-                    f"{s['ratio_to_original']['mean_abs_rel_error']:.1%}" if "ratio_to_original" in s else "-",
+                    f"{s['ratio_to_original']['mean_abs_rel_error']:.1%}"
+                    if "ratio_to_original" in s
+                    else "-",
                     (
                         f"{s['transitions_elements']['mean_abs_rel_error']:.1%}"
                         if "transitions_elements" in s

@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         "policies": args.policies,
         "rounds": args.rounds,
         "device_check_rounds": args.device_check_rounds,
+        "measure": args.measure,
         "agents": args.agents.split(",") if args.agents else None,
         "model": args.model,
         "round_to": args.round_to,
