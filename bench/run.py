@@ -50,6 +50,11 @@ def main(argv: list[str] | None = None) -> int:
         "--rounds", type=int, help="fidelity: interleaved measurement rounds per policy (default 3)"
     )
     p.add_argument(
+        "--measure",
+        choices=("side-by-side", "separate"),
+        help="fidelity: time each group of policies side by side with the original (default), or each on its own",
+    )
+    p.add_argument(
         "--device-check-rounds",
         type=int,
         help="quality: the finalize step's device check, in interleaved rounds (default 3; 0: trust the table)",
