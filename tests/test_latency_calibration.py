@@ -404,3 +404,12 @@ def test_a_backend_that_times_models_side_by_side_calibrates_that_way(tmp_path: 
     for p, m in zip(cal["points"], [SmallResNet(), *variants], strict=True):
         assert p["rounds_ms"] == pytest.approx([1.5 * device.latency(m, x)] * 3)
     assert "warning" not in cal and max(abs(r) for r in cal["residuals"]) < 1e-9
+
+
+def test_side_by_side_calibration_can_be_turned_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COMPRESSION_SIDE_BY_SIDE", "0")
+    device = SideBySideDevice()
+    table = LatencyTable(SIM, tmp_path / "t.sqlite", backend=device, warmup=0, repeats=1)
+    cal = table.calibrate(SmallResNet(), small_input(), variants=[SmallResNet((8, 8, 16, 16))], rounds=2)
+    assert device.calls == [] and not table.side_by_side  # measured one by one, in rounds
+    assert all(len(p["rounds_ms"]) == 2 for p in cal["points"])

@@ -117,7 +117,8 @@ class TableLatency(LatencyModel):
         # transition weighs the elements it converts, in units of the original model's mean layer input (so
         # ``transition_ms`` is the cost of a transition at an average layer's input)
         self._per_channel = {
-            n: (_per_channel(t.in_shape, t.kind), _per_channel(t.out_shape, t.kind)) for n, t in templates.items()
+            n: (_per_channel(t.in_shape, t.kind), _per_channel(t.out_shape, t.kind))
+            for n, t in templates.items()
         }
         inputs = [t.in_channels * self._per_channel[n][0] for n, t in templates.items()]
         self._elements_unit = (sum(inputs) / len(inputs)) if inputs and sum(inputs) > 0 else 1.0
@@ -132,8 +133,12 @@ class TableLatency(LatencyModel):
         self._bits_run = bits_run
         self._kinds: dict[tuple, str] = {}
         self._cache: dict[tuple, float] = {}
-        self._entry_ms: dict[Any, float] = {}  # normalized workload -> entry less overhead (bits that run alike share)
-        self._ms_memo: dict[tuple, float] = {}  # (layer, in, out, w_bits, a_bits) -> scaled ms; filled after the fit
+        self._entry_ms: dict[
+            Any, float
+        ] = {}  # normalized workload -> entry less overhead (bits that run alike share)
+        self._ms_memo: dict[
+            tuple, float
+        ] = {}  # (layer, in, out, w_bits, a_bits) -> scaled ms; filled after the fit
         _, rows, _ = table.predict(graph.module, x, measure_missing=True, calibrated=False)
         base = float(rows[-1]["ms"] or 0.0)  # the runtime's per-call overhead
         layer_kinds = ("conv2d", "linear")
@@ -170,6 +175,7 @@ class TableLatency(LatencyModel):
 
         memo_key = "search-calibration|" + json.dumps(
             [structure_key(table.workloads(graph.module, x)), round_to, kinds, CALIBRATION_BITS]
+            + (["side by side"] if getattr(table, "side_by_side", False) else [])
         )
         recalled = table.recall(memo_key, reuse_s)
         if recalled is not None:
@@ -207,7 +213,9 @@ class TableLatency(LatencyModel):
         found = fit_scales(columns, ys)
         if found is None and has_t:
             # the transitions' own factor did not come out positive (noise): fit the kernels alone
-            log.warning("%s: no positive cost per int8/float transition in the calibration fit", table.spec.name)
+            log.warning(
+                "%s: no positive cost per int8/float transition in the calibration fit", table.spec.name
+            )
             has_t = False
             found = fit_scales(columns[:-1], ys)
         fit = None

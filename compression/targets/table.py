@@ -39,6 +39,7 @@ import hashlib
 import inspect
 import json
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Sequence
@@ -176,6 +177,13 @@ class LatencyTable:
         self.analytic = self.spec.backend == "analytic"
         self.unit = getattr(self.backend, "unit", "ms") if self.analytic else "ms"
         self.fingerprint, self.fingerprint_data = backend_fingerprint(self.spec, self.backend)
+        # calibrations time their models side by side where the backend can (``_measure_rounds``);
+        # COMPRESSION_SIDE_BY_SIDE=0 measures them one by one instead (to compare the two, bench/fidelity.py)
+        self.side_by_side = (
+            os.environ.get("COMPRESSION_SIDE_BY_SIDE", "1") != "0"
+            and hasattr(self.backend, "measure_interleaved")
+            and not getattr(self.backend, "rpc", None)
+        )
         self.hits = 0
         self.misses = 0
         self.measured = 0
@@ -529,8 +537,8 @@ class LatencyTable:
         w = self.warmup if warmup is None else warmup
         r = self.repeats if repeats is None else repeats
         t = self.timeout_s if timeout_s is None else timeout_s
-        side_by_side = getattr(self.backend, "measure_interleaved", None)
-        if side_by_side is not None and not getattr(self.backend, "rpc", None):
+        if self.side_by_side:
+            side_by_side = self.backend.measure_interleaved
             from compression.targets.measure import make_measurement, summarize
 
             times, compile_s, details = side_by_side(
