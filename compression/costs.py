@@ -89,7 +89,9 @@ def _kept_shape(layer, keeps: dict[int, int], pruned_in: dict[str, float]) -> tu
     return int(round(layer.in_channels - pruned_in.get(layer.name, 0.0))), out_c, layer.groups
 
 
-def layer_shape(graph: LayerGraph, policy: Policy, name: str, round_to: int = 1) -> tuple[int, int, float, int]:
+def layer_shape(
+    graph: LayerGraph, policy: Policy, name: str, round_to: int = 1
+) -> tuple[int, int, float, int]:
     """(in_channels, out_channels, w_bits, a_bits) of one layer under ``policy``, as ``compute_costs`` gives them,
     without pricing the whole model (the search asks this for many candidate entries of one layer)."""
     keeps = group_keeps(graph, policy, round_to)

@@ -93,7 +93,9 @@ def export_onnx_int8(
             from compression.targets.workloads import extract_workloads
 
             if model is None or example_input is None:
-                raise ValueError("export_onnx_int8 needs the model and an example input to quantize some layers")
+                raise ValueError(
+                    "export_onnx_int8 needs the model and an example input to quantize some layers"
+                )
             graph = onnx.load(onnx_path)
             workloads = extract_workloads(model, example_input[:1], quantization_plan(model))
             nodes = int8_node_names(graph, workloads, int8_layers)

@@ -173,6 +173,7 @@ def test_activation_quantizer_scoring_path_matches_the_traced_one(bits):
     slow.sum().backward()
     assert torch.equal(xg.grad, torch.ones_like(x))  # straight-through
 
+
 def test_identity_policy_changes_nothing_and_policy_is_validated():
     torch.manual_seed(0)
     model = build_zoo_model("small_cnn", num_classes=10, in_channels=1, input_size=8).eval()
@@ -297,7 +298,12 @@ def test_the_int8_onnx_file_runs_int8_exactly_the_layers_the_search_ran_int8(tmp
     # no layer int8-able: no int8 file
     only_wide = Policy(layers={wide_acts: LayerPolicy(w_bits=4, a_bits=32)})
     files = write_artifacts(
-        apply_policy(graph, only_wide, calib), x, str(tmp_path / "wide"), policy=only_wide, calib=calib, report={}
+        apply_policy(graph, only_wide, calib),
+        x,
+        str(tmp_path / "wide"),
+        policy=only_wide,
+        calib=calib,
+        report={},
     )
     assert "int8.onnx" not in {f["format"] for f in files}
 
@@ -318,7 +324,9 @@ def test_a_downloaded_quantized_model_loads_back(tmp_path):
         lp = policy.layers.setdefault(name, LayerPolicy())
         lp.w_bits, lp.a_bits = 4, (2 if i % 2 else 8)
     compressed = apply_policy(graph, policy, calib)
-    write_artifacts(compressed, torch.randn(2, 1, 16, 16), str(tmp_path), policy=policy, calib=calib, report={})
+    write_artifacts(
+        compressed, torch.randn(2, 1, 16, 16), str(tmp_path), policy=policy, calib=calib, report={}
+    )
     art = load_model(str(tmp_path / "model.pt2"))
     assert graph_quantizer_levels(art.module) == 3  # the 2-bit quantizers are the coarsest
     # the runtimes' output checks (TVM, ONNX export) allow such a model its grid steps too: found when TVM refused
@@ -328,7 +336,9 @@ def test_a_downloaded_quantized_model_loads_back(tmp_path):
     with torch.no_grad():
         assert torch.allclose(art.module(x), compressed(x), atol=1e-4)
     # a float model has no quantizers: its check keeps the strict tolerance
-    write_artifacts(model, torch.randn(2, 1, 16, 16), str(tmp_path / "float"), policy=None, calib=calib, report={})
+    write_artifacts(
+        model, torch.randn(2, 1, 16, 16), str(tmp_path / "float"), policy=None, calib=calib, report={}
+    )
     reloaded_float = load_model(str(tmp_path / "float" / "model.pt2")).module
     assert graph_quantizer_levels(reloaded_float) is None and output_tolerance(reloaded_float, 1e-4) == 1e-4
 
@@ -444,9 +454,13 @@ def test_ajpq_groups_all_float_leave_a_float_layer():
     graph = LayerGraph.build(model, (1, 8, 8), num_classes=10)
     name = graph.prunable_leaders[0]
     x = torch.randn(16, 1, 8, 8)
-    policy = Policy(layers={name: LayerPolicy(keep_ratio=0.5, w_bits=32, a_bits=32, channel_bits=[32, 32, 0, 0])})
+    policy = Policy(
+        layers={name: LayerPolicy(keep_ratio=0.5, w_bits=32, a_bits=32, channel_bits=[32, 32, 0, 0])}
+    )
     out = apply_policy(graph, policy, x)
     assert name not in bit_widths(out)
     assert out.get_submodule(name).out_channels == graph[name].out_channels // 2
-    mixed = Policy(layers={name: LayerPolicy(keep_ratio=0.5, w_bits=32, a_bits=32, channel_bits=[32, 4, 0, 0])})
+    mixed = Policy(
+        layers={name: LayerPolicy(keep_ratio=0.5, w_bits=32, a_bits=32, channel_bits=[32, 4, 0, 0])}
+    )
     assert name in bit_widths(apply_policy(graph, mixed, x))

@@ -378,6 +378,8 @@ class SideBySideDevice(SimulatedDevice):
     """The simulated device, able to time models side by side, in a machine whose speed changes between blocks:
     block b runs everything ``1 + 0.5 * b`` times slower."""
 
+    interleaves = True
+
     def __init__(self) -> None:
         self.calls: list[tuple[int, int, int]] = []
 

@@ -243,8 +243,11 @@ class CompressionEnvironment:
                     thin.layers.setdefault(n, LayerPolicy()).keep_ratio = self._snap_keep(n, s.min_keep)
         costs = self.base_policy_costs(thin)
         lat = self.latency
-        kinds = [None] + (sorted({lat.run_class(w, a) for w in self._levels for a in self._levels})
-                          if lat.prices_transitions else [])
+        kinds = [None] + (
+            sorted({lat.run_class(w, a) for w in self._levels for a in self._levels})
+            if lat.prices_transitions
+            else []
+        )
         choices: list[dict[str, tuple[int, int]]] = []
         for kind in kinds:
             out: dict[str, tuple[int, int]] = {}
@@ -581,7 +584,9 @@ class CompressionEnvironment:
                 raise SearchError(f"pin_first_last_bits={pin} is out of range", "use 1..8")
             self.settings.pin_first_last_bits = int(pin)
             self._most_compressed_memo.clear()
-            self._cheap_bits = self._cheapest_bits()  # with transitions priced, the pinned layers change the best kind
+            self._cheap_bits = (
+                self._cheapest_bits()
+            )  # with transitions priced, the pinned layers change the best kind
             self.min_cost_ratio = self._min_cost_ratio()
             s = self.settings
             if s.enforce_budget and self.min_cost_ratio > s.budget * (1 + 1e-9):
@@ -686,7 +691,9 @@ class CompressionEnvironment:
                 widest = max((bits[i] for i in nonzero), default=0)
                 if widest > s.min_bits:
                     i = max(i for i in nonzero if bits[i] == widest)  # least important of the widest
-                    bits[i] = max(b for b in range(s.min_bits, s.max_bits + 1) if b < widest)  # float -> max_bits
+                    bits[i] = max(
+                        b for b in range(s.min_bits, s.max_bits + 1) if b < widest
+                    )  # float -> max_bits
                 elif can_prune and len(nonzero) > 1:
                     bits[nonzero[-1]] = 0
                 else:
@@ -731,7 +738,9 @@ class CompressionEnvironment:
         for keep in keeps[1:]:
             cand = LayerPolicy(keep, entry.w_bits, entry.a_bits, entry.sparsity)
             if pinned:
-                self._pin(name, cand)  # the pinned width, raised again where more bits cost no more at this shape
+                self._pin(
+                    name, cand
+                )  # the pinned width, raised again where more bits cost no more at this shape
             elif (w0, a0) != (entry.w_bits, entry.a_bits):
                 cand.w_bits, cand.a_bits = w0, a0
                 self._free_precision(name, cand)

@@ -138,8 +138,9 @@ def compare_models(
     measurement of a model to the next) makes two separate measurements disagree by that much, and a ratio of
     them with it. Local targets alternate the models run by run (``measure.time_interleaved``): the models' runs
     are milliseconds apart and a slow stretch slows them alike (measured on ResNet-20 and a half-pruned copy on
-    ONNX Runtime: the ratio's spread over 12 repeats 71% from separate measurements, 10-24% alternated). Others
-    measure ``blocks`` rounds of each model in turn. ``bits`` gives each model's quantization plan (None: the
+    ONNX Runtime: the ratio's spread over 12 repeats 71% from separate measurements, 10-24% alternated without
+    spinning threads). Others measure ``blocks`` rounds of each model in turn: a remote device, the analytic
+    target, and ONNX Runtime with spinning pool threads (its default; see ``OrtBackend.interleaves``). ``bits`` gives each model's quantization plan (None: the
     plan the model carries).
     """
     if not modules:
@@ -154,7 +155,7 @@ def compare_models(
     plans = list(bits) if bits is not None else [None] * len(modules)
     if len(plans) != len(modules):
         raise TargetError(f"{len(plans)} bit plans for {len(modules)} models")
-    interleaves = hasattr(backend, "measure_interleaved") and not getattr(backend, "rpc", None)
+    interleaves = bool(getattr(backend, "interleaves", False))
     if interleaves:
         from compression.targets.measure import make_measurement, summarize
 

@@ -41,6 +41,7 @@ _TVM_RPC_FIELDS = {"host", "port", "key", "timeout_s", "priority", "session_time
 
 _user_targets: dict[str, TargetSpec] = {}
 
+
 # Channel rounding a backend needs by default. ONNX Runtime's float convolutions run in its blocked layout (NCHWc)
 # only when the channel counts are multiples of its block, 16 floats with AVX-512 and 8 with AVX2 (MLAS's NCHWc
 # block size). Measured on ResNet-20/digits on an AVX-512 machine (session 6, interleaved, 5 rounds): groups at

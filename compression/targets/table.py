@@ -179,10 +179,8 @@ class LatencyTable:
         self.fingerprint, self.fingerprint_data = backend_fingerprint(self.spec, self.backend)
         # calibrations time their models side by side where the backend can (``_measure_rounds``);
         # COMPRESSION_SIDE_BY_SIDE=0 measures them one by one instead (to compare the two, bench/fidelity.py)
-        self.side_by_side = (
-            os.environ.get("COMPRESSION_SIDE_BY_SIDE", "1") != "0"
-            and hasattr(self.backend, "measure_interleaved")
-            and not getattr(self.backend, "rpc", None)
+        self.side_by_side = os.environ.get("COMPRESSION_SIDE_BY_SIDE", "1") != "0" and bool(
+            getattr(self.backend, "interleaves", False)
         )
         self.hits = 0
         self.misses = 0

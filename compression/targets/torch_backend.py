@@ -56,6 +56,9 @@ class TorchBackend:
         self.device = str(spec.settings.get("lock", DEFAULT_DEVICE))
         self.wait_s = float(spec.settings.get("wait_s", DEFAULT_WAIT_S))
 
+    # models can be timed side by side (measure_interleaved)
+    interleaves = True
+
     def bits_run(self, w_bits: int, a_bits: int) -> tuple[int, int]:
         """The bit-widths this backend really runs for a request: always float."""
         return FLOAT_BITS, FLOAT_BITS

@@ -296,6 +296,11 @@ class TvmBackend:
 
     # ---------------------------------------------------------------------------------- facts
     @property
+    def interleaves(self) -> bool:
+        """Models can be timed side by side here (``measure_interleaved``): local targets only."""
+        return self.rpc is None
+
+    @property
     def remote(self) -> bool:
         """True when measurements go through an RPC tracker."""
         return self.rpc is not None
