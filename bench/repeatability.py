@@ -53,7 +53,7 @@ def _models(spec: str, target: str, n: int):
     return models, kinds, ws.artifact.example_input(1)
 
 
-def _separate(models, x, target: str, rounds: int) -> list[float]:
+def _separate(models, x, target: str, rounds: int) -> tuple[list[float], str]:
     from compression.targets import bench_model
 
     per: list[list[float]] = [[] for _ in models[1:]]
@@ -61,13 +61,16 @@ def _separate(models, x, target: str, rounds: int) -> list[float]:
         ref = bench_model(models[0], x, target).median_ms
         for i, m in enumerate(models[1:]):
             per[i].append(bench_model(m, x, target).median_ms / ref)
-    return [statistics.median(v) for v in per]
+    return [statistics.median(v) for v in per], "separate"
 
 
-def _side_by_side(models, x, target: str, blocks: int) -> list[float]:
+def _side_by_side(models, x, target: str, blocks: int) -> tuple[list[float], str]:
+    """``compare_models``; on a target that cannot alternate (ONNX Runtime with spinning threads since session 8)
+    it measures model by model, and the method it used is recorded."""
     from compression.targets import compare_models
 
-    return compare_models(models, x, target, blocks=blocks).ratios[1:]
+    c = compare_models(models, x, target, blocks=blocks)
+    return c.ratios[1:], c.method
 
 
 def _one_target(ctx: Context, spec: str, target: str, repeats: int, n: int) -> dict[str, Any]:
@@ -75,12 +78,14 @@ def _one_target(ctx: Context, spec: str, target: str, repeats: int, n: int) -> d
     methods = {"separate": _separate, "side by side": _side_by_side}
     ratios: dict[str, list[list[float]]] = {k: [] for k in methods}
     seconds: dict[str, list[float]] = {k: [] for k in methods}
+    used: dict[str, str] = {}
     with LoadSampler() as load:
         for r in range(repeats):
             order = list(methods) if r % 2 == 0 else list(methods)[::-1]
             for name in order:
                 t0 = time.perf_counter()
-                ratios[name].append(methods[name](models, x, target, 3))
+                found, used[name] = methods[name](models, x, target, 3)
+                ratios[name].append(found)
                 seconds[name].append(time.perf_counter() - t0)
             log(
                 ctx,
@@ -99,6 +104,7 @@ def _one_target(ctx: Context, spec: str, target: str, repeats: int, n: int) -> d
             "cv_mean": statistics.fmean(cvs),
             "ratio_mean": statistics.fmean(statistics.median(v) for v in per_policy),
             "seconds_mean": statistics.fmean(seconds[name]),
+            "measured": used.get(name),
         }
     return out
 
