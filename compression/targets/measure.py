@@ -444,6 +444,27 @@ def measure_interleaved_locked(
     return run_with_deadline(job, timeout_s, what, started=started, wait_s=wait_s)
 
 
+def measure_with_cleanup(
+    make: Callable[
+        [Any, Any], tuple[Callable[[], tuple[Callable[[], Any], dict[str, Any]]], Callable[[], None]]
+    ],
+    modules: list[Any],
+    plans: list[Any],
+    **kwargs: Any,
+) -> tuple[list[list[list[float]]], list[float], list[dict[str, Any]]]:
+    """``measure_interleaved_locked`` over ``make(module, plan) -> (prepare, cleanup)`` of each model; every
+    cleanup runs afterwards, also when making a later one or the measurement fails."""
+    made: list[tuple[Any, Callable[[], None]]] = []
+    try:
+        for m, b in zip(modules, plans, strict=True):
+            made.append(make(m, b))
+        times, compile_s, details, _ = measure_interleaved_locked([p for p, _ in made], **kwargs)
+    finally:
+        for _, cleanup in made:
+            cleanup()
+    return times, compile_s, details
+
+
 def make_measurement(
     spec: TargetSpec,
     stats: dict[str, float],

@@ -39,8 +39,8 @@ from compression.targets.measure import (
     DEFAULT_DEVICE,
     DEFAULT_WAIT_S,
     make_measurement,
-    measure_interleaved_locked,
     measure_locked,
+    measure_with_cleanup,
 )
 from compression.targets.onnx_io import as_inputs, export_onnx
 from compression.targets.torch_backend import cpu_model
@@ -355,24 +355,19 @@ class OrtBackend:
         """
         inputs = as_inputs(example_input)
         plans = list(bits) if bits is not None else [None] * len(modules)
-        preparers = []
-        try:
-            for m, b in zip(modules, plans, strict=True):
-                preparers.append(self._preparer(m, inputs, b, self.spinning))
-            times, compile_s, details, _ = measure_interleaved_locked(
-                [p for p, _ in preparers],
-                what=f"target {self.spec.name}",
-                device=self.device,
-                warmup=warmup,
-                repeats=repeats,
-                blocks=blocks,
-                timeout_s=timeout_s,
-                wait_s=self.wait_s,
-                chunk=SPIN_CHUNK if self.spinning else 1,
-            )
-        finally:
-            for _, cleanup in preparers:
-                cleanup()
+        times, compile_s, details = measure_with_cleanup(
+            lambda m, b: self._preparer(m, inputs, b, self.spinning),
+            list(modules),
+            plans,
+            what=f"target {self.spec.name}",
+            device=self.device,
+            warmup=warmup,
+            repeats=repeats,
+            blocks=blocks,
+            timeout_s=timeout_s,
+            wait_s=self.wait_s,
+            chunk=SPIN_CHUNK if self.spinning else 1,
+        )
         for d in details:
             d["spinning"] = self.spinning
         return times, compile_s, details

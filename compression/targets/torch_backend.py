@@ -26,8 +26,8 @@ from compression.targets.measure import (
     DEFAULT_DEVICE,
     DEFAULT_WAIT_S,
     make_measurement,
-    measure_interleaved_locked,
     measure_locked,
+    measure_with_cleanup,
 )
 from compression.targets.onnx_io import as_inputs
 from compression.targets.workloads import FLOAT_BITS, extract_workloads, normalize_bits
@@ -120,24 +120,19 @@ class TorchBackend:
         """Time ``modules`` side by side, one forward of each in turn (``measure.time_interleaved``)."""
         inputs = as_inputs(example_input)
         plans = list(bits) if bits is not None else [None] * len(modules)
-        preparers = []
-        try:
-            for m, b in zip(modules, plans, strict=True):
-                preparers.append(self._preparer(m, inputs, b))
-            times, compile_s, details, _ = measure_interleaved_locked(
-                [p for p, _ in preparers],
-                what=f"target {self.spec.name}",
-                device=self.device,
-                warmup=warmup,
-                repeats=repeats,
-                blocks=blocks,
-                timeout_s=timeout_s,
-                wait_s=self.wait_s,
-                setup_thread=self._setup_thread,
-            )
-        finally:
-            for _, cleanup in preparers:
-                cleanup()
+        times, compile_s, details = measure_with_cleanup(
+            lambda m, b: self._preparer(m, inputs, b),
+            list(modules),
+            plans,
+            what=f"target {self.spec.name}",
+            device=self.device,
+            warmup=warmup,
+            repeats=repeats,
+            blocks=blocks,
+            timeout_s=timeout_s,
+            wait_s=self.wait_s,
+            setup_thread=self._setup_thread,
+        )
         return times, compile_s, details
 
     def _setup_thread(self) -> Callable[[], None]:

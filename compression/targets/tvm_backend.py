@@ -544,16 +544,7 @@ class TvmBackend:
                 n: "float32" for n, (w, a) in plan.items() if (w, a) != (FLOAT_BITS, FLOAT_BITS)
             }
             bits_details["note"] = FLOAT_NOTE
-        with torch.no_grad():
-            was_training = module.training
-            module.eval()
-            try:
-                reference = [o.detach().cpu().numpy() for o in _flatten(module(*inputs))]
-            finally:
-                module.train(was_training)
-        from compression.quant import output_tolerance
-
-        rtol = output_tolerance(module, _OUTPUT_RTOL)
+        reference, rtol = _reference(module, inputs)
 
         fused = None
         tuning_details: dict[str, Any] = {}
@@ -608,20 +599,11 @@ class TvmBackend:
         import tvm
         from tvm import relax
 
-        from compression.quant import output_tolerance
-
         self._check_local_target()
         inputs = as_inputs(example_input)
         prepares = []
         for module in modules:
-            with torch.no_grad():
-                was_training = module.training
-                module.eval()
-                try:
-                    reference = [o.detach().cpu().numpy() for o in _flatten(module(*inputs))]
-                finally:
-                    module.train(was_training)
-            rtol = output_tolerance(module, _OUTPUT_RTOL)
+            reference, rtol = _reference(module, inputs)
             fused = None
             if self.mode == "metaschedule":
                 fused = self._import(module, inputs)
@@ -823,6 +805,20 @@ def export_library(
 
 
 # ------------------------------------------------------------------------------------------ timing
+def _reference(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[list[np.ndarray], float]:
+    """PyTorch's outputs for ``inputs`` (eval mode, restored after) and the tolerance a runtime must meet."""
+    from compression.quant import output_tolerance
+
+    with torch.no_grad():
+        was_training = module.training
+        module.eval()
+        try:
+            reference = [o.detach().cpu().numpy() for o in _flatten(module(*inputs))]
+        finally:
+            module.train(was_training)
+    return reference, output_tolerance(module, _OUTPUT_RTOL)
+
+
 def _flatten(out: Any) -> list[torch.Tensor]:
     if isinstance(out, torch.Tensor):
         return [out]
