@@ -266,3 +266,15 @@ def test_database_vendor_matches_database_url(db):
         assert connection.vendor == expected
     else:
         assert connection.vendor in ("sqlite", "postgresql")
+
+
+@pytest.mark.django_db
+def test_the_migrations_match_the_models() -> None:
+    """A model change without its migration fails here, not on a user's database."""
+    out = io.StringIO()
+    try:
+        call_command("makemigrations", "--check", "--dry-run", stdout=out, stderr=out)
+    except SystemExit as exc:  # --check exits 1 when a migration is missing
+        raise AssertionError(
+            f"models changed without a migration (run manage.py makemigrations):\n{out.getvalue()}"
+        ) from exc

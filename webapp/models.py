@@ -250,7 +250,9 @@ class Run(models.Model):
     agent = models.CharField(max_length=32)
     config = models.JSONField(default=dict, help_text="compression.search.SearchConfig.to_dict()")
     status = models.CharField(max_length=16, choices=STATUS_CHOICES, default="queued", db_index=True)
-    phase = models.CharField(max_length=16, blank=True, help_text="search | finalize | export | measure")
+    phase = models.CharField(
+        max_length=16, blank=True, help_text="search | device check | finalize | measure | export"
+    )
     episodes_done = models.PositiveIntegerField(default=0)
     episodes_total = models.PositiveIntegerField(default=0)
     best = models.JSONField(null=True, blank=True, help_text="the best episode so far (Episode.to_event())")
