@@ -672,8 +672,10 @@ def summarize(result: dict[str, Any]) -> str:
                     )
                 elif c["status"] == "unreachable":
                     row.append(f"unreachable (floor {c['floor']:.0%})")
+                elif c.get("error"):
+                    row.append(f"{c['status']}: {c['error'][:60]}")
                 else:
-                    row.append(f"{c['status']}: {(c.get('error') or '')[:60]}")
+                    row.append(c["status"])  # "not run": the cell was not asked for
             rows.append(row)
         lines.append(table(["method", *[f"{b:.0%} latency" for b in result["budgets"]]], rows))
     lay = result.get("layouts")
