@@ -80,7 +80,10 @@ def _one_target(
         )
     rng = np.random.default_rng(0)
     # joint on a float runtime: the quantizers' arithmetic is real work there; mixed: int8 beside float kernels
-    kinds = ["prune", "joint", "mixed"]
+    kinds = ctx.options.get("kinds") or ["prune", "joint", "mixed"]
+    unknown = set(kinds) - {"prune", "joint", "mixed"}
+    if unknown:
+        raise ValueError(f"unknown policy kinds {sorted(unknown)}: choose from prune, joint, mixed")
     original_runs: list[dict[str, float]] = []
 
     def measure_original() -> None:
@@ -98,6 +101,7 @@ def _one_target(
                 "policy": policy,
                 "predicted": latency.total(costs),
                 "predicted_elements": weighted.total(costs) if weighted is not None else None,
+                "layers": _layer_parts(latency, costs),
                 "model": apply_policy(ws.graph, policy, calib, round_to=round_to),
                 "runs": [],
             }
@@ -194,6 +198,7 @@ def _one_target(
                 "ratio_rel_error": (pred_ratio - ratio) / ratio,
                 "cv": it["cv"],
                 "bits_run": it["bits_run"],
+                "layers": it["layers"],
             }
         )
     ok = [r for r in rows if "rel_error" in r]
@@ -250,6 +255,24 @@ def _one_target(
                 "mean_rel_error": statistics.fmean(err_c),
             }
     return out
+
+
+def _layer_parts(latency, costs) -> dict[str, list[float]] | None:
+    """Per layer of a policy: [in channels, out channels, weight bits, activation bits, float part, quantization
+    part] (the parts unscaled, as ``TableLatency._parts``), for studying where predictions go wrong."""
+    parts = getattr(latency, "_parts", None)
+    if parts is None:
+        return None
+    return {
+        n: [
+            c.in_channels,
+            c.out_channels,
+            c.w_bits,
+            c.a_bits,
+            *parts(n, c.in_channels, c.out_channels, c.w_bits, c.a_bits),
+        ]
+        for n, c in costs.layers.items()
+    }
 
 
 def _calibration_summary(cal: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -59,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         help="quality: the finalize step's device check, in interleaved rounds (default 3; 0: trust the table)",
     )
+    p.add_argument(
+        "--kinds",
+        help="fidelity: comma-separated kinds of random policy: prune,joint,mixed (default all three)",
+    )
     p.add_argument("--agents", help="comma-separated agents (quality, throughput)")
     p.add_argument("--models", help="comma-separated models for quality: resnet20,dwnet")
     p.add_argument("--model", help="use this .pt2 instead of the trained ResNet-20 (throughput, fidelity)")
@@ -126,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         "device_check_rounds": args.device_check_rounds,
         "measure": args.measure,
         "agents": args.agents.split(",") if args.agents else None,
+        "kinds": args.kinds.split(",") if args.kinds else None,
         "model": args.model,
         "round_to": args.round_to,
         "fresh": args.fresh,
