@@ -32,15 +32,15 @@ from bench.common import (
 )
 
 
-def random_policy(graph, rng, kind: str, min_keep: float = 0.1):
-    """A random policy: keep ratios uniform in [min_keep, 1] per prunable group; for ``joint`` also
+def random_policy(graph, rng, kind: str, min_keep: float = 0.1, max_keep: float = 1.0):
+    """A random policy: keep ratios uniform in [min_keep, max_keep] per prunable group; for ``joint`` also
     weight/activation bits uniform in 2..8 on every layer (as the joint search produces); for ``mixed`` such
     bits on half the layers, the others float (a model mixing int8 and float kernels on ONNX Runtime)."""
     from compression.policy import LayerPolicy, Policy
 
     layers = {}
     for name in graph.prunable_leaders:
-        layers[name] = LayerPolicy(keep_ratio=float(rng.uniform(min_keep, 1.0)))
+        layers[name] = LayerPolicy(keep_ratio=float(rng.uniform(min_keep, max_keep)))
     if kind in ("joint", "mixed"):
         for name in graph.quantizable:
             if kind == "mixed" and rng.random() < 0.5:
@@ -81,6 +81,8 @@ def _one_target(
     rng = np.random.default_rng(0)
     # joint on a float runtime: the quantizers' arithmetic is real work there; mixed: int8 beside float kernels
     kinds = ctx.options.get("kinds") or ["prune", "joint", "mixed"]
+    # --max-keep below 1 draws policies near the floor, where the tight budgets' searches end up
+    max_keep = float(ctx.options.get("max_keep") or 1.0)
     unknown = set(kinds) - {"prune", "joint", "mixed"}
     if unknown:
         raise ValueError(f"unknown policy kinds {sorted(unknown)}: choose from prune, joint, mixed")
@@ -93,7 +95,7 @@ def _one_target(
     items = []
     for i in range(n):
         kind = kinds[i % len(kinds)]
-        policy = random_policy(ws.graph, rng, kind)
+        policy = random_policy(ws.graph, rng, kind, max_keep=max_keep)
         costs = compute_costs(ws.graph, policy, round_to)
         items.append(
             {
@@ -206,6 +208,8 @@ def _one_target(
         "target": target,
         "round_to": round_to,
         "measure": "side by side" if side_by_side else "separate",
+        "kinds": kinds,
+        "max_keep": max_keep,
         "policies": len(rows),
         "measured": len(ok),
         "original_predicted_ms": getattr(latency, "original_ms", None),

@@ -394,7 +394,9 @@ def goals(r: dict[str, Any]) -> dict[str, Any]:
     # a search that failed (refused its budget, crashed) measured nothing worth a verdict
     failed = [x for x in w.get("runs", []) if _failed(x)]
     r56 = [
-        x for x in w.get("runs", []) if x.get("arch") == "resnet56" and "maxrss_bytes" in x and x not in failed
+        x
+        for x in w.get("runs", [])
+        if x.get("arch") == "resnet56" and "maxrss_bytes" in x and x not in failed
     ]
     out["worker_runs_failed"] = len(failed)
     out["worker_resnet56_under_2GiB"] = all(x["maxrss_bytes"] < 2 * GIB for x in r56) if r56 else None

@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
         "--kinds",
         help="fidelity: comma-separated kinds of random policy: prune,joint,mixed (default all three)",
     )
+    p.add_argument(
+        "--max-keep", type=float, help="fidelity: random keep ratios are drawn in [0.1, this] (default 1)"
+    )
     p.add_argument("--agents", help="comma-separated agents (quality, throughput)")
     p.add_argument("--models", help="comma-separated models for quality: resnet20,dwnet")
     p.add_argument("--model", help="use this .pt2 instead of the trained ResNet-20 (throughput, fidelity)")
@@ -130,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         "device_check_rounds": args.device_check_rounds,
         "measure": args.measure,
         "agents": args.agents.split(",") if args.agents else None,
+        "max_keep": args.max_keep,
         "kinds": args.kinds.split(",") if args.kinds else None,
         "model": args.model,
         "round_to": args.round_to,

@@ -73,7 +73,10 @@ def run(ctx: Context) -> dict[str, Any]:
         export_formats=("pt2", "onnx"),
         checkpoint_every=max(5, episodes),
     )
-    log(ctx, f"speedup: {agent} at {budget:.0%} latency on {target}, {episodes} episodes, {ft} fine-tune epoch(s)")
+    log(
+        ctx,
+        f"speedup: {agent} at {budget:.0%} latency on {target}, {episodes} episodes, {ft} fine-tune epoch(s)",
+    )
     with LoadSampler() as load:
         report = run_search(cfg, str(out), [Recorder(ctx, agent)], resume=False)
     orig_dir = fresh_dir(base / "original-export")
@@ -144,7 +147,9 @@ def _shipped_onnx(files: dict[str, Path], x, test_set, rounds: int) -> dict[str,
     so = session_options(
         int(st.get("threads", 2)), str(st.get("optimization", "all")), bool(st.get("spinning", True))
     )
-    sessions = {k: ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"]) for k, p in files.items()}
+    sessions = {
+        k: ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"]) for k, p in files.items()
+    }
     xs, ys = test_set.tensors[0].numpy(), test_set.tensors[1].numpy()
     out: dict[str, Any] = {}
     for k, sess in sessions.items():
@@ -152,7 +157,11 @@ def _shipped_onnx(files: dict[str, Path], x, test_set, rounds: int) -> dict[str,
         pred = np.concatenate(
             [sess.run(None, {name: xs[i : i + 128]})[0].argmax(1) for i in range(0, len(xs), 128)]
         )
-        out[k] = {"file": files[k].name, "bytes": files[k].stat().st_size, "test_top1": float((pred == ys).mean())}
+        out[k] = {
+            "file": files[k].name,
+            "bytes": files[k].stat().st_size,
+            "test_top1": float((pred == ys).mean()),
+        }
     times: dict[str, list[float]] = {k: [] for k in sessions}
     with LoadSampler() as load:
         for _ in range(rounds):
@@ -239,7 +248,13 @@ def summarize(r: dict[str, Any]) -> str:
             + table(
                 ["shipped file (ONNX Runtime)", "test accuracy", "bytes", "median ms", "speedup"],
                 [
-                    [o["file"] + " (original)", f"{o['test_top1']:.4f}", o["bytes"], f"{o['median_ms']:.3f}", ""],
+                    [
+                        o["file"] + " (original)",
+                        f"{o['test_top1']:.4f}",
+                        o["bytes"],
+                        f"{o['median_ms']:.3f}",
+                        "",
+                    ],
                     [
                         c["file"],
                         f"{c['test_top1']:.4f}",

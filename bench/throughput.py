@@ -432,7 +432,9 @@ def _run(ctx: Context) -> dict[str, Any]:
     sizes_rank = [25, 50, 100, 180, 250, 500, 1000]
     n_pol = int(ctx.opt("policies", 20, 60))
     log(ctx, f"validation subsets: ranking quality over {n_pol} policies")
-    prune_budget = pick_budget(floors["prune"])  # 50% is below the pruning floor on some targets (ORT, rounding 16)
+    prune_budget = pick_budget(
+        floors["prune"]
+    )  # 50% is below the pruning floor on some targets (ORT, rounding 16)
     result["val_ranking"] = _ranking(
         ctx, model, target, n_pol, sizes_rank, draws=5 if ctx.quick else 20, budget=prune_budget
     )
