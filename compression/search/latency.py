@@ -62,8 +62,12 @@ class TableLatency(LatencyModel):
     costs that do not shrink with the channels), so the table is calibrated in the search's own terms:
     the original model, uniformly pruned copies (``CALIBRATION_KEEPS``, rounded like the search) and, for a
     search that quantizes, copies at ``CALIBRATION_BITS`` bits are measured end to end once, and
-    ``measured = overhead + a * F + b * Q + rest`` is fitted by least squares over them. ``rest`` holds the
-    residual operations (additions, pooling) and per-operation costs.
+    ``measured = overhead + a * F + b * Q + rest`` is fitted over them in two steps, in relative terms (each
+    point weighted by 1 / measured: the search prices a policy as a fraction of the original): the float line
+    ``a``, ``rest`` from the float copies alone, then ``b`` from what the quantized copies measure beyond that
+    line. (One fit over all the copies let the quantized ones bend the float line, and a joint search priced
+    pruned policies ~4% low as fractions of the original on TVM; docs/BENCHMARKS.md 3, session 10.) ``rest``
+    holds the residual operations (additions, pooling) and per-operation costs.
 
     **Runtimes with int8 kernels** (ONNX Runtime: ``bits_run`` gives int8 for <= 8 bits) run a model in two
     kinds of kernels, and the per-layer sum misses what ties them: a one-layer int8 entry pays its own
@@ -72,10 +76,9 @@ class TableLatency(LatencyModel):
     them once. Measured on ResNet-20/digits: every layer int8 0.60 ms, the float original 0.76 ms, every other
     layer int8 1.23 ms, which the per-layer sum priced below the original. There, ``F`` is the float entries of
     the float layers, ``Q`` the int8 entries of the int8 layers, and ``T`` the number of such transitions
-    (``transitions``, from ``LayerGraph.producers``): ``measured = overhead + a * F + b * Q + t * T + rest``,
-    fitted with two more calibration copies whose layers alternate between int8 and float. A fit that is not
-    determined or not
-    increasing falls back to one factor (the table's own calibration). ``calibration`` keeps the points,
+    (``transitions``, from ``LayerGraph.producers``): ``measured = overhead + a * F + b * Q + t * T + rest``
+    (``b`` and ``t`` in the second step), fitted with two more calibration copies whose layers alternate between
+    int8 and float. A float line that is not determined or not increasing falls back to one factor (the table's own calibration). ``calibration`` keeps the points,
     the fit and its residuals. The measurements are stored in the table and reused by searches of the same
     model on the same target for ``reuse_s`` seconds (``COMPRESSION_CALIBRATION_REUSE_S``, default one
     hour; 0 always measures).
@@ -207,24 +210,13 @@ class TableLatency(LatencyModel):
             qs.append(sum(q for _, q in parts))
             ts.append(self.transitions(costs))
         ys = [m - base for m in measured]
-        has_q = any(abs(q) > 1e-9 for q in qs)
-        has_t = any(ts)
-        columns = [fs] + ([qs] if has_q else []) + ([ts] if has_t else [])
-        found = fit_scales(columns, ys)
-        if found is None and has_t:
-            # the transitions' own factor did not come out positive (noise): fit the kernels alone
-            log.warning(
-                "%s: no positive cost per int8/float transition in the calibration fit", table.spec.name
-            )
-            has_t = False
-            found = fit_scales(columns[:-1], ys)
-        fit = None
-        t_ms = 0.0
-        if found is not None:
-            scales, rest = found
-            fit = (scales[0], scales[1] if has_q else 1.0, rest)
-            t_ms = scales[-1] if has_t else 0.0
-        if fit is not None and graph.prunable_leaders:
+        # relative weights: the search prices a policy as a fraction of the original, so a 2% miss on a small
+        # copy matters as much as one on the original
+        weights = [1.0 / m if m > 0 else 1.0 for m in measured]
+        # 1. the float line, from the float copies alone (the original and the uniformly pruned ones)
+        n_float = 1 + (len(CALIBRATION_KEEPS) if graph.prunable_leaders else 0)
+        line = fit_scales([fs[:n_float]], ys[:n_float], weights=weights[:n_float])
+        if line is not None and graph.prunable_leaders:
             # a line fitted between keep 1 and 0.25 must not predict the most pruned model (keep MIN_KEEP) at or
             # below the bare call overhead: measured on ONNX Runtime, whose times are not linear in the layer sums
             # at this size, the extrapolation went negative and candidates got latencies <= 0
@@ -233,27 +225,53 @@ class TableLatency(LatencyModel):
                 self._parts(n, c.in_channels, c.out_channels, 32, 32)[0]
                 for n, c in compute_costs(graph, thin, round_to).layers.items()
             )
-            if fit[0] * f_min + fit[2] <= 0:
+            if line[0][0] * f_min + line[1] <= 0:
                 log.warning(
                     "%s: the calibration line predicts the most pruned model at no cost (scale %.2f, rest %.3f ms); "
                     "using one factor instead",
                     table.spec.name,
-                    fit[0],
-                    fit[2],
+                    line[0][0],
+                    line[1],
                 )
-                fit = None
-        if fit is None:
+                line = None
+        if line is not None:
+            a, rest = line[0][0], line[1]
+        else:
             # one factor through the original alone, the residual operations scaled alike: never below zero
             whole = fs[0] + rest_raw
             a = (measured[0] - base) / whole if whole > 0 and measured[0] > base else 1.0
-            fit = (a, a, a * rest_raw)
-            t_ms = 0.0
-            if self.prices_transitions:
+            rest = a * rest_raw
+        # 2. what the bits add, from the quantized copies, the float line held: their time less the float line's
+        # for their float parts, fitted as b * Q (+ t * T). One fit over all the copies let the quantized ones
+        # bend the float line: on TVM it priced the original 1.6% high and the pruned copies 2% low, so a joint
+        # search under-priced every pruned policy by ~4% as a fraction of the original (docs/BENCHMARKS.md 3,
+        # session 10), while a pruning-only search, fitted on the float copies alone, priced them within 1%.
+        b, t_ms = a, 0.0
+        quant = range(n_float, len(policies))
+        if len(quant):
+            extra = [ys[i] - a * fs[i] - rest for i in quant]
+            qcol, tcol, wq = [qs[i] for i in quant], [ts[i] for i in quant], [weights[i] for i in quant]
+            has_q = any(abs(q) > 1e-9 for q in qcol)
+            has_t = any(tcol)
+            cols = ([qcol] if has_q else []) + ([tcol] if has_t else [])
+            found = fit_scales(cols, extra, weights=wq, offset=False)
+            if found is None and has_t:
+                # the transitions' own factor did not come out positive (noise): fit the kernels alone
+                log.warning(
+                    "%s: no positive cost per int8/float transition in the calibration fit", table.spec.name
+                )
+                has_t = False
+                found = fit_scales([qcol], extra, weights=wq, offset=False) if has_q else None
+            if found is not None:
+                b = found[0][0] if has_q else a
+                t_ms = found[0][-1] if has_t else 0.0
+            elif self.prices_transitions:
                 log.warning(
                     "%s: the calibration did not separate int8 kernels and int8/float transitions; models mixing "
                     "int8 and float layers are priced without their conversions and may measure slower",
                     table.spec.name,
                 )
+        fit = (a, b, rest)
         self.scale, self.q_scale, rest = max(fit[0], 1e-3), fit[1], fit[2]
         self.transition_ms = t_ms
         self._ms_memo.clear()
@@ -265,6 +283,7 @@ class TableLatency(LatencyModel):
         ]
         self.calibration["search_fit"] = {
             "models": kinds,
+            "float_models": n_float,  # the first n_float models fit the float line; the others what bits add
             "float_ms": fs,
             "quant_delta_ms": qs,
             "transitions": ts,

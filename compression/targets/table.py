@@ -832,24 +832,40 @@ class LatencyTable:
         }
 
 
-def fit_scales(columns: list[list[float]], ys: list[float]) -> tuple[list[float], float] | None:
+def fit_scales(
+    columns: list[list[float]],
+    ys: list[float],
+    *,
+    weights: list[float] | None = None,
+    offset: bool = True,
+) -> tuple[list[float], float] | None:
     """Least squares ``y = sum(scale_i * column_i) + offset``: (scales, offset), or None when the fit is not
     determined (fewer points than unknowns, or the first column too alike across points to separate its scale
-    from the offset) or a scale is not positive (time cannot fall as work grows)."""
+    from the offset) or a scale is not positive (time cannot fall as work grows).
+
+    ``weights`` weigh each point's residual (``1 / y`` fits relative errors); ``offset=False`` fits no offset
+    (returned as 0.0)."""
     import numpy as np
 
     n, k = len(ys), len(columns)
-    if n < k + 1:
+    if k == 0 or n < k + int(offset):
         return None
     first = np.asarray(columns[0], dtype=float)
-    if float(first.std()) <= 0.05 * abs(float(first.mean())):
+    if offset and float(first.std()) <= 0.05 * abs(float(first.mean())):
         return None
-    a = np.column_stack([*(np.asarray(c, dtype=float) for c in columns), np.ones(n)])
-    sol, *_ = np.linalg.lstsq(a, np.asarray(ys, dtype=float), rcond=None)
+    cols = [np.asarray(c, dtype=float) for c in columns] + ([np.ones(n)] if offset else [])
+    a = np.column_stack(cols)
+    y = np.asarray(ys, dtype=float)
+    if weights is not None:
+        w = np.asarray(weights, dtype=float)
+        a, y = a * w[:, None], y * w
+    if np.linalg.matrix_rank(a) < a.shape[1]:
+        return None
+    sol, *_ = np.linalg.lstsq(a, y, rcond=None)
     scales = [float(v) for v in sol[:k]]
     if min(scales) <= 0:
         return None
-    return scales, float(sol[k])
+    return scales, float(sol[k]) if offset else 0.0
 
 
 def structure_key(workloads: list[LayerWorkload]) -> str:
