@@ -104,6 +104,7 @@ def _one_target(
                 "predicted": latency.total(costs),
                 "predicted_elements": weighted.total(costs) if weighted is not None else None,
                 "layers": _layer_parts(latency, costs),
+                "transitions": latency.transitions(costs) if hasattr(latency, "transitions") else 0.0,
                 "model": apply_policy(ws.graph, policy, calib, round_to=round_to),
                 "runs": [],
             }
@@ -201,6 +202,7 @@ def _one_target(
                 "cv": it["cv"],
                 "bits_run": it["bits_run"],
                 "layers": it["layers"],
+                "transitions": it["transitions"],
             }
         )
     ok = [r for r in rows if "rel_error" in r]
@@ -227,6 +229,7 @@ def _one_target(
         "rows": rows,
         "load": load.summary(),
     }
+    out["fits"] = compare_fits(out)
     for kind in [*kinds, "all"]:
         sel = [r for r in ok if kind == "all" or r["kind"] == kind]
         if not sel:
@@ -258,6 +261,62 @@ def _one_target(
                 "worst_abs_rel_error": max(abs(e) for e in err_c),
                 "mean_rel_error": statistics.fmean(err_c),
             }
+    return out
+
+
+def compare_fits(res: dict[str, Any]) -> dict[str, Any] | None:
+    """The same measurements priced by the fit the search uses and by the one it replaced (session 10).
+
+    Up to session 9 the search's line ``overhead + a * F + b * Q + t * T + rest`` was one least-squares fit (in
+    milliseconds) over every calibration copy; since, the float line is fitted on the float copies alone, in
+    relative terms, and ``b``, ``t`` on what the quantized copies add (``TableLatency``). From the calibration's
+    points and each row's per-layer parts, both predict every measured policy as a fraction of the original;
+    returned per kind of policy: mean and worst |error| of that ratio, and its bias."""
+    from compression.targets.table import fit_scales
+
+    sf = (res.get("calibration") or {}).get("search_fit")
+    rows = [r for r in res.get("rows", []) if "measured_ratio" in r and r.get("layers")]
+    if not sf or not rows:
+        return None
+    fs, qs, ts = sf["float_ms"], sf["quant_delta_ms"], sf["transitions"]
+    base = sf["overhead_ms"]
+    ys = [m - base for m in sf["measured_ms"]]
+    has_q, has_t = any(abs(q) > 1e-9 for q in qs), any(ts)
+    found = fit_scales([fs] + ([qs] if has_q else []) + ([ts] if has_t else []), ys)
+    fits: dict[str, tuple[float, float, float, float]] = {
+        "as used": (sf["scale"], sf["quant_scale"], sf["transition_ms"], sf["rest_ms"])
+    }
+    if found is not None:
+        sc, rest = found
+        fits["one fit over all copies"] = (sc[0], sc[1] if has_q else sc[0], sc[-1] if has_t else 0.0, rest)
+    out: dict[str, Any] = {}
+    for name, (a, b, t, rest) in fits.items():
+
+        def price(f: float, q: float, tr: float, a=a, b=b, t=t, rest=rest) -> float:
+            return base + a * f + b * q + t * tr + rest
+
+        original = price(fs[0], 0.0, 0.0)
+        errs: dict[str, list[float]] = {}
+        for r in rows:
+            f = sum(v[4] for v in r["layers"].values())
+            q = sum(v[5] for v in r["layers"].values())
+            e = (price(f, q, r.get("transitions", 0.0)) / original - r["measured_ratio"]) / r[
+                "measured_ratio"
+            ]
+            errs.setdefault(r["kind"], []).append(e)
+            errs.setdefault("all", []).append(e)
+        out[name] = {
+            "fit": {"scale": a, "quant_scale": b, "transition_ms": t, "rest_ms": rest},
+            **{
+                k: {
+                    "n": len(v),
+                    "mean_abs_rel_error": statistics.fmean(abs(e) for e in v),
+                    "worst_abs_rel_error": max(abs(e) for e in v),
+                    "mean_rel_error": statistics.fmean(v),
+                }
+                for k, v in errs.items()
+            },
+        }
     return out
 
 
@@ -447,4 +506,26 @@ def summarize(r: dict[str, Any]) -> str:
         )
     elif rd:
         out += f"\n\nrounding: {rd.get('error')}"
+    fit_rows = []
+    for t, res in r["targets"].items():
+        for name, f in (res.get("fits") or {}).items():
+            for kind in ("prune", "joint", "mixed", "all"):
+                if kind in f:
+                    s = f[kind]
+                    fit_rows.append(
+                        [
+                            t,
+                            name,
+                            kind,
+                            s["n"],
+                            f"{s['mean_abs_rel_error']:.1%}",
+                            f"{s['worst_abs_rel_error']:.1%}",
+                            f"{s['mean_rel_error']:+.1%}",
+                        ]
+                    )
+    if fit_rows:
+        out += (
+            "\n\nThe same measurements, as ratios to the original, under each calibration fit:\n\n"
+            + table(["target", "fit", "policies", "n", "mean |err|", "worst |err|", "bias"], fit_rows)
+        )
     return out
