@@ -31,6 +31,8 @@ from bench.common import (
     write_result,
 )
 
+POLICY_KINDS = ("prune", "joint", "mixed")  # see random_policy
+
 
 def random_policy(graph, rng, kind: str, min_keep: float = 0.1, max_keep: float = 1.0):
     """A random policy: keep ratios uniform in [min_keep, max_keep] per prunable group; for ``joint`` also
@@ -80,12 +82,9 @@ def _one_target(
         )
     rng = np.random.default_rng(0)
     # joint on a float runtime: the quantizers' arithmetic is real work there; mixed: int8 beside float kernels
-    kinds = ctx.options.get("kinds") or ["prune", "joint", "mixed"]
+    kinds = ctx.options.get("kinds") or list(POLICY_KINDS)
     # --max-keep below 1 draws policies near the floor, where the tight budgets' searches end up
     max_keep = float(ctx.options.get("max_keep") or 1.0)
-    unknown = set(kinds) - {"prune", "joint", "mixed"}
-    if unknown:
-        raise ValueError(f"unknown policy kinds {sorted(unknown)}: choose from prune, joint, mixed")
     original_runs: list[dict[str, float]] = []
 
     def measure_original() -> None:

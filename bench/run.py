@@ -122,6 +122,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from bench.common import Context, load_average, log, set_threads
 
+    kinds = args.kinds.split(",") if args.kinds else None
+    if kinds:
+        from bench.fidelity import POLICY_KINDS
+
+        unknown = sorted(set(kinds) - set(POLICY_KINDS))
+        if unknown:
+            p.error(f"--kinds: unknown {', '.join(unknown)}; choose from {', '.join(POLICY_KINDS)}")
     set_threads(args.threads)
     options = {
         "target": args.target,
@@ -134,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         "measure": args.measure,
         "agents": args.agents.split(",") if args.agents else None,
         "max_keep": args.max_keep,
-        "kinds": args.kinds.split(",") if args.kinds else None,
+        "kinds": kinds,
         "model": args.model,
         "round_to": args.round_to,
         "fresh": args.fresh,

@@ -78,8 +78,8 @@ class TableLatency(LatencyModel):
     the float layers, ``Q`` the int8 entries of the int8 layers, and ``T`` the number of such transitions
     (``transitions``, from ``LayerGraph.producers``): ``measured = overhead + a * F + b * Q + t * T + rest``
     (``b`` and ``t`` in the second step), fitted with two more calibration copies whose layers alternate between
-    int8 and float. A float line that is not determined or not increasing falls back to one factor (the table's own calibration). ``calibration`` keeps the points,
-    the fit and its residuals. The measurements are stored in the table and reused by searches of the same
+    int8 and float. A float line that is not determined or not increasing falls back to one factor through the
+    original. ``calibration`` keeps the points, the fit and its residuals. The measurements are stored in the table and reused by searches of the same
     model on the same target for ``reuse_s`` seconds (``COMPRESSION_CALIBRATION_REUSE_S``, default one
     hour; 0 always measures).
     """
@@ -153,6 +153,7 @@ class TableLatency(LatencyModel):
             for k in CALIBRATION_KEEPS:
                 policies.append(Policy(layers={n: LayerPolicy(keep_ratio=k) for n in graph.prunable_leaders}))
                 kinds.append(f"keep {k}")
+        n_float = len(policies)  # the float copies: the first step of the fit (below) uses these alone
         if quantized and graph.quantizable:
             b = CALIBRATION_BITS
             for k in (1.0, CALIBRATION_KEEPS[0]) if graph.prunable_leaders else (1.0,):
@@ -214,7 +215,6 @@ class TableLatency(LatencyModel):
         # copy matters as much as one on the original
         weights = [1.0 / m if m > 0 else 1.0 for m in measured]
         # 1. the float line, from the float copies alone (the original and the uniformly pruned ones)
-        n_float = 1 + (len(CALIBRATION_KEEPS) if graph.prunable_leaders else 0)
         line = fit_scales([fs[:n_float]], ys[:n_float], weights=weights[:n_float])
         if line is not None and graph.prunable_leaders:
             # a line fitted between keep 1 and 0.25 must not predict the most pruned model (keep MIN_KEEP) at or
@@ -271,8 +271,7 @@ class TableLatency(LatencyModel):
                     "int8 and float layers are priced without their conversions and may measure slower",
                     table.spec.name,
                 )
-        fit = (a, b, rest)
-        self.scale, self.q_scale, rest = max(fit[0], 1e-3), fit[1], fit[2]
+        self.scale, self.q_scale = max(a, 1e-3), b
         self.transition_ms = t_ms
         self._ms_memo.clear()
         super().__init__(self._layer_ms, residual_ms=base + rest)
