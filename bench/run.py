@@ -68,7 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--agents", help="comma-separated agents (quality, throughput)")
     p.add_argument("--models", help="comma-separated models for quality: resnet20,dwnet")
-    p.add_argument("--model", help="use this .pt2 instead of the trained ResNet-20 (throughput, fidelity)")
+    p.add_argument(
+        "--model",
+        help="use this .pt2 instead of the trained ResNet-20 (throughput, fidelity); fidelity also takes the "
+        "benchmarks' own models by name: resnet20, dwnet",
+    )
     p.add_argument(
         "--budgets",
         help="comma-separated latency budgets for quality (speedup: the first), e.g. 0.5,0.25,0.1",
