@@ -84,7 +84,15 @@ def _initial(request: HttpRequest) -> dict[str, Any]:
             for key in ("objective", "budget", "reward", "episodes", "seed", "val_samples", "calib_samples"):
                 if key in cfg:
                     initial[key] = cfg[key]
-            for key in ("round_to", "top_k", "device_check_rounds", "fine_tune_epochs", "checkpoint_every", "min_keep", "min_bits"):
+            for key in (
+                "round_to",
+                "top_k",
+                "device_check_rounds",
+                "fine_tune_epochs",
+                "checkpoint_every",
+                "min_keep",
+                "min_bits",
+            ):
                 if key in cfg:
                     initial[key] = cfg[key]
             initial.update(
