@@ -858,3 +858,35 @@ def test_device_check_rounds_are_validated():
         with pytest.raises(SearchError, match="device_check_rounds"):
             SearchConfig(model="m", device_check_rounds=bad).validate()
     SearchConfig(model="m", device_check_rounds=0).validate()
+
+
+def test_an_unset_warmup_is_fitted_to_the_search_length(trained_small_cnn, tmp_path):
+    """AMC's default warm-up (100 random episodes, of its published 400) would make the dashboard's default
+    100-episode AMC search random search under AMC's name: unset, it is capped at a quarter of the episodes
+    the agent gets; set, it is kept."""
+    from compression.agents import schedule_config
+    from compression.search.loop import CHECKPOINT, _load_checkpoint
+
+    assert schedule_config("amc", {}, 100)[0] == {"warmup_episodes": 25}
+    assert schedule_config("amc", {}, 400) == ({}, None)  # AMC's own schedule: its default stands
+    assert schedule_config("amc", {"warmup_episodes": 100}, 100) == ({"warmup_episodes": 100}, None)
+    assert schedule_config("galen", {}, 100)[0] == {}  # its default of 10 is already within a quarter
+    assert schedule_config("random", {}, 10) == ({}, None)
+
+    class Start(Record):
+        def on_start(self, info):
+            self.info = info
+
+    # two-stage: 8 episodes are two stages of 4, each agent's warm-up capped at 1
+    for agent, warmups in (("amc", [2]), ("two-stage", [1, 1])):
+        objective = "macs" if agent == "amc" else "bops"
+        cfg = _config(
+            trained_small_cnn["weights_spec"], agent, objective=objective, episodes=8, agent_config={}
+        )
+        rec = Start()
+        out = tmp_path / agent
+        assert run_search(cfg, str(out), [rec])["status"] == "finished"
+        assert [s["agent_config"]["warmup_episodes"] for s in rec.info["stages"]] == warmups
+        # the checkpoint (what a resume rebuilds the agent from) carries the capped warm-up
+        state = _load_checkpoint(str(out / CHECKPOINT))["agent"]
+        assert state["config"]["warmup_episodes"] == warmups[-1]

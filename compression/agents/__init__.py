@@ -43,6 +43,36 @@ AGENTS: dict[str, type[Agent]] = {
 ALIASES: dict[str, str] = {"galen-pq": "galen"}
 
 
+# An agent's warm-up (episodes of random actions before it learns), when the user leaves it unset, is at most
+# this share of the episodes it gets: AMC's published schedule is 100 warm-up episodes of 400, and its default of
+# 100 in a search of 100 episodes (the dashboard's default) would be random search under AMC's name.
+WARMUP_SHARE = 0.25
+
+
+def schedule_config(
+    name: str, config: dict[str, Any] | None, episodes: int
+) -> tuple[dict[str, Any], str | None]:
+    """The settings agent ``name`` gets for a search (or stage) of ``episodes`` episodes.
+
+    A ``warmup_episodes`` the user set is kept as given; unset, it is the agent's default capped at
+    ``WARMUP_SHARE`` of ``episodes`` (at least 1), so every learning agent learns for most of its search.
+    Returns (config, a sentence for the log when the cap applied, else None).
+    """
+    cls = agent_class(name)
+    config = dict(config or {})
+    default = next((p.default for p in cls.params() if p.name == "warmup_episodes"), None)
+    if default is None or "warmup_episodes" in config:
+        return config, None
+    cap = max(1, int(episodes * WARMUP_SHARE))
+    if int(default) <= cap:
+        return config, None
+    config["warmup_episodes"] = cap
+    return config, (
+        f"{cls.name}: {cap} warm-up episodes of random actions, then learning (its default of {default} is "
+        f"capped at {WARMUP_SHARE:.0%} of this search's {episodes} episodes; set warmup_episodes to override)"
+    )
+
+
 def agent_class(name: str) -> type[Agent]:
     """The agent class registered under ``name`` (or an alias); SearchError if unknown."""
     key = ALIASES.get(name, name)
@@ -78,4 +108,5 @@ __all__ = [
     "make_agent",
     "restore_agent",
     "run_episode",
+    "schedule_config",
 ]

@@ -68,7 +68,7 @@ def ddpg_params(defaults: dict[str, Any]) -> list[Param]:
             "warmup_episodes",
             "int",
             d["warmup_episodes"],
-            "episodes of random actions before learning",
+            "episodes of random actions before learning (unset: at most a quarter of the search's episodes)",
             0,
             100000,
         ),

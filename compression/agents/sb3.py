@@ -107,7 +107,12 @@ class SB3Agent(Agent):
             Param("batch_size", "int", d["batch_size"], "transitions per gradient step", 1, 4096),
             Param("buffer_episodes", "int", d["buffer_episodes"], "replay capacity, in episodes", 1, 100000),
             Param(
-                "warmup_episodes", "int", d["warmup_episodes"], "episodes of random actions first", 0, 100000
+                "warmup_episodes",
+                "int",
+                d["warmup_episodes"],
+                "episodes of random actions first (unset: at most a quarter of the search's episodes)",
+                0,
+                100000,
             ),
             Param("gamma", "float", d["gamma"], "discount between steps", 0.0, 1.0),
             Param("tau", "float", d["tau"], "soft update rate of the target networks", 1e-4, 1.0, log=True),

@@ -92,6 +92,14 @@ def _agent_config(config: SearchConfig, stage: Stage) -> dict[str, Any]:
     }
 
 
+def _stage_agent_config(config: SearchConfig, stage: Stage) -> tuple[dict[str, Any], str | None]:
+    """The settings the stage's agent is built with: the user's, its warm-up fitted to the stage's length
+    (``agents.schedule_config``), and the log's note when that changed it."""
+    from compression.agents import schedule_config
+
+    return schedule_config(stage.agent, _agent_config(config, stage), stage.episodes)
+
+
 def _enforce(config: SearchConfig) -> bool:
     if config.enforce_budget is not None:
         return bool(config.enforce_budget)
@@ -355,7 +363,10 @@ class SearchRun:
             "original_accuracy": self.original_accuracy,
             "search_set": dict(self.search_set_sizes),
             "original_costs": self._original_costs(),
-            "stages": [s.__dict__ for s in self.stages],
+            # each stage with the settings its agent is built with (the warm-up fitted to the stage's length)
+            "stages": [
+                {**s.__dict__, "agent_config": _stage_agent_config(self.config, s)[0]} for s in self.stages
+            ],
             "setup_s": self.setup_s,
             "warnings": self.ws.warnings,
         }
@@ -414,9 +425,10 @@ def run_search(
         stage = run.stages[stage_idx]
         env = run.make_env(stage, stage_base)
         if agent is None:
-            agent = make_agent(
-                stage.agent, env.spec, _agent_config(config, stage), seed=config.seed + stage_idx
-            )
+            agent_cfg, note = _stage_agent_config(config, stage)
+            if note:
+                log.info("stage %s: %s", stage.name, note)
+            agent = make_agent(stage.agent, env.spec, agent_cfg, seed=config.seed + stage_idx)
         env.apply_options(agent.env_options())
         stage_end = offset + stage.episodes
         best_reward = max(
