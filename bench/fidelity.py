@@ -367,11 +367,14 @@ def rounding(ctx: Context, spec: str, target: str, n: int, rounds: int) -> dict[
     lat = {rt: build_latency_model(tspec, ws.graph, ws.artifact, round_to=rt) for rt in steps}
     models = {"original": ws.artifact.module}
     predicted: dict[str, float] = {"original": lat[1].total(compute_costs(ws.graph, None))}
+    macs: dict[str, int] = {"original": compute_costs(ws.graph, None).macs}
     for i in range(n):
         policy = random_policy(ws.graph, rng, "prune")
         for rt in steps:
+            costs = compute_costs(ws.graph, policy, rt)
             models[f"p{i}/r{rt}"] = apply_policy(ws.graph, policy, calib, round_to=rt)
-            predicted[f"p{i}/r{rt}"] = lat[rt].total(compute_costs(ws.graph, policy, rt))
+            predicted[f"p{i}/r{rt}"] = lat[rt].total(costs)
+            macs[f"p{i}/r{rt}"] = costs.macs
     log(ctx, f"rounding: {len(models)} models x {rounds} interleaved rounds on {target}")
     times: dict[str, list[float]] = {k: [] for k in models}
     with LoadSampler() as load:
@@ -388,6 +391,12 @@ def rounding(ctx: Context, spec: str, target: str, n: int, rounds: int) -> dict[
                 "measured_ratio": mean_std(med[k] / med["original"] for k in keys),
                 "predicted_ratio": mean_std(predicted[k] / predicted["original"] for k in keys),
                 "mean_abs_rel_error": statistics.fmean(abs(predicted[k] - med[k]) / med[k] for k in keys),
+                "macs_ratio": mean_std(macs[k] / macs["original"] for k in keys),
+                # the same policies rounded to 1: latency and MACs of this rounding over that one, per policy, and
+                # how often this rounding measured faster despite keeping at least as many channels
+                "latency_vs_round_1": mean_std(med[k] / med[f"p{i}/r1"] for i, k in enumerate(keys)),
+                "macs_vs_round_1": mean_std(macs[k] / macs[f"p{i}/r1"] for i, k in enumerate(keys)),
+                "faster_than_round_1": sum(med[k] < med[f"p{i}/r1"] for i, k in enumerate(keys)) / n,
             }
         )
     return {
@@ -428,11 +437,11 @@ def run(ctx: Context) -> dict[str, Any]:
             log(ctx, f"fidelity on {label} failed: {type(exc).__name__}: {exc}")
             result["targets"][label] = {"error": f"{type(exc).__name__}: {exc}"}
         write_result(ctx, "fidelity", result)
-    if not ctx.options.get("target"):
+    if not ctx.options.get("target") or ctx.options.get("rounding"):
+        # the channel-rounding study: on ONNX Runtime by default, on --target with --rounding
+        where = ctx.options.get("target") or "local-ort"
         try:
-            result["rounding"] = rounding(
-                ctx, spec, "local-ort", 6 if ctx.quick else 12, 3 if ctx.quick else 5
-            )
+            result["rounding"] = rounding(ctx, spec, where, 6 if ctx.quick else 12, 3 if ctx.quick else 5)
         except Exception as exc:
             result["rounding"] = {"error": f"{type(exc).__name__}: {exc}"}
     publish(ctx, "fidelity", result, summarize)
@@ -498,13 +507,33 @@ def summarize(r: dict[str, Any]) -> str:
     rd = r.get("rounding")
     if rd and "rows" in rd:
         out += "\n\n" + table(
-            ["round_to", "measured latency / original", "predicted / original", "mean |err|", "load"],
+            [
+                f"round_to ({rd.get('target', 'local-ort')})",
+                "measured latency / original",
+                "predicted / original",
+                "mean |err|",
+                "MACs / original",
+                "latency / round_to 1's",
+                "MACs / round_to 1's",
+                "faster than round_to 1",
+                "load",
+            ],
             [
                 [
                     row["round_to"],
                     f"{row['measured_ratio']['mean']:.3f} ± {row['measured_ratio']['std']:.3f}",
                     f"{row['predicted_ratio']['mean']:.3f} ± {row['predicted_ratio']['std']:.3f}",
                     f"{row['mean_abs_rel_error']:.1%}",
+                    *(
+                        [
+                            f"{row['macs_ratio']['mean']:.3f}",
+                            f"{row['latency_vs_round_1']['mean']:.3f} ± {row['latency_vs_round_1']['std']:.3f}",
+                            f"{row['macs_vs_round_1']['mean']:.3f}",
+                            f"{row['faster_than_round_1']:.0%}",
+                        ]
+                        if "macs_ratio" in row
+                        else ["-"] * 4  # results stored before these columns
+                    ),
                     f"{rd['load']['load1_mean']:.1f}",
                 ]
                 for row in rd["rows"]

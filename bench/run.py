@@ -66,6 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--max-keep", type=float, help="fidelity: random keep ratios are drawn in [0.1, this] (default 1)"
     )
+    p.add_argument(
+        "--rounding",
+        action="store_true",
+        help="fidelity: also run the channel-rounding study (1, 8, 16) on --target (without --target it runs on "
+        "local-ort)",
+    )
     p.add_argument("--agents", help="comma-separated agents (quality, throughput)")
     p.add_argument("--models", help="comma-separated models for quality: resnet20,dwnet")
     p.add_argument(
@@ -145,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         "measure": args.measure,
         "agents": args.agents.split(",") if args.agents else None,
         "max_keep": args.max_keep,
+        "rounding": args.rounding,
         "kinds": kinds,
         "model": args.model,
         "round_to": args.round_to,
