@@ -384,8 +384,10 @@ def dwnet_digits(ctx: Context) -> BenchModel:
 
 # ---------------------------------------------------------------------------------------------- searches
 def agent_config(agent: str, episodes: int) -> dict[str, Any]:
-    """Hyper-parameters for a benchmark search of ``episodes`` episodes: the DDPG warm-up scaled to a
-    quarter of the episodes (for two-stage: of each stage), everything else at the agent's defaults."""
+    """Hyper-parameters for a benchmark search of ``episodes`` episodes: the DDPG warm-up set to a quarter of
+    the episodes (for two-stage: of each stage), everything else at the agent's defaults. (The engine caps an
+    unset warm-up at a quarter too, ``agents.schedule_config``, but keeps smaller defaults such as Galen's 10;
+    the benchmarks set it explicitly so every DDPG agent gets the same share, as in earlier sessions' results.)"""
     if agent in DDPG_AGENTS:
         return {"warmup_episodes": max(1, int(episodes * WARMUP_SHARE))}
     if agent == "two-stage":
