@@ -95,6 +95,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="quality: only the layout and cross-target experiments (the per-model cells are kept as stored)",
     )
+    p.add_argument(
+        "--cross-budget",
+        type=float,
+        help="quality: the latency budget of the cross-target experiment (default 0.5; it must be reachable on "
+        "both local-tvm and local-ort)",
+    )
     p.add_argument("--parts", help="memory: comma-separated parts to run: web,worker")
     p.add_argument("--tables", action="store_true", help="print the tables of stored results, run nothing")
     p.add_argument(
@@ -158,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         "fresh": args.fresh,
         "skip_extra": args.skip_extra,
         "extra_only": args.extra_only,
+        "cross_budget": args.cross_budget,
         "parts": args.parts.split(",") if args.parts else None,
         "models": args.models.split(",") if args.models else None,
         "budgets": [float(b) for b in args.budgets.split(",")] if args.budgets else None,
