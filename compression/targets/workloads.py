@@ -36,6 +36,8 @@ from torch.utils._pytree import tree_flatten
 from compression.errors import PolicyError, TargetError
 
 FLOAT_BITS = 32
+# version of the activation quantizer's arithmetic in ``act_fq`` entries' keys (see ``LayerWorkload.key``)
+ACT_FQ_VERSION = 2
 
 _CONV_OPS = {
     "aten.conv2d.default",
@@ -107,6 +109,10 @@ class LayerWorkload:
         del d["name"]
         if not d["act_fq"]:
             del d["act_fq"]  # keys of float/int8 workloads stay those of tables written before the field
+        else:
+            # the quantizer's arithmetic is versioned: entries measured with an earlier ``ActQuantizer`` (2: no
+            # straight-through ``x + (q - x)`` at inference, two passes fewer) are not reused
+            d["act_fq"] = ACT_FQ_VERSION
         return json.dumps(d, sort_keys=True, separators=(",", ":"))
 
     @property
