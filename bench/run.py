@@ -101,7 +101,11 @@ def main(argv: list[str] | None = None) -> int:
         help="quality: the latency budget of the cross-target experiment (default 0.5; it must be reachable on "
         "both local-tvm and local-ort)",
     )
-    p.add_argument("--parts", help="memory: comma-separated parts to run: web,worker")
+    p.add_argument(
+        "--parts",
+        help="memory: comma-separated parts to run: web,worker; throughput: quantizer runs only the activation "
+        "quantizer's side-by-side measurement",
+    )
     p.add_argument("--tables", action="store_true", help="print the tables of stored results, run nothing")
     p.add_argument(
         "--shared-lock",

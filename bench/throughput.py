@@ -284,6 +284,81 @@ def _val_speed(ctx: Context, model: str, sizes: list[int], policies: int = 4) ->
     return {"apply_s": apply_s, "sizes": rows, "load": load.summary()}
 
 
+def _quantizer_speed(ctx: Context, model: str, policies: int = 4, rounds: int = 5) -> dict[str, Any]:
+    """Scoring joint policies (every layer 2..8 bits, keep 0.3..1) on the 1000-image search set with the
+    activation quantizer as it is, against the straight-through form ``x + (q - x)`` it computed at inference
+    until session 11 (two more passes over each quantized layer's input; the reference below), side by side:
+    the two alternate model by model, ``rounds`` times; the accuracies must agree."""
+    import statistics
+
+    import torch
+
+    from compression.apply import apply_policy
+    from compression.pipeline import open_workspace
+    from compression.policy import LayerPolicy, Policy
+    from compression.quant import ActQuantizer
+    from compression.training import evaluate
+
+    def straight_through(self, x):  # the inference path before session 11, kept here as the reference
+        if self.bypass or self.observing:
+            return ActQuantizer.forward(self, x)
+        z = float(self.zero_point)
+        q = x / self.scale
+        q.round_().clamp_(-z, self.qmax - z).mul_(self.scale)
+        return q.sub_(x).add_(x)
+
+    ws = open_workspace(model, "digits", seed=0)
+    calib = ws.calibration_batch(256, seed=0)
+    x = torch.cat([ws.data.val.tensors[0], ws.data.test.tensors[0], ws.data.train.tensors[0]])[:1000]
+    y = torch.cat([ws.data.val.tensors[1], ws.data.test.tensors[1], ws.data.train.tensors[1]])[:1000]
+    data = torch.utils.data.TensorDataset(x, y)
+    g = torch.Generator().manual_seed(5)
+
+    def rnd(lo: int, hi: int) -> int:
+        return int(torch.randint(lo, hi + 1, (1,), generator=g))
+
+    models = []
+    for _ in range(policies):
+        layers = {n: LayerPolicy(w_bits=rnd(2, 8), a_bits=rnd(2, 8)) for n in ws.graph.quantizable}
+        for n in ws.graph.prunable_leaders:
+            layers.setdefault(n, LayerPolicy()).keep_ratio = float(0.3 + 0.7 * torch.rand(1, generator=g))
+        models.append(apply_policy(ws.graph, Policy(layers=layers), calib))
+    times: dict[str, list[float]] = {"current": [], "straight-through": []}
+    accs: dict[str, list[float]] = {"current": [], "straight-through": []}
+    original = ActQuantizer.forward
+    with LoadSampler() as load:
+        for r in range(rounds):
+            for m in models:
+                for kind in (
+                    ("current", "straight-through") if r % 2 == 0 else ("straight-through", "current")
+                ):
+                    ActQuantizer.forward = straight_through if kind == "straight-through" else original
+                    try:
+                        t0 = time.perf_counter()
+                        acc = evaluate(m, data)
+                        times[kind].append(time.perf_counter() - t0)
+                    finally:
+                        ActQuantizer.forward = original
+                    if r == 0:
+                        accs[kind].append(float(acc))
+    cur, ref = statistics.median(times["current"]), statistics.median(times["straight-through"])
+    log(
+        ctx,
+        f"quantizer: scoring {cur:.3f} s (current) vs {ref:.3f} s (straight-through), ratio {cur / ref:.3f}",
+    )
+    return {
+        "policies": policies,
+        "rounds": rounds,
+        "samples": len(data),
+        "current_s": cur,
+        "straight_through_s": ref,
+        "ratio": cur / ref,
+        "accuracies_equal": accs["current"] == accs["straight-through"],
+        "accuracies": accs,
+        "load": load.summary(),
+    }
+
+
 def _profile(ctx: Context, model: str, target: str, episodes: int, budget: float = 0.5) -> dict[str, Any]:
     """cProfile of a short AMC search (warm table and sensitivity), top functions by cumulative time."""
     from compression.search.loop import run_search
@@ -349,6 +424,11 @@ def _run(ctx: Context) -> dict[str, Any]:
     episodes = int(ctx.opt("episodes", 10, 40))
     agents = ctx.options.get("agents") or list(AGENTS)
     model = ctx.options.get("model") or resnet20_digits(ctx).spec
+    if ctx.options.get("parts") == ["quantizer"]:
+        # only the quantizer's side-by-side measurement (a few minutes), in a result of its own
+        result = {"model": model, "quantizer": _quantizer_speed(ctx, model)}
+        publish(ctx, "throughput-quantizer", result, summarize)
+        return result
     base = ctx.work_dir / "throughput"
     log(ctx, f"throughput: {model} on {target}, {episodes} episodes per agent")
     result: dict[str, Any] = {"target": target, "model": model, "episodes": episodes}
@@ -440,14 +520,41 @@ def _run(ctx: Context) -> dict[str, Any]:
     )
     log(ctx, "validation subsets: speed")
     result["val_speed"] = _val_speed(ctx, model, [100, 250, 500, 1000])
+    log(ctx, "the activation quantizer: scoring joint policies, side by side with the straight-through form")
+    result["quantizer"] = _quantizer_speed(ctx, model)
     log(ctx, "profile of a short AMC search")
     result["profile"] = _profile(ctx, model, target, 5 if ctx.quick else 10, budget=prune_budget)
     publish(ctx, "throughput", result, summarize)
     return result
 
 
+def _quantizer_table(qs: dict[str, Any]) -> str:
+    return table(
+        [
+            "scoring joint policies (1000 images)",
+            "current s",
+            "straight-through s",
+            "ratio",
+            "same accuracies",
+            "load",
+        ],
+        [
+            [
+                f"{qs['policies']} policies x {qs['rounds']} rounds, alternating",
+                f"{qs['current_s']:.3f}",
+                f"{qs['straight_through_s']:.3f}",
+                f"{qs['ratio']:.3f}",
+                "yes" if qs["accuracies_equal"] else "no",
+                f"{qs['load']['load1_mean']:.1f}",
+            ]
+        ],
+    )
+
+
 def summarize(r: dict[str, Any]) -> str:
     """The Markdown tables of a throughput result."""
+    if "agents" not in r:  # --parts quantizer
+        return _quantizer_table(r["quantizer"])
     rows = []
     for a in r["agents"]:
         if "error" in a:
@@ -543,4 +650,6 @@ def summarize(r: dict[str, Any]) -> str:
             [[s["val_samples"], f"{s['accuracy_s']:.3f}", f"{sp['apply_s']:.3f}"] for s in sp["sizes"]],
         )
     )
+    if r.get("quantizer"):
+        out += ["", _quantizer_table(r["quantizer"])]
     return "\n".join(out)
