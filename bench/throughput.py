@@ -340,7 +340,7 @@ def _quantizer_speed(ctx: Context, model: str, policies: int = 4, rounds: int = 
                     finally:
                         ActQuantizer.forward = original
                     if r == 0:
-                        accs[kind].append(float(acc))
+                        accs[kind].append(float(acc.top1))
     cur, ref = statistics.median(times["current"]), statistics.median(times["straight-through"])
     log(
         ctx,
