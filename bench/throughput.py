@@ -359,6 +359,66 @@ def _quantizer_speed(ctx: Context, model: str, policies: int = 4, rounds: int = 
     }
 
 
+def _fold_speed(ctx: Context, model: str, policies: int = 4, rounds: int = 5) -> dict[str, Any]:
+    """Scoring with the batch norms folded into their convolutions (``apply.fold_batch_norms``, what the search
+    does since session 11) against the model as applied, side by side (alternating, ``rounds`` times), for
+    pruning policies and joint ones (every layer 2..8 bits), on the 1000-image search set."""
+    import copy
+    import statistics
+
+    import torch
+
+    from compression.apply import apply_policy, fold_batch_norms
+    from compression.pipeline import open_workspace
+    from compression.policy import LayerPolicy, Policy
+    from compression.training import evaluate
+
+    ws = open_workspace(model, "digits", seed=0)
+    calib = ws.calibration_batch(256, seed=0)
+    x = torch.cat([ws.data.val.tensors[0], ws.data.test.tensors[0], ws.data.train.tensors[0]])[:1000]
+    y = torch.cat([ws.data.val.tensors[1], ws.data.test.tensors[1], ws.data.train.tensors[1]])[:1000]
+    data = torch.utils.data.TensorDataset(x, y)
+    pairs = ws.graph.conv_bn_pairs()
+    g = torch.Generator().manual_seed(7)
+    out: dict[str, Any] = {"pairs": len(pairs), "policies": policies, "rounds": rounds, "kinds": {}}
+    with LoadSampler() as load:
+        for kind in ("prune", "joint"):
+            models = []
+            for _ in range(policies):
+                layers = {}
+                if kind == "joint":
+                    for n in ws.graph.quantizable:
+                        b = torch.randint(2, 9, (2,), generator=g)
+                        layers[n] = LayerPolicy(w_bits=int(b[0]), a_bits=int(b[1]))
+                for n in ws.graph.prunable_leaders:
+                    layers.setdefault(n, LayerPolicy()).keep_ratio = float(
+                        0.3 + 0.7 * torch.rand(1, generator=g)
+                    )
+                m = apply_policy(ws.graph, Policy(layers=layers), calib)
+                f = copy.deepcopy(m)
+                fold_batch_norms(f, pairs)
+                models.append({"as applied": m, "folded": f})
+            times: dict[str, list[float]] = {"as applied": [], "folded": []}
+            accs: dict[str, list[float]] = {"as applied": [], "folded": []}
+            for r in range(rounds):
+                for pair in models:
+                    for v in ("as applied", "folded") if r % 2 == 0 else ("folded", "as applied"):
+                        t0 = time.perf_counter()
+                        acc = evaluate(pair[v], data)
+                        times[v].append(time.perf_counter() - t0)
+                        if r == 0:
+                            accs[v].append(float(acc.top1))
+            a, f = statistics.median(times["as applied"]), statistics.median(times["folded"])
+            diff = max(abs(p - q) for p, q in zip(accs["as applied"], accs["folded"], strict=True))
+            out["kinds"][kind] = {"as_applied_s": a, "folded_s": f, "ratio": f / a, "max_accuracy_diff": diff}
+            log(
+                ctx,
+                f"fold: {kind} scoring {f:.3f} s folded vs {a:.3f} s, ratio {f / a:.3f}, accuracy diff {diff}",
+            )
+    out["load"] = load.summary()
+    return out
+
+
 def _profile(ctx: Context, model: str, target: str, episodes: int, budget: float = 0.5) -> dict[str, Any]:
     """cProfile of a short AMC search (warm table and sensitivity), top functions by cumulative time."""
     from compression.search.loop import run_search
@@ -426,7 +486,7 @@ def _run(ctx: Context) -> dict[str, Any]:
     model = ctx.options.get("model") or resnet20_digits(ctx).spec
     if ctx.options.get("parts") == ["quantizer"]:
         # only the quantizer's side-by-side measurement (a few minutes), in a result of its own
-        result = {"model": model, "quantizer": _quantizer_speed(ctx, model)}
+        result = {"model": model, "quantizer": _quantizer_speed(ctx, model), "fold": _fold_speed(ctx, model)}
         publish(ctx, "throughput-quantizer", result, summarize)
         return result
     base = ctx.work_dir / "throughput"
@@ -522,6 +582,8 @@ def _run(ctx: Context) -> dict[str, Any]:
     result["val_speed"] = _val_speed(ctx, model, [100, 250, 500, 1000])
     log(ctx, "the activation quantizer: scoring joint policies, side by side with the straight-through form")
     result["quantizer"] = _quantizer_speed(ctx, model)
+    log(ctx, "batch norms folded for scoring, side by side with the model as applied")
+    result["fold"] = _fold_speed(ctx, model)
     log(ctx, "profile of a short AMC search")
     result["profile"] = _profile(ctx, model, target, 5 if ctx.quick else 10, budget=prune_budget)
     publish(ctx, "throughput", result, summarize)
@@ -551,10 +613,26 @@ def _quantizer_table(qs: dict[str, Any]) -> str:
     )
 
 
+def _fold_table(fd: dict[str, Any]) -> str:
+    return table(
+        ["scoring (1000 images)", "as applied s", "batch norms folded s", "ratio", "largest accuracy change"],
+        [
+            [
+                f"{k} ({fd['policies']} policies x {fd['rounds']} rounds, {fd['pairs']} pairs)",
+                f"{v['as_applied_s']:.3f}",
+                f"{v['folded_s']:.3f}",
+                f"{v['ratio']:.3f}",
+                f"{v['max_accuracy_diff']:.4f}",
+            ]
+            for k, v in fd["kinds"].items()
+        ],
+    )
+
+
 def summarize(r: dict[str, Any]) -> str:
     """The Markdown tables of a throughput result."""
     if "agents" not in r:  # --parts quantizer
-        return _quantizer_table(r["quantizer"])
+        return _quantizer_table(r["quantizer"]) + ("\n\n" + _fold_table(r["fold"]) if r.get("fold") else "")
     rows = []
     for a in r["agents"]:
         if "error" in a:
@@ -652,4 +730,6 @@ def summarize(r: dict[str, Any]) -> str:
     )
     if r.get("quantizer"):
         out += ["", _quantizer_table(r["quantizer"])]
+    if r.get("fold"):
+        out += ["", _fold_table(r["fold"])]
     return "\n".join(out)

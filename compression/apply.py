@@ -57,6 +57,35 @@ def recalibrate(model: nn.Module, calib: torch.Tensor, batch_size: int = 128) ->
         q.finish_calibration()
 
 
+@torch.no_grad()
+def fold_batch_norms(model: nn.Module, pairs: list[tuple[str, str]]) -> int:
+    """Fold each (conv, batch norm) pair's batch norm, in its running statistics, into the convolution, in place;
+    the batch norm becomes an identity. For scoring only: the model then computes what a runtime that folds them
+    (TVM, ONNX Runtime) computes, one pass over each activation fewer, and can no longer be trained. ``pairs``
+    from ``LayerGraph.conv_bn_pairs`` (names in the original model, which a pruned copy keeps). Returns how many
+    were folded (a pair whose shapes no longer match is skipped)."""
+    folded = 0
+    for conv_name, bn_name in pairs:
+        conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
+        if not isinstance(conv, nn.Conv2d) or not isinstance(bn, nn.BatchNorm2d):
+            continue
+        if bn.num_features != conv.out_channels or bn.running_mean is None or bn.running_var is None:
+            continue
+        scale = (
+            bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            if bn.affine
+            else 1.0 / torch.sqrt(bn.running_var + bn.eps)
+        )
+        shift = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
+        bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+        conv.weight.mul_(scale.reshape(-1, *([1] * (conv.weight.dim() - 1))))
+        conv.bias = nn.Parameter((bias - bn.running_mean) * scale + shift, requires_grad=False)
+        parent, _, attr = bn_name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, nn.Identity())
+        folded += 1
+    return folded
+
+
 def apply_policy(
     graph: LayerGraph,
     policy: Policy,

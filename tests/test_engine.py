@@ -474,3 +474,50 @@ def test_ajpq_groups_all_float_leave_a_float_layer():
         layers={name: LayerPolicy(keep_ratio=0.5, w_bits=32, a_bits=32, channel_bits=[32, 4, 0, 0])}
     )
     assert name in bit_widths(apply_policy(graph, mixed, x))
+
+
+@pytest.mark.parametrize("kind", ["zoo", "pt2"])
+def test_batch_norms_fold_into_their_convolutions_for_scoring(trained_small_cnn, kind):
+    """The search scores a candidate with its batch norms folded into the convolutions (what TVM and ONNX
+    Runtime run): the same outputs up to float rounding, pruned or not, quantizers kept."""
+    from compression.apply import fold_batch_norms
+    from compression.pipeline import open_workspace
+    from compression.quant import act_quantizers
+
+    torch.manual_seed(0)
+    if kind == "zoo":
+        model = build_zoo_model("resnet20", num_classes=10, in_channels=1, input_size=16).eval()
+        for m in model.modules():  # statistics far from the identity, so a wrong fold shows
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+                m.weight.data.uniform_(0.5, 1.5)
+                m.bias.data.uniform_(-0.5, 0.5)
+        graph = LayerGraph.build(model, (1, 16, 16), num_classes=10)
+        x = torch.randn(32, 1, 16, 16)
+    else:
+        ws = open_workspace(trained_small_cnn["pt2"], "digits")
+        graph, x = ws.graph, ws.calibration_batch(32, seed=1)
+    pairs = graph.conv_bn_pairs()
+    bns = [n for n, m in graph.module.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    assert pairs and {b for _, b in pairs} <= set(bns)
+    calib = torch.randn(64, *x.shape[1:]) if kind == "zoo" else x
+    keep = {n: LayerPolicy(keep_ratio=0.5) for n in graph.prunable_leaders}
+    quant = {n: LayerPolicy(keep_ratio=0.5, w_bits=8, a_bits=8) for n in graph.prunable_leaders}
+    for layers in (keep, quant):
+        m = apply_policy(graph, Policy(layers=layers), calib).eval()
+        with torch.no_grad():
+            before = m(x)
+        n_q = len(act_quantizers(m))
+        assert fold_batch_norms(m, pairs) == len(pairs)
+        assert not any(
+            isinstance(b, nn.BatchNorm2d) for n, b in m.named_modules() if n in {b for _, b in pairs}
+        )
+        assert len(act_quantizers(m)) == n_q  # the layers' input quantizers stay
+        with torch.no_grad():
+            after = m(x)
+        if layers is keep:
+            assert torch.allclose(before, after, rtol=1e-4, atol=1e-4)
+        else:  # float rounding may move a quantized value by a step: the predictions agree
+            assert (before.argmax(1) == after.argmax(1)).float().mean() >= 0.9
+    assert any(isinstance(b, nn.BatchNorm2d) for b in graph.module.modules())  # the original is untouched

@@ -162,6 +162,31 @@ class LayerGraph:
         k = int(round(keep_ratio * c / r)) * r
         return int(min(c, max(r, k)))
 
+    def conv_bn_pairs(self) -> list[tuple[str, str]]:
+        """(convolution, batch norm) module names where the batch norm is the convolution's only consumer and
+        reads nothing else: the pairs a batch norm can be folded into (``apply.fold_batch_norms``)."""
+        cached = getattr(self, "_conv_bn", None)
+        if cached is not None:
+            return cached
+        names = {m: n for n, m in self.module.named_modules()}
+        pairs: list[tuple[str, str]] = []
+        for node in self._dg.module2node.values():
+            conv = node.module
+            if not isinstance(conv, nn.Conv2d) or conv not in names or len(node.outputs) != 1:
+                continue
+            nxt = node.outputs[0]
+            bn = nxt.module
+            if (
+                isinstance(bn, nn.BatchNorm2d)
+                and bn in names
+                and len(nxt.inputs) == 1
+                and bn.num_features == conv.out_channels
+                and bn.track_running_stats
+            ):
+                pairs.append((names[conv], names[bn]))
+        self._conv_bn = pairs
+        return pairs
+
     def prune_ops(self, group_id: int, keep: int) -> PruneOps:
         """The (layer name, pruning function, indices) operations that cut a group down to ``keep`` channels.
 
