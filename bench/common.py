@@ -31,7 +31,6 @@ RESULTS = ROOT / "bench" / "results"
 
 # The DDPG agents' default warm-up (100 random episodes for AMC) is longer than a benchmark's whole
 # search; scaling it to a quarter of the episodes keeps AMC's 1:3 warm-up:learning proportion.
-WARMUP_SHARE = 0.25
 DDPG_AGENTS = ("amc", "haq", "galen", "galen-pq", "ajpq")
 
 
@@ -388,6 +387,8 @@ def agent_config(agent: str, episodes: int) -> dict[str, Any]:
     the episodes (for two-stage: of each stage), everything else at the agent's defaults. (The engine caps an
     unset warm-up at a quarter too, ``agents.schedule_config``, but keeps smaller defaults such as Galen's 10;
     the benchmarks set it explicitly so every DDPG agent gets the same share, as in earlier sessions' results.)"""
+    from compression.agents import WARMUP_SHARE
+
     if agent in DDPG_AGENTS:
         return {"warmup_episodes": max(1, int(episodes * WARMUP_SHARE))}
     if agent == "two-stage":

@@ -245,6 +245,16 @@ def _ranking(
     }
 
 
+def _timing_set(ws, n: int | None = None):
+    """Images to time scoring on: the validation split, then test and training images (timing only: which
+    images does not matter, only how many), the first ``n``."""
+    import torch
+
+    x = torch.cat([ws.data.val.tensors[0], ws.data.test.tensors[0], ws.data.train.tensors[0]])[:n]
+    y = torch.cat([ws.data.val.tensors[1], ws.data.test.tensors[1], ws.data.train.tensors[1]])[:n]
+    return torch.utils.data.TensorDataset(x, y)
+
+
 def _val_speed(ctx: Context, model: str, sizes: list[int], policies: int = 4) -> dict[str, Any]:
     """apply_policy (256 calibration samples) and evaluate() timed at several validation sizes."""
     import torch
@@ -256,8 +266,8 @@ def _val_speed(ctx: Context, model: str, sizes: list[int], policies: int = 4) ->
 
     ws = open_workspace(model, "digits", seed=0)
     calib = ws.calibration_batch(256, seed=0)
-    x = torch.cat([ws.data.val.tensors[0], ws.data.test.tensors[0], ws.data.train.tensors[0]])
-    y = torch.cat([ws.data.val.tensors[1], ws.data.test.tensors[1], ws.data.train.tensors[1]])
+    full = _timing_set(ws)
+    x, y = full.tensors
     leaders = ws.graph.prunable_leaders
     g = torch.Generator().manual_seed(3)
     pols = [
@@ -309,9 +319,7 @@ def _quantizer_speed(ctx: Context, model: str, policies: int = 4, rounds: int = 
 
     ws = open_workspace(model, "digits", seed=0)
     calib = ws.calibration_batch(256, seed=0)
-    x = torch.cat([ws.data.val.tensors[0], ws.data.test.tensors[0], ws.data.train.tensors[0]])[:1000]
-    y = torch.cat([ws.data.val.tensors[1], ws.data.test.tensors[1], ws.data.train.tensors[1]])[:1000]
-    data = torch.utils.data.TensorDataset(x, y)
+    data = _timing_set(ws, 1000)
     g = torch.Generator().manual_seed(5)
 
     def rnd(lo: int, hi: int) -> int:
@@ -375,9 +383,7 @@ def _fold_speed(ctx: Context, model: str, policies: int = 4, rounds: int = 5) ->
 
     ws = open_workspace(model, "digits", seed=0)
     calib = ws.calibration_batch(256, seed=0)
-    x = torch.cat([ws.data.val.tensors[0], ws.data.test.tensors[0], ws.data.train.tensors[0]])[:1000]
-    y = torch.cat([ws.data.val.tensors[1], ws.data.test.tensors[1], ws.data.train.tensors[1]])[:1000]
-    data = torch.utils.data.TensorDataset(x, y)
+    data = _timing_set(ws, 1000)
     pairs = ws.graph.conv_bn_pairs()
     g = torch.Generator().manual_seed(7)
     out: dict[str, Any] = {"pairs": len(pairs), "policies": policies, "rounds": rounds, "kinds": {}}

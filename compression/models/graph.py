@@ -117,6 +117,7 @@ class LayerGraph:
         self._roots = roots
         self._by_name = {layer.name: layer for layer in layers}
         self._plan_cache: dict[tuple[int, int], PruneOps] = {}
+        self._conv_bn: list[tuple[str, str]] | None = None  # conv_bn_pairs, found on first use
 
     # ------------------------------------------------------------------ queries
     def __getitem__(self, name: str) -> LayerInfo:
@@ -165,9 +166,8 @@ class LayerGraph:
     def conv_bn_pairs(self) -> list[tuple[str, str]]:
         """(convolution, batch norm) module names where the batch norm is the convolution's only consumer and
         reads nothing else: the pairs a batch norm can be folded into (``apply.fold_batch_norms``)."""
-        cached = getattr(self, "_conv_bn", None)
-        if cached is not None:
-            return cached
+        if self._conv_bn is not None:
+            return self._conv_bn
         names = {m: n for n, m in self.module.named_modules()}
         pairs: list[tuple[str, str]] = []
         for node in self._dg.module2node.values():
