@@ -151,6 +151,26 @@ def test_every_agent_runs_end_to_end(trained_small_cnn, tmp_path, agent):
         assert max(e.cost_ratio for e in rec.episodes) > 0.5 * cfg.budget
 
 
+def test_the_uniform_baseline_offers_only_uniform_policies(trained_small_cnn, tmp_path):
+    # The bisection's first trial (keep everything) is over any budget, so the environment's cap prunes the
+    # last layers instead: a policy that meets the budget and may score well, but is not uniform. It is a
+    # probe, and the search must ship a trial that fitted as proposed.
+    cfg = _config(trained_small_cnn["weights_spec"], "uniform", objective="macs", episodes=8, top_k=2)
+    rec = Record()
+    report = run_search(cfg, str(tmp_path), [rec])
+    probes = [e for e in rec.episodes if not e.candidate]
+    assert probes and all(e.raw_actions != e.enforced_actions for e in probes)
+    assert all(e.raw_actions == e.enforced_actions for e in rec.episodes if e.candidate)
+    assert not any(e.is_best for e in probes)
+    offered = {e.episode for e in rec.episodes if e.candidate}
+    assert {c["episode"] for c in report["candidates"]} <= offered
+    best = next(e for e in rec.episodes if e.episode == report["best_episode"])
+    assert best.candidate and best.meets_budget
+    assert len({a for step in best.raw_actions for a in step}) == 1  # one value for every layer: uniform
+    stored = [json.loads(line) for line in (tmp_path / "episodes.jsonl").read_text().splitlines()]
+    assert [e["candidate"] for e in stored] == [e.candidate for e in rec.episodes]
+
+
 @pytest.mark.parametrize("agent", ["amc", "haq", "galen-pq", "ajpq", "two-stage", "random", "uniform"])
 def test_pt2_model_search(trained_small_cnn, tmp_path, agent):
     objective = "macs" if agent in ("amc", "uniform") else "bops"

@@ -173,7 +173,11 @@ class Agent(ABC):
 
     @abstractmethod
     def end_episode(self, reward: float, info: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Close the episode with its final reward (and the environment's final info), learn, return stats."""
+        """Close the episode with its final reward (and the environment's final info), learn, return stats.
+
+        ``stats["candidate"]`` False marks the episode as a probe the agent does not offer as a result (the
+        search never picks it as the best policy); absent means True.
+        """
 
     # --- checkpoints -----------------------------------------------------------------------------------------
 

@@ -82,7 +82,9 @@ class UniformAgent(Agent):
             fits = fits and not bool(np.any(diff > 1e-9))
         if "cost_ratio" in metrics and metrics.get("budget") is not None:
             fits = fits and float(metrics["cost_ratio"]) <= float(metrics["budget"]) + 1e-9
-        stats = {"episode": self.episode, "value": self.trial, "fits": fits}
+        # a trial that did not fit was changed by the environment's budget cap: not a uniform policy, so the
+        # search must not offer it as this baseline's result
+        stats = {"episode": self.episode, "value": self.trial, "fits": fits, "candidate": fits}
         if not self.converged:
             if fits:
                 self.lo = self.trial

@@ -98,10 +98,15 @@ class Cancelled(Exception):
 
 
 def pick_candidates(episodes: list[EpisodeResult], k: int) -> tuple[list[EpisodeResult], bool]:
-    """The top-k distinct policies by reward, those within budget first; (candidates, within_budget)."""
-    ok = [e for e in episodes if e.meets_budget]
+    """The top-k distinct policies by reward, those within budget first; (candidates, within_budget).
+
+    Episodes an agent played as probes (``candidate`` False: the uniform baseline's bisection trials that the
+    budget cap changed) are never candidates, unless nothing else was played.
+    """
+    offered = [e for e in episodes if e.candidate] or episodes
+    ok = [e for e in offered if e.meets_budget]
     within = bool(ok)
-    pool = sorted(ok or episodes, key=lambda e: (-e.reward, e.episode))
+    pool = sorted(ok or offered, key=lambda e: (-e.reward, e.episode))
     seen, out = set(), []
     for e in pool:
         key = json.dumps(e.policy["layers"], sort_keys=True)

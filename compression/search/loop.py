@@ -432,14 +432,15 @@ def run_search(
         env.apply_options(agent.env_options())
         stage_end = offset + stage.episodes
         best_reward = max(
-            (e.reward for e in episodes if e.stage == stage.name and e.meets_budget), default=None
+            (e.reward for e in episodes if e.stage == stage.name and e.meets_budget and e.candidate),
+            default=None,
         )
         while done < stage_end:
             if emit.should_stop():
                 cancelled = True
                 break
             result, stage_ok = _play(env, agent, done + 1, stage.name, config.budget)
-            if stage_ok and (best_reward is None or result.reward > best_reward):
+            if stage_ok and result.candidate and (best_reward is None or result.reward > best_reward):
                 best_reward = result.reward
                 result.is_best = True
             episodes.append(result)
@@ -455,7 +456,9 @@ def run_search(
             break
         # next stage: the best policy of this one is its base (two-stage: prune, then quantize)
         stage_eps = [
-            e for e in episodes if e.stage == stage.name and e.cost_ratio <= stage.budget * (1 + 1e-6)
+            e
+            for e in episodes
+            if e.stage == stage.name and e.candidate and e.cost_ratio <= stage.budget * (1 + 1e-6)
         ]
         best = max(stage_eps, key=lambda e: e.reward) if stage_eps else None
         stage_base = Policy.from_dict(best.policy) if best is not None else stage_base
@@ -524,7 +527,7 @@ def _play(
         t_agent += time.perf_counter() - ta
         obs = next_obs
     ta = time.perf_counter()
-    agent.end_episode(float(reward), info)
+    stats = agent.end_episode(float(reward), info)
     t_agent += time.perf_counter() - ta
     m = info["metrics"]
     wall = time.perf_counter() - t0
@@ -548,5 +551,6 @@ def _play(
         wall_time_s=wall,
         timings=timings,
         stage=stage,
+        candidate=bool((stats or {}).get("candidate", True)),
     )
     return result, bool(m["meets_budget"])

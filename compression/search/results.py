@@ -177,6 +177,9 @@ class EpisodeResult:
     timings: dict[str, float] = field(default_factory=dict)
     is_best: bool = False
     stage: str = ""
+    # False for an episode the agent played as a probe, not as a policy it offers (the uniform baseline's
+    # bisection trials that did not fit: the environment's budget cap changed them, so they are not uniform)
+    candidate: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
