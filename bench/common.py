@@ -381,6 +381,16 @@ def dwnet_digits(ctx: Context) -> BenchModel:
     return BenchModel("dwnet", str(path), INPUT_SHAPE, info)
 
 
+BENCH_MODELS = {"resnet20": resnet20_digits, "dwnet": dwnet_digits}  # the benchmarks' models, by name
+
+
+def bench_model(ctx: Context, key: str) -> BenchModel:
+    """One of the benchmarks' own models by name (``--models``/``--model``), trained and cached on first use."""
+    if key not in BENCH_MODELS:
+        raise ValueError(f"unknown benchmark model {key!r}: choose from {', '.join(BENCH_MODELS)}")
+    return BENCH_MODELS[key](ctx)
+
+
 # ---------------------------------------------------------------------------------------------- searches
 def agent_config(agent: str, episodes: int) -> dict[str, Any]:
     """Hyper-parameters for a benchmark search of ``episodes`` episodes: the DDPG warm-up set to a quarter of
@@ -494,9 +504,10 @@ def fresh_dir(path: Path) -> Path:
 
 
 def search_floors(
-    model_spec: str, target: str, round_to: int | None, layouts: Sequence[str]
+    model_spec: str, target: str, round_to: int | None, layouts: Sequence[str], objective: str = "latency"
 ) -> dict[str, Any]:
-    """The lowest latency ratio each action layout can reach on a target (the environment's floor).
+    """The lowest cost ratio (latency, or ``objective``) each action layout can reach on a target (the
+    environment's floor).
 
     Built from the search's own environment (``min_cost_ratio``: every layer as compressed as the layout
     allows), with the search's latency table; budgets below a floor are refused by the search.
@@ -505,14 +516,16 @@ def search_floors(
     from compression.search.loop import SearchRun
     from compression.search.results import SearchConfig
 
-    cfg = SearchConfig(model=model_spec, target=target, budget=1.0, episodes=1, round_to=round_to)
+    cfg = SearchConfig(
+        model=model_spec, target=target, objective=objective, budget=1.0, episodes=1, round_to=round_to
+    )
     run = SearchRun(cfg, str(WORK / "tmp" / "floors"))
     out: dict[str, Any] = {"original_ms": getattr(run.latency, "original_ms", None), "round_to": run.round_to}
     for layout in layouts:
         pin = 8 if layout in ("bits",) else None  # HAQ pins the first and last layer to 8 bits
         # enforce_budget off: the environment then reports its floor instead of refusing a budget below it
         settings = EnvSettings(
-            layout=layout, objective="latency", budget=1.0, round_to=run.round_to, enforce_budget=False
+            layout=layout, objective=objective, budget=1.0, round_to=run.round_to, enforce_budget=False
         )
         settings.pin_first_last_bits = pin
         env = CompressionEnvironment(run.ws.graph, run.val, run.calib, settings, latency=run.latency)

@@ -19,21 +19,20 @@ import statistics
 from typing import Any
 
 from bench.common import (
+    BENCH_MODELS,
     Context,
     LoadSampler,
-    dwnet_digits,
+    bench_model,
     fmt,
     log,
     mean_std,
     publish,
     rank_correlations,
-    resnet20_digits,
     table,
     write_result,
 )
 
 POLICY_KINDS = ("prune", "joint", "mixed")  # see random_policy
-BENCH_MODELS = {"resnet20": resnet20_digits, "dwnet": dwnet_digits}  # --model by name
 
 
 def random_policy(graph, rng, kind: str, min_keep: float = 0.1, max_keep: float = 1.0):
@@ -424,10 +423,7 @@ def run(ctx: Context) -> dict[str, Any]:
         configs = [("local-ort", None), ("local-ort", 8), ("local-ort", 16), ("local-tvm", 8)]
     # --model: a .pt2 path, or one of the benchmarks' own trained models by name (resnet20, dwnet)
     model = ctx.options.get("model") or "resnet20"
-    if model in BENCH_MODELS:
-        spec = BENCH_MODELS[model](ctx).spec
-    else:
-        spec = model
+    spec = bench_model(ctx, model).spec if model in BENCH_MODELS else model
     result: dict[str, Any] = {"model": spec, "policies": n, "rounds": rounds, "targets": {}}
     for t, rt in configs:
         label = t if rt is None else f"{t} round_to={rt}"

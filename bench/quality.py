@@ -42,7 +42,7 @@ from bench.common import (
     LoadSampler,
     Recorder,
     agent_config,
-    dwnet_digits,
+    bench_model,
     fmt,
     fmt_ms,
     fresh_dir,
@@ -91,7 +91,7 @@ def _search_method(
     if layout is None and method in ("random", "uniform"):
         layout = "prune"
     cfg_extra = agent_config(method, episodes)
-    if method == "two-stage":
+    if method == "two-stage" and objective == "latency":
         # the default split (prune to sqrt(budget), quantize the rest) assumes bits buy latency; on TVM (float
         # only) and ONNX Runtime (int8 no faster here) the quantization stage then cannot reach the budget
         cfg_extra["prune_budget"] = budget
@@ -195,8 +195,10 @@ def _tp_method(
     round_to: int,
     bisect_steps: int,
     grid_step: float = 0.05,
+    objective: str = "latency",
 ) -> tuple[dict[str, Any], Any]:
-    """torch-pruning global magnitude pruning at the budget's latency, then the agents' fine-tune."""
+    """torch-pruning global magnitude pruning at the budget (the search's latency model, or the objective's
+    count: MACs, BOPs, parameters or bytes), then the agents' fine-tune."""
     from compression.apply import recalibrate
     from compression.costs import compute_costs
     from compression.pipeline import open_workspace
@@ -212,11 +214,22 @@ def _tp_method(
     # the one the RL methods' budgets are met in), so "50%" means for torch-pruning what it means for them.
     # (Session 2 bisected on ``LatencyTable.predict``, the table's per-structure calibration, which predicted
     # 0.50 for a dwnet model that measured 0.28: it pruned far more than asked.)
-    lat = build_latency_model(get_target(target), ws.graph, ws.artifact, round_to=round_to, quantized=False)
-    base_ms = lat.total(compute_costs(ws.graph, None, round_to))
+    if objective == "latency":
+        lat = build_latency_model(
+            get_target(target), ws.graph, ws.artifact, round_to=round_to, quantized=False
+        )
+        base_ms = lat.total(compute_costs(ws.graph, None, round_to))
 
-    def predict(m) -> float:
-        return _tp_latency(lat, ws.graph, m)
+        def predict(m) -> float:
+            return _tp_latency(lat, ws.graph, m)
+
+    else:
+        from compression.targets.analytic import model_costs
+
+        def predict(m) -> float:
+            return float(model_costs(m, x)[objective])
+
+        base_ms = predict(original)
 
     trace: list[tuple[float, float]] = []
     with LoadSampler() as load:
@@ -372,6 +385,8 @@ def _compressed_models(bm: BenchModel, cells: dict[str, dict[str, Any]], tp_mode
 def run(ctx: Context) -> dict[str, Any]:
     """Run the quality benchmark and write ``bench/results/quality[-quick].json``."""
     target = ctx.opt("target", "local-tvm", "local-tvm")
+    # the budget's cost: latency on a device target; on ``analytic`` one of its counts (nothing to measure)
+    objective = ctx.options.get("objective") or ("bops" if target == "analytic" else "latency")
     models = ctx.options.get("models") or (["resnet20"] if ctx.quick else ["resnet20", "dwnet"])
     seeds = list(range(int(ctx.opt("seeds", 1, 3))))
     budgets = ctx.options.get("budgets") or [0.5, 0.25, 0.1]
@@ -382,6 +397,7 @@ def run(ctx: Context) -> dict[str, Any]:
     bisect_steps = 4 if ctx.quick else 6
     result: dict[str, Any] = {
         "target": target,
+        "objective": objective,
         "budgets": budgets,
         "seeds": seeds,
         "episodes": episodes,
@@ -397,7 +413,10 @@ def run(ctx: Context) -> dict[str, Any]:
     result["methods"] = [m for m in METHODS if m in methods or m in prev.get("methods", [])]
     result["budgets"] = sorted(set(budgets) | set(prev.get("budgets", [])), reverse=True)
     result["seeds"] = sorted(set(seeds) | set(prev.get("seeds", [])))
-    log(ctx, f"quality: {models} on {target}, budgets {budgets}, seeds {seeds}, {episodes} episodes")
+    log(
+        ctx,
+        f"quality: {models} on {target} ({objective}), budgets {budgets}, seeds {seeds}, {episodes} episodes",
+    )
     base = ctx.work_dir / "quality"
     # the side experiments first: they are short, and the per-model grid below is what may be interrupted
     if ctx.options.get("agents") is None and not ctx.options.get("skip_extra"):
@@ -406,14 +425,14 @@ def run(ctx: Context) -> dict[str, Any]:
             result["layouts"] = lay
         else:
             result["layouts"] = _layouts(ctx, target, rt_opt, seeds, episodes, ft_epochs, base)
-        write_result(ctx, _name(target), result)
+        write_result(ctx, _name(target, objective), result)
         cross = prev.get("cross_target")
         same_budget = cross and cross.get("budget", 0.5) == float(ctx.options.get("cross_budget") or 0.5)
         if same_budget and all(r.get("status") == "ok" for r in cross["searches"].values()):
             result["cross_target"] = cross
         else:
             result["cross_target"] = _cross_target(ctx, episodes, ft_epochs, base)
-        write_result(ctx, _name(target), result)
+        write_result(ctx, _name(target, objective), result)
     elif prev:
         for k in ("layouts", "cross_target"):
             if k in prev:
@@ -422,8 +441,8 @@ def run(ctx: Context) -> dict[str, Any]:
         if k not in models or ctx.options.get("extra_only"):
             result["models"][k] = v  # another invocation's model (e.g. --models dwnet after resnet20)
     for key in [] if ctx.options.get("extra_only") else models:
-        bm = resnet20_digits(ctx) if key == "resnet20" else dwnet_digits(ctx)
-        floors = search_floors(bm.spec, target, rt_opt, sorted(set(LAYOUT.values())))
+        bm = bench_model(ctx, key)
+        floors = search_floors(bm.spec, target, rt_opt, sorted(set(LAYOUT.values())), objective)
         round_to = int(floors["round_to"])
         log(
             ctx,
@@ -463,11 +482,29 @@ def run(ctx: Context) -> dict[str, Any]:
                     try:
                         if method == "tp-magnitude":
                             cells[method], tp_model = _tp_method(
-                                ctx, bm, target, budget, seed, ft_epochs, round_to, bisect_steps
+                                ctx,
+                                bm,
+                                target,
+                                budget,
+                                seed,
+                                ft_epochs,
+                                round_to,
+                                bisect_steps,
+                                objective=objective,
                             )
                         else:
                             cells[method] = _search_method(
-                                ctx, bm, method, target, budget, seed, episodes, ft_epochs, rt_opt, out
+                                ctx,
+                                bm,
+                                method,
+                                target,
+                                budget,
+                                seed,
+                                episodes,
+                                ft_epochs,
+                                rt_opt,
+                                out,
+                                objective=objective,
                             )
                     except Exception as exc:  # a refused budget or a failing method is a result
                         log(ctx, f"  {method} failed: {type(exc).__name__}: {exc}")
@@ -479,7 +516,7 @@ def run(ctx: Context) -> dict[str, Any]:
                             f"  {method}: test {c['test_accuracy']:.4f}, predicted {c['predicted_ratio']:.3f}",
                         )
                 mres["cells"][f"{budget}/{seed}"] = cells
-                if any(c.get("status") == "ok" for c in cells.values()):
+                if objective == "latency" and any(c.get("status") == "ok" for c in cells.values()):
                     log(
                         ctx,
                         f"{key} budget {budget:.0%} seed {seed}: end-to-end latency, {rounds} interleaved rounds",
@@ -493,30 +530,39 @@ def run(ctx: Context) -> dict[str, Any]:
                             lat["models"][label] = {**v, "measured_in_an_earlier_invocation": True}
                     mres["latency"][f"{budget}/{seed}"] = lat
                 result["summary"] = summarize_cells(result)
-                write_result(ctx, _name(target), result)  # partial results survive an interrupted run
+                write_result(
+                    ctx, _name(target, objective), result
+                )  # partial results survive an interrupted run
     result["summary"] = summarize_cells(result)
-    publish(ctx, _name(target), result, summarize)
+    publish(ctx, _name(target, objective), result, summarize)
     return result
 
 
 LAYOUT_BOPS_BUDGET = 0.02  # of the float model's BOPs: tight enough that no single layout wins for free
 
 
-def _name(target: str) -> str:
-    """The result file: ``quality`` for the default target, ``quality-<target>`` for another one."""
-    return "quality" if target == "local-tvm" else f"quality-{target}"
+def _name(target: str, objective: str = "latency") -> str:
+    """The result file: ``quality`` for the default target, ``quality-<target>`` for another one (and
+    ``-<objective>`` for a budget on another cost than latency)."""
+    name = "quality" if target == "local-tvm" else f"quality-{target}"
+    return name if objective == "latency" else f"{name}-{objective}"
 
 
 def _previous(ctx: Context, result: dict[str, Any]) -> dict[str, Any]:
     """An earlier result file of this benchmark with the same settings (its finished cells are reused)."""
-    path = ctx.results_dir / f"{_name(result['target'])}{'-quick' if ctx.quick else ''}.json"
+    path = (
+        ctx.results_dir
+        / f"{_name(result['target'], result.get('objective', 'latency'))}{'-quick' if ctx.quick else ''}.json"
+    )
     if not path.exists():
         return {}
     try:
         prev = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
-    same = all(prev.get(k) == result.get(k) for k in ("target", "episodes", "fine_tune_epochs", "round_to"))
+    keys = ("target", "episodes", "fine_tune_epochs", "round_to")
+    same = all(prev.get(k) == result.get(k) for k in keys)
+    same = same and prev.get("objective", "latency") == result.get("objective", "latency")
     return prev if same else {}
 
 
@@ -680,7 +726,8 @@ def summarize(result: dict[str, Any]) -> str:
                 else:
                     row.append(c["status"])  # "not run": the cell was not asked for
             rows.append(row)
-        lines.append(table(["method", *[f"{b:.0%} latency" for b in result["budgets"]]], rows))
+        cost = result.get("objective", "latency")
+        lines.append(table(["method", *[f"{b:.0%} {cost}" for b in result["budgets"]]], rows))
     lay = result.get("layouts")
     if lay:
         fl = lay.get("latency_floors", {})

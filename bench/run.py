@@ -1,4 +1,4 @@
-"""Run the benchmarks: ``python bench/run.py [quality reconstruction search_set throughput fidelity speedup streaming
+"""Run the benchmarks: ``python bench/run.py [quality learning reconstruction search_set throughput fidelity speedup streaming
 memory]``.
 
 Without names every benchmark runs, in the order above. ``--quick`` is the minutes-long variant (fewer
@@ -24,6 +24,7 @@ if str(ROOT) not in sys.path:
 
 BENCHMARKS = (
     "quality",
+    "learning",
     "reconstruction",
     "search_set",
     "throughput",
@@ -72,8 +73,17 @@ def main(argv: list[str] | None = None) -> int:
         help="fidelity: also run the channel-rounding study (1, 8, 16) on --target (without --target it runs on "
         "local-ort)",
     )
+    p.add_argument(
+        "--objective",
+        choices=("latency", "macs", "bops", "params", "bytes"),
+        help="quality, learning: the cost the budget applies to (default: latency; on --target analytic, "
+        "bops for quality and macs for learning)",
+    )
     p.add_argument("--agents", help="comma-separated agents (quality, throughput)")
-    p.add_argument("--models", help="comma-separated models for quality: resnet20,dwnet")
+    p.add_argument(
+        "--models",
+        help="comma-separated models (quality, learning, reconstruction, search_set): resnet20,dwnet",
+    )
     p.add_argument(
         "--model",
         help="use this .pt2 instead of the trained ResNet-20 (throughput, fidelity); fidelity also takes the "
@@ -160,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         "device_check_rounds": args.device_check_rounds,
         "measure": args.measure,
         "agents": args.agents.split(",") if args.agents else None,
+        "objective": args.objective,
         "max_keep": args.max_keep,
         "rounding": args.rounding,
         "kinds": kinds,

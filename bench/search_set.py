@@ -27,13 +27,12 @@ from typing import Any
 from bench.common import (
     Context,
     LoadSampler,
-    dwnet_digits,
+    bench_model,
     fmt,
     log,
     mean_std,
     publish,
     rank_correlations,
-    resnet20_digits,
     table,
 )
 
@@ -56,7 +55,7 @@ def _model(ctx: Context, key: str, policies: int, ft_epochs: int) -> dict[str, A
     from compression.search.env import CompressionEnvironment, EnvSettings
     from compression.training import evaluate, fine_tune
 
-    bm = resnet20_digits(ctx) if key == "resnet20" else dwnet_digits(ctx)
+    bm = bench_model(ctx, key)
     ws = open_workspace(bm.spec, "digits", seed=0)
     calib = ws.calibration_batch(CALIB, seed=0)
     original = ws.artifact.module.eval()
