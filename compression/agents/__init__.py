@@ -90,9 +90,9 @@ def restore_agent(state: dict[str, Any]) -> Agent:
     """Rebuild an agent from ``Agent.state_dict()`` output (its name, env spec, config and seed are in it)."""
     if not isinstance(state, dict) or "agent" not in state:
         raise SearchError("not an agent checkpoint", "resume from a checkpoint written by the search")
-    agent = make_agent(
-        state["agent"], EnvSpec.from_dict(state["env_spec"]), dict(state["config"]), int(state["seed"])
-    )
+    cls = agent_class(state["agent"])
+    config = cls.checkpoint_config(state["config"])
+    agent = make_agent(state["agent"], EnvSpec.from_dict(state["env_spec"]), config, int(state["seed"]))
     agent.load_state_dict(state)
     return agent
 

@@ -83,6 +83,12 @@ class AJPQAgent(DDPGAgent):
     def _actor_optims(self) -> list[torch.optim.Optimizer]:
         return [self.optims["layer_actor"], self.optims["channel_actor"]]
 
+    def _online_action(self, obs: torch.Tensor) -> torch.Tensor:
+        return self._joint_action(obs, "")
+
+    def _actor_names(self) -> list[str]:
+        return ["layer_actor", "channel_actor"]
+
     def _soft_update_targets(self) -> None:
         tau = self.config["tau"]
         for name in ("layer_actor", "channel_actor", "critic"):

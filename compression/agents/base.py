@@ -110,6 +110,8 @@ class Agent(ABC):
     name: ClassVar[str] = ""
     layouts: ClassVar[tuple[str, ...] | None] = None
     summary: ClassVar[str] = ""
+    # settings added after checkpoints were written, at the value that reproduces how such a checkpoint ran
+    LEGACY_SETTINGS: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, env_spec: EnvSpec, config: dict[str, Any] | None = None, seed: int = 0) -> None:
         if not isinstance(env_spec, EnvSpec):
@@ -208,7 +210,7 @@ class Agent(ABC):
                 "checkpoint was written for another environment (layers, features or actions differ)",
                 "resume with the same model, objective and settings",
             )
-        if dict(state["config"]) != self.config:
+        if self.checkpoint_config(state["config"]) != self.config:
             raise SearchError(
                 f"checkpoint was written with another {self.name} configuration",
                 "create the agent with the checkpoint's config (restore_agent does this)",
@@ -216,6 +218,11 @@ class Agent(ABC):
         self.seed = int(state["seed"])
         self.episode = int(state["episode"])
         self._load_state(state["agent_state"])
+
+    @classmethod
+    def checkpoint_config(cls, stored: dict[str, Any]) -> dict[str, Any]:
+        """A checkpoint's config, with the settings added since it was written at the values it ran with."""
+        return {**cls.LEGACY_SETTINGS, **dict(stored)}
 
     @abstractmethod
     def _state(self) -> dict[str, Any]:

@@ -12,6 +12,10 @@ What it does per episode, as AMC does:
   against one baseline. (HAQ's and Galen's code keep a moving average of batch means with alpha 0.5
   instead; an average of episode rewards does not depend on which transitions a batch happened to
   draw.)
+- With ``elite_episodes`` > 0, at the end of the warm-up the actor is fitted (full-batch MSE, Adam 1e-3,
+  ``imitation_steps`` steps) to the steps of the best ``elite_episodes`` warm-up episodes, so that learning and
+  exploration start from the best policy the warm-up found instead of an untrained actor's (nearly uniform)
+  one. Off (0) in AMC's, HAQ's and Galen's published settings.
 - At the end of each episode after the warm-up, ``updates_per_episode`` gradient steps (0: one per step
   of the episode, AMC's choice): critic on the TD target ``r - baseline + discount * (1 - done) *
   Q'(s', mu'(s'))``, actor on ``-Q(s, mu(s))``, then soft target updates with ``tau``.
@@ -51,7 +55,11 @@ AMC_DEFAULTS: dict[str, Any] = {
     "baseline_alpha": 0.95,
     "critic_weight_decay": 0.0,
     "init_w": 3e-3,
+    "elite_episodes": 0,
+    "imitation_steps": 300,
 }
+# the Adam rate of the imitation at the end of the warm-up (a few hundred full-batch steps on a few dozen rows)
+IMITATION_LR = 1e-3
 
 
 def ddpg_params(defaults: dict[str, Any]) -> list[Param]:
@@ -113,6 +121,23 @@ def ddpg_params(defaults: dict[str, Any]) -> list[Param]:
             1.0,
             log=True,
         ),
+        Param(
+            "elite_episodes",
+            "int",
+            d["elite_episodes"],
+            "at the end of the warm-up the actor is first fitted to the steps of the best this many warm-up "
+            "episodes, so learning starts from the best policy found so far (0: off, the actor starts untrained)",
+            0,
+            1000,
+        ),
+        Param(
+            "imitation_steps",
+            "int",
+            d["imitation_steps"],
+            "gradient steps of that fit (full batch, Adam 1e-3)",
+            1,
+            100000,
+        ),
     ]
 
 
@@ -122,6 +147,7 @@ class DDPGAgent(Agent):
     name: ClassVar[str] = "ddpg"
     summary: ClassVar[str] = "DDPG over any action layout (the core of amc, haq, galen and ajpq)"
     DEFAULTS: ClassVar[dict[str, Any]] = AMC_DEFAULTS
+    LEGACY_SETTINGS: ClassVar[dict[str, Any]] = {"elite_episodes": 0, "imitation_steps": 300}
 
     def __init__(self, env_spec: EnvSpec, config: dict[str, Any] | None = None, seed: int = 0) -> None:
         super().__init__(env_spec, config, seed)
@@ -136,6 +162,9 @@ class DDPGAgent(Agent):
         self.noise = TruncatedNormalNoise(c["noise_sigma"], c["noise_decay"])
         self.baseline: float | None = None
         self._pending: Pending = []
+        # the best warm-up episodes (reward, episode, steps), kept for the imitation at the warm-up's end
+        self._elite: list[tuple[float, int, Pending]] = []
+        self.imitation_loss: float | None = None
 
     @classmethod
     def params(cls) -> list[Param]:
@@ -176,6 +205,46 @@ class DDPGAgent(Agent):
         tau = self.config["tau"]
         soft_update(self.nets["actor_target"], self.nets["actor"], tau)
         soft_update(self.nets["critic_target"], self.nets["critic"], tau)
+
+    def _online_action(self, obs: torch.Tensor) -> torch.Tensor:
+        """The online actor's (noise-free) action for a batch of observations, with gradients."""
+        return self.nets["actor"](obs)
+
+    def _actor_names(self) -> list[str]:
+        """The online actors (each has a ``<name>_target`` copy)."""
+        return ["actor"]
+
+    # --- imitation of the best warm-up episodes ----------------------------------------------------------------
+
+    def _keep_elite(self, reward: float, steps: Pending) -> None:
+        k = int(self.config["elite_episodes"])
+        if k <= 0 or not self.in_warmup:
+            return
+        self._elite.append((reward, self.episode, steps))
+        self._elite.sort(key=lambda e: (-e[0], e[1]))  # best reward first; ties: the earlier episode
+        del self._elite[k:]
+
+    def _imitate_elite(self) -> float | None:
+        """Fit the actor(s) to the elite episodes' (observation, enforced action) pairs; targets copy them.
+
+        Full-batch Adam, deterministic given the weights (no sampling), so a resumed run repeats it exactly.
+        """
+        if not self._elite:
+            return None
+        obs = torch.from_numpy(np.stack([o for _, _, steps in self._elite for o, _, _, _ in steps]))
+        act = torch.from_numpy(np.stack([a for _, _, steps in self._elite for _, a, _, _ in steps])).float()
+        params = [p for name in self._actor_names() for p in self.nets[name].parameters()]
+        opt = torch.optim.Adam(params, lr=IMITATION_LR)
+        loss = torch.zeros(())
+        for _ in range(int(self.config["imitation_steps"])):
+            loss = torch.nn.functional.mse_loss(self._online_action(obs), act)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        for name in self._actor_names():
+            hard_update(self.nets[name + "_target"], self.nets[name])
+        self._elite = []  # done with: the replay buffer keeps every step
+        return float(loss.item())
 
     # --- the protocol -------------------------------------------------------------------------------------
 
@@ -218,6 +287,7 @@ class DDPGAgent(Agent):
         for obs, action, next_obs, done in self._pending:
             self.buffer.add(obs, action, r, next_obs, done)
         steps = len(self._pending)
+        self._keep_elite(r, self._pending)
         self._pending = []
         stats: dict[str, Any] = {
             "episode": self.episode,
@@ -227,6 +297,9 @@ class DDPGAgent(Agent):
             "updates": 0,
         }
         warmup_done = self.episode + 1 >= c["warmup_episodes"]
+        if self.episode + 1 == c["warmup_episodes"] and c["elite_episodes"] > 0:
+            self.imitation_loss = self._imitate_elite()
+            stats["imitation_loss"] = self.imitation_loss
         if warmup_done and len(self.buffer) >= min(c["batch_size"], self.buffer.capacity):
             n = c["updates_per_episode"] or max(1, steps)
             critic_losses, actor_losses = [], []
@@ -273,6 +346,10 @@ class DDPGAgent(Agent):
             "baseline": self.baseline,
             "sigma": self.current_sigma(),
             "pending": pending_state(self._pending),
+            "elite": [
+                {"reward": r, "episode": e, "steps": pending_state(steps)} for r, e, steps in self._elite
+            ],
+            "imitation_loss": self.imitation_loss,
         }
 
     def _load_state(self, state: dict[str, Any]) -> None:
@@ -285,3 +362,7 @@ class DDPGAgent(Agent):
         self.buffer.load_state_dict(state["buffer"])
         self.baseline = None if state["baseline"] is None else float(state["baseline"])
         self._pending = load_pending(state["pending"])
+        self._elite = [
+            (float(e["reward"]), int(e["episode"]), load_pending(e["steps"])) for e in state.get("elite", [])
+        ]
+        self.imitation_loss = state.get("imitation_loss")
