@@ -43,15 +43,15 @@ METHODS = ("amc", "random", "uniform")  # the MACs objective: bits buy nothing, 
 
 
 def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
-    """``agent[+key=value...]`` -> (agent, settings); values are read as int, float or text."""
+    """``agent[+key=value...]`` -> (agent, settings); values are read as true/false, int, float or text."""
     agent, *pairs = spec.split("+")
     settings: dict[str, Any] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep or not key:
             raise ValueError(f"{spec!r}: settings are key=value, joined with '+'")
-        value: Any = raw
-        for kind in (int, float):
+        value: Any = {"true": True, "false": False}.get(raw.lower(), raw)
+        for kind in () if isinstance(value, bool) else (int, float):
             try:
                 value = kind(raw)
                 break
@@ -109,6 +109,7 @@ def _search(
         "agent": agent,
         "settings": settings,
         "agent_config": [st.get("agent_config") for st in rec.start_info.get("stages", [])],
+        "original_accuracy": rec.start_info.get("original_accuracy"),  # on the search set: the ceiling
         "episodes": len(rewards),
         "best_reward": rewards[best] if best is not None else None,
         "best_episode": best,

@@ -247,7 +247,7 @@ def test_resume_with_elite_imitation_is_bit_identical(name):
     assert len(first._elite) == 2
     resumed = restore_agent(checkpoint(first))
     got += play(make_env(name, resumed), resumed, 4)
-    assert resumed.imitation_loss is not None and not resumed._elite
+    assert resumed.imitation_loss is not None and len(resumed._elite) == 2  # kept: refreshed on new bests
     assert all(np.array_equal(a, b) for a, b in zip(got, expected, strict=True))
 
 
@@ -281,15 +281,34 @@ def test_after_the_warmup_the_actor_replays_the_best_warmup_episode(name):
     assert fitted.mean() < 0.05 and fitted.mean() < untrained.mean() / 4
 
 
+@pytest.mark.parametrize("name", RL_AGENTS)
+def test_a_start_action_is_played_first_and_survives_a_checkpoint(name):
+    cfg = {"uniform_start": True}
+    env, straight = make(name, cfg, seed=6)
+    start = np.full(straight.act_dim, 0.37)
+    assert straight.wants_start_action
+    straight.set_start_action(start)
+    expected = play(env, straight, 5)
+    assert np.array_equal(expected[0], start) and not straight.wants_start_action
+    env, first = make(name, cfg, seed=6)
+    first.set_start_action(start)
+    obs = env.reset()
+    a = first.act(obs)
+    env.step(a)  # checkpointed in the middle of the first episode
+    resumed = restore_agent(checkpoint(first))
+    assert np.array_equal(resumed.start_action, start)
+
+
 def test_a_checkpoint_from_before_a_setting_existed_resumes_as_it_ran():
     env, straight = make("amc", seed=4)
     expected = play(env, straight, 6)
     env, first = make("amc", seed=4)
     got = play(env, first, 3)
     state = checkpoint(first)
-    for key in ("elite_episodes", "imitation_steps"):  # written before these existed
+    for key in ("elite_episodes", "imitation_steps", "elite_refresh", "uniform_start"):  # not yet in it
         del state["config"][key]
-    del state["agent_state"]["elite"], state["agent_state"]["imitation_loss"]
+    for key in ("elite", "imitation_loss", "start_action"):
+        del state["agent_state"][key]
     resumed = restore_agent(state)
     assert resumed.config["elite_episodes"] == 0
     got += play(make_env("amc", resumed), resumed, 3)

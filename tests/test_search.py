@@ -52,6 +52,50 @@ def test_real_environment_follows_the_protocol_and_meets_budgets(workspace, layo
         assert 0.0 <= reward <= 1.0
 
 
+@pytest.mark.parametrize(
+    "layout,objective,mode", [("prune", "macs", "cap"), ("joint", "bops", "cap"), ("bits", "bops", "repair")]
+)
+def test_the_environment_finds_the_tightest_uniform_action_on_costs_alone(workspace, layout, objective, mode):
+    ws = workspace
+    env = CompressionEnvironment(
+        ws.graph,
+        subset(ws.data.val, 100),
+        ws.calibration_batch(64),
+        EnvSettings(
+            layout=layout,
+            objective=objective,
+            budget={"prune": 0.3, "joint": 0.03, "bits": 0.02}[layout],
+            budget_mode=mode,
+        ),
+    )
+    scored = []
+    env._score = lambda policy: scored.append(policy) or (0.0, {})  # nothing may be applied or scored
+    a = env.uniform_action()
+    assert (
+        not scored
+        and a is not None
+        and len(set(np.round(np.where(env.action_spec.inverted_mask(), 1 - a, a), 12))) == 1
+    )
+    del env._score
+
+    def play(action):
+        env.reset()
+        done = False
+        while not done:
+            _, _, done, info = env.step(action)
+        return info
+
+    info = play(a)  # played for real: unchanged and within budget
+    assert info["raw_actions"] == info["enforced_actions"] and info["metrics"]["meets_budget"]
+    # one notch less compression (v + 2 * tolerance) no longer fits as proposed
+    inv = env.action_spec.inverted_mask()
+    v = float(a[~inv][0]) if (~inv).any() else 1.0 - float(a[0])
+    assert v < 0.99  # (the budgets are tight enough that keeping everything does not fit)
+    looser = np.where(inv, 1.0 - (v + 2e-3), v + 2e-3)
+    info = play(np.clip(looser, 0, 1))
+    assert info["raw_actions"] != info["enforced_actions"] or not info["metrics"]["meets_budget"]
+
+
 def test_haq_repair_mode_lowers_bits_from_the_last_layer(workspace):
     ws = workspace
     env = CompressionEnvironment(
@@ -169,6 +213,18 @@ def test_the_uniform_baseline_offers_only_uniform_policies(trained_small_cnn, tm
     assert len({a for step in best.raw_actions for a in step}) == 1  # one value for every layer: uniform
     stored = [json.loads(line) for line in (tmp_path / "episodes.jsonl").read_text().splitlines()]
     assert [e["candidate"] for e in stored] == [e.candidate for e in rec.episodes]
+
+
+def test_a_ddpg_agent_with_uniform_start_plays_the_fitting_uniform_policy_first(trained_small_cnn, tmp_path):
+    cfg = _config(trained_small_cnn["weights_spec"], "amc", objective="macs", episodes=4)
+    cfg.agent_config.update(uniform_start=True, elite_episodes=1)
+    rec = Record()
+    run_search(cfg, str(tmp_path), [rec])
+    first = rec.episodes[0]
+    assert first.raw_actions == first.enforced_actions and first.meets_budget
+    assert len({a for step in first.raw_actions for a in step}) == 1
+    assert first.cost_ratio > 0.9 * cfg.budget  # as tight as a uniform policy gets (rounded to channels)
+    assert any(e.raw_actions != e.enforced_actions for e in rec.episodes[1:])  # then random warm-up
 
 
 @pytest.mark.parametrize("agent", ["amc", "haq", "galen-pq", "ajpq", "two-stage", "random", "uniform"])

@@ -219,6 +219,16 @@ class Agent(ABC):
         self.episode = int(state["episode"])
         self._load_state(state["agent_state"])
 
+    @property
+    def wants_start_action(self) -> bool:
+        """Whether the search should hand this agent a start action (``set_start_action``) before it plays."""
+        return False
+
+    def set_start_action(self, action: np.ndarray) -> None:
+        """An action to play in the first episode: the uniform policy that fits the budget
+        (``CompressionEnvironment.uniform_action``). Agents that do not want one ignore it."""
+        return None
+
     @classmethod
     def checkpoint_config(cls, stored: dict[str, Any]) -> dict[str, Any]:
         """A checkpoint's config, with the settings added since it was written at the values it ran with."""

@@ -57,6 +57,8 @@ AMC_DEFAULTS: dict[str, Any] = {
     "init_w": 3e-3,
     "elite_episodes": 0,
     "imitation_steps": 300,
+    "elite_refresh": True,
+    "uniform_start": False,
 }
 # the Adam rate of the imitation at the end of the warm-up (a few hundred full-batch steps on a few dozen rows)
 IMITATION_LR = 1e-3
@@ -131,6 +133,20 @@ def ddpg_params(defaults: dict[str, Any]) -> list[Param]:
             1000,
         ),
         Param(
+            "elite_refresh",
+            "bool",
+            d["elite_refresh"],
+            "after the warm-up, fit the actor again whenever an episode joins the best elite_episodes "
+            "(self-imitation: exploration stays around the best policies found)",
+        ),
+        Param(
+            "uniform_start",
+            "bool",
+            d["uniform_start"],
+            "the first warm-up episode plays the uniform policy that fits the budget (found on costs alone), "
+            "so the best uniform compression is among the policies the agent learns from",
+        ),
+        Param(
             "imitation_steps",
             "int",
             d["imitation_steps"],
@@ -147,7 +163,12 @@ class DDPGAgent(Agent):
     name: ClassVar[str] = "ddpg"
     summary: ClassVar[str] = "DDPG over any action layout (the core of amc, haq, galen and ajpq)"
     DEFAULTS: ClassVar[dict[str, Any]] = AMC_DEFAULTS
-    LEGACY_SETTINGS: ClassVar[dict[str, Any]] = {"elite_episodes": 0, "imitation_steps": 300}
+    LEGACY_SETTINGS: ClassVar[dict[str, Any]] = {
+        "elite_episodes": 0,
+        "imitation_steps": 300,
+        "elite_refresh": True,
+        "uniform_start": False,
+    }
 
     def __init__(self, env_spec: EnvSpec, config: dict[str, Any] | None = None, seed: int = 0) -> None:
         super().__init__(env_spec, config, seed)
@@ -165,6 +186,7 @@ class DDPGAgent(Agent):
         # the best warm-up episodes (reward, episode, steps), kept for the imitation at the warm-up's end
         self._elite: list[tuple[float, int, Pending]] = []
         self.imitation_loss: float | None = None
+        self.start_action: np.ndarray | None = None  # played in episode 0 (uniform_start)
 
     @classmethod
     def params(cls) -> list[Param]:
@@ -216,13 +238,15 @@ class DDPGAgent(Agent):
 
     # --- imitation of the best warm-up episodes ----------------------------------------------------------------
 
-    def _keep_elite(self, reward: float, steps: Pending) -> None:
+    def _keep_elite(self, reward: float, steps: Pending) -> bool:
+        """Add the episode to the elite if it is among the best ``elite_episodes``; True if it joined."""
         k = int(self.config["elite_episodes"])
-        if k <= 0 or not self.in_warmup:
-            return
+        if k <= 0 or not (self.in_warmup or self.config["elite_refresh"]):
+            return False
         self._elite.append((reward, self.episode, steps))
         self._elite.sort(key=lambda e: (-e[0], e[1]))  # best reward first; ties: the earlier episode
         del self._elite[k:]
+        return any(e == self.episode for _, e, _ in self._elite)
 
     def _imitate_elite(self) -> float | None:
         """Fit the actor(s) to the elite episodes' (observation, enforced action) pairs; targets copy them.
@@ -243,7 +267,8 @@ class DDPGAgent(Agent):
             opt.step()
         for name in self._actor_names():
             hard_update(self.nets[name + "_target"], self.nets[name])
-        self._elite = []  # done with: the replay buffer keeps every step
+        if not self.config["elite_refresh"]:
+            self._elite = []  # done with: the replay buffer keeps every step
         return float(loss.item())
 
     # --- the protocol -------------------------------------------------------------------------------------
@@ -259,9 +284,22 @@ class DDPGAgent(Agent):
             return 0.0
         return self.noise.sigma(self.episode - self.config["warmup_episodes"])
 
+    @property
+    def wants_start_action(self) -> bool:
+        return bool(self.config["uniform_start"]) and self.episode == 0
+
+    def set_start_action(self, action: np.ndarray) -> None:
+        a = np.clip(np.asarray(action, dtype=np.float64).reshape(-1), 0.0, 1.0)
+        if a.shape != (self.act_dim,):
+            raise ValueError(f"start action has shape {a.shape}, expected ({self.act_dim},)")
+        self.start_action = a
+
     def act(self, obs: np.ndarray, explore: bool = True) -> np.ndarray:
-        """Random during warm-up; then the actor's output, with decaying truncated normal noise when exploring."""
+        """Random during warm-up (the start action in episode 0, when given); then the actor's output, with
+        decaying truncated normal noise when exploring."""
         obs_t = torch.from_numpy(self._check_obs(obs))
+        if explore and self.episode == 0 and self.start_action is not None and self.in_warmup:
+            return self.start_action.copy()
         if explore and self.in_warmup:
             return self.rng.random(self.act_dim)
         return np.clip(self._policy_action(obs_t, self.current_sigma() if explore else None), 0.0, 1.0)
@@ -287,7 +325,7 @@ class DDPGAgent(Agent):
         for obs, action, next_obs, done in self._pending:
             self.buffer.add(obs, action, r, next_obs, done)
         steps = len(self._pending)
-        self._keep_elite(r, self._pending)
+        joined = self._keep_elite(r, self._pending)
         self._pending = []
         stats: dict[str, Any] = {
             "episode": self.episode,
@@ -297,7 +335,10 @@ class DDPGAgent(Agent):
             "updates": 0,
         }
         warmup_done = self.episode + 1 >= c["warmup_episodes"]
-        if self.episode + 1 == c["warmup_episodes"] and c["elite_episodes"] > 0:
+        if c["elite_episodes"] > 0 and (
+            self.episode + 1 == c["warmup_episodes"]
+            or (joined and c["elite_refresh"] and self.episode + 1 > c["warmup_episodes"])
+        ):
             self.imitation_loss = self._imitate_elite()
             stats["imitation_loss"] = self.imitation_loss
         if warmup_done and len(self.buffer) >= min(c["batch_size"], self.buffer.capacity):
@@ -350,6 +391,7 @@ class DDPGAgent(Agent):
                 {"reward": r, "episode": e, "steps": pending_state(steps)} for r, e, steps in self._elite
             ],
             "imitation_loss": self.imitation_loss,
+            "start_action": None if self.start_action is None else torch.from_numpy(self.start_action),
         }
 
     def _load_state(self, state: dict[str, Any]) -> None:
@@ -366,3 +408,5 @@ class DDPGAgent(Agent):
             (float(e["reward"]), int(e["episode"]), load_pending(e["steps"])) for e in state.get("elite", [])
         ]
         self.imitation_loss = state.get("imitation_loss")
+        start = state.get("start_action")
+        self.start_action = None if start is None else start.numpy().copy()

@@ -435,6 +435,51 @@ class CompressionEnvironment:
         self._t = len(self.steps)
         return obs, float(reward), True, info
 
+    def uniform_action(self, tolerance: float = 1e-3) -> np.ndarray | None:
+        """The uniform action that fits the budget as tightly as a uniform policy can, found on costs alone.
+
+        The same value ``v`` in every action dimension (``1 - v`` where larger means more compression), the
+        largest for which the environment changes nothing (no cap, no repair, cost within budget), bisected
+        like the ``uniform`` agent but without applying or scoring a single policy (milliseconds). None when
+        not even ``v = 0`` fits. The environment is left reset.
+        """
+        inverted = self.action_spec.inverted_mask()
+
+        def action(v: float) -> np.ndarray:
+            return np.where(inverted, 1.0 - v, v).astype(np.float64)
+
+        def fits(v: float) -> bool:
+            self.reset()
+            a = action(v)
+            for name in self.steps:
+                asked = self._decode(name, a)
+                entry = self._decide(name, a)
+                if self._enforced_action(name, a, asked, entry) != a.tolist():
+                    return False
+                self._asked[name] = asked
+                self._policy.layers[name] = entry
+                self._prev_action = a.tolist()
+                self._t += 1
+            if self.settings.enforce_budget and self.settings.budget_mode == "repair":
+                before = {n: lp.to_dict() for n, lp in self._policy.layers.items()}
+                self._repair()
+                if {n: lp.to_dict() for n, lp in self._policy.layers.items()} != before:
+                    return False
+            return self.cost_of(self._policy)[0] <= self.budget_cost * (1 + 1e-6)
+
+        try:
+            if fits(1.0):
+                return action(1.0)
+            if not fits(0.0):
+                return None
+            lo, hi = 0.0, 1.0
+            while hi - lo >= tolerance:
+                mid = 0.5 * (lo + hi)
+                lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+            return action(lo)
+        finally:
+            self.reset()
+
     # ------------------------------------------------------------------ action mapping and budget
     def _group_keep_fixed(self, name: str) -> float | None:
         """For a non-leader layer, the keep ratio its group leader already decided (None for leaders)."""

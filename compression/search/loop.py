@@ -430,6 +430,13 @@ def run_search(
                 log.info("stage %s: %s", stage.name, note)
             agent = make_agent(stage.agent, env.spec, agent_cfg, seed=config.seed + stage_idx)
         env.apply_options(agent.env_options())
+        if agent.wants_start_action and hasattr(env, "uniform_action"):
+            start = env.uniform_action()  # costs only: milliseconds
+            if start is not None:
+                agent.set_start_action(start)
+                log.info(
+                    "stage %s: the first episode plays the uniform policy that fits the budget", stage.name
+                )
         stage_end = offset + stage.episodes
         best_reward = max(
             (e.reward for e in episodes if e.stage == stage.name and e.meets_budget and e.candidate),
