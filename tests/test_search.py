@@ -53,9 +53,17 @@ def test_real_environment_follows_the_protocol_and_meets_budgets(workspace, layo
 
 
 @pytest.mark.parametrize(
-    "layout,objective,mode", [("prune", "macs", "cap"), ("joint", "bops", "cap"), ("bits", "bops", "repair")]
+    "layout,objective,mode,pin",
+    [
+        ("prune", "macs", "cap", None),
+        ("joint", "bops", "cap", None),
+        ("bits", "bops", "repair", None),
+        ("bits", "bops", "repair", 8),  # HAQ: the first and last layer pinned to 8 bits
+    ],
 )
-def test_the_environment_finds_the_tightest_uniform_action_on_costs_alone(workspace, layout, objective, mode):
+def test_the_environment_finds_the_tightest_uniform_action_on_costs_alone(
+    workspace, layout, objective, mode, pin
+):
     ws = workspace
     env = CompressionEnvironment(
         ws.graph,
@@ -68,6 +76,9 @@ def test_the_environment_finds_the_tightest_uniform_action_on_costs_alone(worksp
             budget_mode=mode,
         ),
     )
+    if pin:
+        env.apply_options({"pin_first_last_bits": pin})
+    free = slice(1, -1) if pin else slice(None)  # the pinned layers' bits are not the agent's to choose
     scored = []
     env._score = lambda policy: scored.append(policy) or (0.0, {})  # nothing may be applied or scored
     a = env.uniform_action()
@@ -86,14 +97,14 @@ def test_the_environment_finds_the_tightest_uniform_action_on_costs_alone(worksp
         return info
 
     info = play(a)  # played for real: unchanged and within budget
-    assert info["raw_actions"] == info["enforced_actions"] and info["metrics"]["meets_budget"]
+    assert info["raw_actions"][free] == info["enforced_actions"][free] and info["metrics"]["meets_budget"]
     # one notch less compression (v + 2 * tolerance) no longer fits as proposed
     inv = env.action_spec.inverted_mask()
     v = float(a[~inv][0]) if (~inv).any() else 1.0 - float(a[0])
     assert v < 0.99  # (the budgets are tight enough that keeping everything does not fit)
     looser = np.where(inv, 1.0 - (v + 2e-3), v + 2e-3)
     info = play(np.clip(looser, 0, 1))
-    assert info["raw_actions"] != info["enforced_actions"] or not info["metrics"]["meets_budget"]
+    assert info["raw_actions"][free] != info["enforced_actions"][free] or not info["metrics"]["meets_budget"]
 
 
 def test_haq_repair_mode_lowers_bits_from_the_last_layer(workspace):

@@ -6,6 +6,13 @@ warm-up episodes of random actions, truncated normal noise sigma 0.5 decaying by
 batch 64, replay of 100 episodes (AMC's ``rmsize`` of 100 per layer), one update per step of each
 episode, every step stored with the episode's reward and a moving baseline subtracted. The budget is the
 environment's job (AMC caps each action so the remaining layers can still meet it).
+
+Two additions of this project are on by default (``elite_episodes=1``, ``uniform_start=True``; set
+``elite_episodes=0, uniform_start=False`` for the published agent): the first warm-up episode plays the
+uniform policy that fits the budget, and the actor is fitted to the best episode so far at the end of the
+warm-up and whenever a better one comes (self-imitation). Measured in docs/BENCHMARKS.md section 1h: at 10%
+of ResNet-20's MACs, 60 episodes, three seeds, they took AMC's best reward from 0.837 +- 0.080 (behind
+random search and uniform pruning) to 0.889 +- 0.016 (ahead of both in every seed).
 """
 
 from __future__ import annotations
@@ -21,4 +28,4 @@ class AMCAgent(DDPGAgent):
     name: ClassVar[str] = "amc"
     layouts: ClassVar[tuple[str, ...] | None] = ("prune",)
     summary: ClassVar[str] = "AMC: DDPG choosing each layer's channel keep ratio"
-    DEFAULTS = dict(AMC_DEFAULTS)
+    DEFAULTS = {**AMC_DEFAULTS, "elite_episodes": 1, "uniform_start": True}

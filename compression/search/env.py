@@ -439,11 +439,17 @@ class CompressionEnvironment:
         """The uniform action that fits the budget as tightly as a uniform policy can, found on costs alone.
 
         The same value ``v`` in every action dimension (``1 - v`` where larger means more compression), the
-        largest for which the environment changes nothing (no cap, no repair, cost within budget), bisected
+        largest for which the environment changes nothing (no cap, no repair, cost within budget; the layers
+        an agent asked to pin keep their pinned bits), bisected
         like the ``uniform`` agent but without applying or scoring a single policy (milliseconds). None when
         not even ``v = 0`` fits. The environment is left reset.
         """
         inverted = self.action_spec.inverted_mask()
+        pinned = (
+            {self.steps[0], self.steps[-1]}
+            if self.settings.pin_first_last_bits and self.action_spec.layout != "prune"
+            else set()
+        )
 
         def action(v: float) -> np.ndarray:
             return np.where(inverted, 1.0 - v, v).astype(np.float64)
@@ -454,8 +460,8 @@ class CompressionEnvironment:
             for name in self.steps:
                 asked = self._decode(name, a)
                 entry = self._decide(name, a)
-                if self._enforced_action(name, a, asked, entry) != a.tolist():
-                    return False
+                if name not in pinned and self._enforced_action(name, a, asked, entry) != a.tolist():
+                    return False  # (a pinned layer's bits are the agent's request, not a budget change)
                 self._asked[name] = asked
                 self._policy.layers[name] = entry
                 self._prev_action = a.tolist()
