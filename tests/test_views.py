@@ -346,6 +346,14 @@ def run_post(model, **extra):
         "export_formats": ["pt2", "onnx"],
         "agent_fields": "1",
     }
+    # a browser submits the checkboxes that are ticked, and a bool setting that defaults to on renders ticked
+    from webapp import catalog
+    from webapp.forms import agent_field_name
+
+    agent = extra.get("agent", data["agent"])
+    for p in (catalog.agent_info(agent) or {"params": []})["params"]:
+        if p["type"] == "bool" and p["default"]:
+            data[agent_field_name(agent, p["name"])] = "on"
     data.update(extra)
     return data
 
@@ -445,8 +453,11 @@ def test_new_run_refuses_dataset_with_more_classes(client, alice):
 def test_haq_bool_setting_can_be_switched_off(client, alice, dispatch, django_capture_on_commit_callbacks):
     m = make_model(alice)
     data = run_post(m, agent="haq", objective="bops")
+    from webapp.forms import agent_field_name
+
+    del data[agent_field_name("haq", "pin_first_last_8bit")]  # unticked: the browser does not send it
     with django_capture_on_commit_callbacks(execute=True):
-        client.post(reverse("ui:run-new"), data)  # the unticked checkbox is not sent
+        client.post(reverse("ui:run-new"), data)
     from webapp.models import Run
 
     assert Run.objects.get().config["agent_config"] == {"pin_first_last_8bit": False}
