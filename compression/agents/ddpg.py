@@ -12,10 +12,13 @@ What it does per episode, as AMC does:
   against one baseline. (HAQ's and Galen's code keep a moving average of batch means with alpha 0.5
   instead; an average of episode rewards does not depend on which transitions a batch happened to
   draw.)
+- With ``uniform_start``, the first warm-up episode plays the start action the search hands over
+  (``set_start_action``: the uniform policy that fits the budget).
 - With ``elite_episodes`` > 0, at the end of the warm-up the actor is fitted (full-batch MSE, Adam 1e-3,
-  ``imitation_steps`` steps) to the steps of the best ``elite_episodes`` warm-up episodes, so that learning and
+  ``imitation_steps`` steps) to the steps of the best ``elite_episodes`` episodes so far, so that learning and
   exploration start from the best policy the warm-up found instead of an untrained actor's (nearly uniform)
-  one. Off (0) in AMC's, HAQ's and Galen's published settings.
+  one; with ``elite_refresh`` it is fitted again whenever a later episode joins them (self-imitation).
+  Both are this project's additions, on by default for AMC only (docs/agents.md).
 - At the end of each episode after the warm-up, ``updates_per_episode`` gradient steps (0: one per step
   of the episode, AMC's choice): critic on the TD target ``r - baseline + discount * (1 - done) *
   Q'(s', mu'(s'))``, actor on ``-Q(s, mu(s))``, then soft target updates with ``tau``.
@@ -127,8 +130,8 @@ def ddpg_params(defaults: dict[str, Any]) -> list[Param]:
             "elite_episodes",
             "int",
             d["elite_episodes"],
-            "at the end of the warm-up the actor is first fitted to the steps of the best this many warm-up "
-            "episodes, so learning starts from the best policy found so far (0: off, the actor starts untrained)",
+            "at the end of the warm-up the actor is fitted to the steps of the best this many episodes so far, "
+            "so learning starts from the best policy found (0: off, the actor starts untrained)",
             0,
             1000,
         ),
@@ -183,7 +186,7 @@ class DDPGAgent(Agent):
         self.noise = TruncatedNormalNoise(c["noise_sigma"], c["noise_decay"])
         self.baseline: float | None = None
         self._pending: Pending = []
-        # the best warm-up episodes (reward, episode, steps), kept for the imitation at the warm-up's end
+        # the best episodes so far (reward, episode, steps), which the actor imitates (elite_episodes)
         self._elite: list[tuple[float, int, Pending]] = []
         self.imitation_loss: float | None = None
         self.start_action: np.ndarray | None = None  # played in episode 0 (uniform_start)

@@ -440,9 +440,9 @@ class CompressionEnvironment:
 
         The same value ``v`` in every action dimension (``1 - v`` where larger means more compression), the
         largest for which the environment changes nothing (no cap, no repair, cost within budget; the layers
-        an agent asked to pin keep their pinned bits), bisected
-        like the ``uniform`` agent but without applying or scoring a single policy (milliseconds). None when
-        not even ``v = 0`` fits. The environment is left reset.
+        an agent asked to pin keep their pinned bits), bisected like the ``uniform`` agent but without
+        applying or scoring a single policy (milliseconds). None when not even ``v = 0`` fits. The
+        environment is left reset.
         """
         inverted = self.action_spec.inverted_mask()
         pinned = (
