@@ -11,7 +11,8 @@ Protocol (the same for every method, per model, budget and seed):
   layouts), ``random`` with the same number of episodes, ``uniform`` (both channel pruning, the layout
   every target can use), and torch-pruning's global magnitude pruning (``MagnitudePruner``,
   ``global_pruning=True``) with its ratio bisected until the search's own latency model (``TableLatency``) predicts the budget;
-- after the search the best policy by reward (``top_k=1``: no choice on the test set) is fine-tuned by
+- after the search the best policy by reward (``top_k=1``, or the best ``--top-k`` policies, of which the
+  finalize phase keeps the best after fine-tuning by *validation* accuracy; never the test set) is fine-tuned by
   the search's finalize phase (``fine_tune`` with distillation from the original, the same epochs and seed),
   and the torch-pruning model gets exactly the same ``recalibrate`` + ``fine_tune``;
 - test accuracy on the digits test split; mean and spread over seeds;
@@ -106,7 +107,7 @@ def _search_method(
         layout=layout,
         round_to=round_to,
         agent_config=cfg_extra,
-        top_k=1,
+        top_k=int(ctx.options.get("top_k") or 1),
         device_check_rounds=int(ctx.opt("device_check_rounds", 3, 3)),
         fine_tune_epochs=ft_epochs,
         export_formats=("pt2",),
@@ -398,6 +399,7 @@ def run(ctx: Context) -> dict[str, Any]:
     result: dict[str, Any] = {
         "target": target,
         "objective": objective,
+        "top_k": int(ctx.options.get("top_k") or 1),
         "budgets": budgets,
         "seeds": seeds,
         "episodes": episodes,
@@ -563,6 +565,7 @@ def _previous(ctx: Context, result: dict[str, Any]) -> dict[str, Any]:
     keys = ("target", "episodes", "fine_tune_epochs", "round_to")
     same = all(prev.get(k) == result.get(k) for k in keys)
     same = same and prev.get("objective", "latency") == result.get("objective", "latency")
+    same = same and prev.get("top_k", 1) == result.get("top_k", 1)
     return prev if same else {}
 
 

@@ -79,6 +79,11 @@ def main(argv: list[str] | None = None) -> int:
         help="quality, learning: the cost the budget applies to (default: latency; on --target analytic, "
         "bops for quality and macs for learning)",
     )
+    p.add_argument(
+        "--top-k",
+        type=int,
+        help="quality: how many of a search's best policies the finalize phase fine-tunes (default 1)",
+    )
     p.add_argument("--agents", help="comma-separated agents (quality, throughput)")
     p.add_argument(
         "--models",
@@ -171,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         "measure": args.measure,
         "agents": args.agents.split(",") if args.agents else None,
         "objective": args.objective,
+        "top_k": args.top_k,
         "max_keep": args.max_keep,
         "rounding": args.rounding,
         "kinds": kinds,
