@@ -126,3 +126,30 @@ def test_fine_tune_ends_with_batch_norm_statistics_averaged_over_training_inputs
     feats = seen[0].transpose(0, 1).flatten(1)  # channels x (samples * positions)
     assert torch.allclose(bn.running_mean, feats.mean(1), atol=1e-4)
     assert torch.allclose(bn.running_var, feats.var(1, unbiased=True), rtol=1e-3, atol=1e-4)
+
+
+def test_a_fine_tune_by_steps_takes_exactly_that_many_steps(trained_small_cnn):
+    """``steps`` replaces ``epochs`` (what a search's per-candidate short fine-tune uses): the count is exact,
+    within one pass over the data and across passes, and the schedule's length is the step count."""
+    from compression.pipeline import open_workspace
+    from compression.training import fine_tune
+
+    ws = open_workspace(trained_small_cnn["pt2"], "digits", seed=0)
+    calib = ws.calibration_batch(256, seed=0)
+    seen: list[tuple[int, int]] = []
+    batches = -(-len(ws.data.train) // 64)
+    for steps in (5, batches + 3):
+        model = apply_policy(ws.graph, Policy.uniform(ws.graph.prunable_leaders, keep_ratio=0.5), calib)
+        before = [p.detach().clone() for p in model.parameters()]
+        seen.clear()
+        history = fine_tune(
+            model,
+            ws.data.train,
+            steps=steps,
+            teacher=ws.artifact.module,
+            seed=0,
+            progress=lambda done, total, stats: seen.append((done, total)),
+        )
+        assert seen[-1] == (steps, steps) and len(seen) == steps
+        assert len(history) == (1 if steps < batches else 2)
+        assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
