@@ -503,6 +503,51 @@ def fresh_dir(path: Path) -> Path:
     return path
 
 
+@dataclass
+class BenchSearch:
+    """What ``bench_search`` returns: the search's report (None when it stopped at finalize), the recorder with
+    every episode and phase, the wall time and the load average while it ran."""
+
+    report: dict[str, Any] | None
+    recorder: Recorder
+    seconds: float
+    load: dict[str, Any]
+
+
+def bench_search(
+    ctx: Context | None,
+    config: Any,
+    out: Path,
+    label: str,
+    *,
+    stop_at_finalize: bool = False,
+    sensitivity: str | Path | None = "cache",
+) -> BenchSearch:
+    """One search as the benchmarks run it: a fresh run directory, the per-layer sensitivity seeded, a
+    ``Recorder`` (progress lines under ``label`` when ``ctx`` is given), the load sampled while it runs.
+
+    ``sensitivity``: ``"cache"`` seeds the sensitivity files from the benchmarks' cache and stores them there
+    afterwards (``seed_sensitivity``/``keep_sensitivity``); a directory copies them from an earlier run (what a
+    warm cache gives, as the throughput benchmark measures it); None computes them in the search.
+    """
+    from compression.search.loop import run_search
+
+    fresh_dir(out)
+    if sensitivity == "cache" and ctx is not None:
+        seed_sensitivity(ctx, config, out)
+    elif sensitivity is not None and sensitivity != "cache":
+        for f in Path(sensitivity).glob("sensitivity-*.json"):
+            shutil.copy(f, out / f.name)
+    rec = Recorder(ctx, label, stop_at_finalize=stop_at_finalize)
+    t0 = time.perf_counter()
+    with LoadSampler() as load:
+        report = run_search(config, str(out), [rec], resume=False)
+    seconds = time.perf_counter() - t0
+    if sensitivity == "cache" and ctx is not None:
+        keep_sensitivity(ctx, config, out)
+    return BenchSearch(report=report, recorder=rec, seconds=seconds, load=load.summary())
+
+
 def search_floors(
     model_spec: str, target: str, round_to: int | None, layouts: Sequence[str], objective: str = "latency"
 ) -> dict[str, Any]:

@@ -17,23 +17,18 @@ device target (latency objective), ``--objective`` another count.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
 from bench.common import (
     Context,
-    LoadSampler,
-    Recorder,
     agent_config,
     bench_model,
+    bench_search,
     fmt,
-    fresh_dir,
-    keep_sensitivity,
     log,
     mean_std,
     publish,
-    seed_sensitivity,
     table,
     write_result,
 )
@@ -72,7 +67,6 @@ def _search(
     episodes: int,
     out: Path,
 ) -> dict[str, Any]:
-    from compression.search.loop import run_search
     from compression.search.results import SearchConfig
 
     agent, settings = parse_method(spec)
@@ -92,13 +86,9 @@ def _search(
         fine_tune_epochs=0,
         checkpoint_every=max(5, episodes),
     )
-    rec = Recorder(ctx, f"{bm.key}/{spec}/b{budget}/s{seed}", stop_at_finalize=True)
-    fresh_dir(out)
-    seed_sensitivity(ctx, cfg, out)  # the per-layer sensitivity is computed once per model and seed
-    t0 = time.perf_counter()
-    with LoadSampler() as load:
-        run_search(cfg, str(out), [rec], resume=False)
-    keep_sensitivity(ctx, cfg, out)
+    # the per-layer sensitivity is computed once per model and seed
+    run = bench_search(ctx, cfg, out, f"{bm.key}/{spec}/b{budget}/s{seed}", stop_at_finalize=True)
+    rec = run.recorder
     rewards = [float(e.reward) for e in rec.episodes]
     q = max(1, len(rewards) // 4)
     # the best the method offers: uniform's bisection probes that the budget cap changed are not uniform
@@ -119,8 +109,8 @@ def _search(
         "rewards": rewards,
         "cost_ratios": [float(e.cost_ratio) for e in rec.episodes],
         "candidates": [bool(e.candidate) for e in rec.episodes],
-        "seconds": time.perf_counter() - t0,
-        "load": load.summary(),
+        "seconds": run.seconds,
+        "load": run.load,
     }
 
 

@@ -41,19 +41,16 @@ from bench.common import (
     BenchModel,
     Context,
     LoadSampler,
-    Recorder,
     agent_config,
     bench_model,
+    bench_search,
     fmt,
     fmt_ms,
-    fresh_dir,
-    keep_sensitivity,
     log,
     mean_std,
     publish,
     resnet20_digits,
     search_floors,
-    seed_sensitivity,
     table,
     write_result,
 )
@@ -86,7 +83,6 @@ def _search_method(
     layout: str | None = None,
     objective: str = "latency",
 ) -> dict[str, Any]:
-    from compression.search.loop import run_search
     from compression.search.results import SearchConfig
 
     if layout is None and method in ("random", "uniform"):
@@ -113,13 +109,8 @@ def _search_method(
         export_formats=("pt2",),
         checkpoint_every=max(5, episodes),
     )
-    fresh_dir(out)
-    seed_sensitivity(ctx, cfg, out)
-    rec = Recorder(ctx, f"{bm.key}/{method}/b{budget}/s{seed}")
-    t0 = time.perf_counter()
-    with LoadSampler() as load:
-        report = run_search(cfg, str(out), [rec], resume=False)
-    keep_sensitivity(ctx, cfg, out)
+    run = bench_search(ctx, cfg, out, f"{bm.key}/{method}/b{budget}/s{seed}")
+    report = run.report
     cand = report["candidates"][0]
     return {
         "status": "ok",
@@ -142,9 +133,9 @@ def _search_method(
         "best_episode": report["best_episode"],
         "episodes": report["episodes"],
         "policy_path": str(out / "best_policy.json"),
-        "seconds": time.perf_counter() - t0,
+        "seconds": run.seconds,
         "timing": report["timing"],
-        "load": load.summary(),
+        "load": run.load,
     }
 
 

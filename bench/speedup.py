@@ -19,8 +19,8 @@ from typing import Any
 from bench.common import (
     Context,
     LoadSampler,
-    Recorder,
     agent_config,
+    bench_search,
     fmt,
     fresh_dir,
     log,
@@ -43,7 +43,6 @@ def run(ctx: Context) -> dict[str, Any]:
     from compression.models import load_model
     from compression.pipeline import open_workspace
     from compression.policy import Policy
-    from compression.search.loop import run_search
     from compression.search.results import SearchConfig
     from compression.training import evaluate
 
@@ -57,7 +56,7 @@ def run(ctx: Context) -> dict[str, Any]:
     rounds = 3 if ctx.quick else 5
     bm = resnet20_digits(ctx)
     base = ctx.work_dir / "speedup"
-    out = fresh_dir(base / f"{agent}-{target}")
+    out = base / f"{agent}-{target}"
     cfg = SearchConfig(
         model=bm.spec,
         agent=agent,
@@ -77,8 +76,8 @@ def run(ctx: Context) -> dict[str, Any]:
         ctx,
         f"speedup: {agent} at {budget:.0%} latency on {target}, {episodes} episodes, {ft} fine-tune epoch(s)",
     )
-    with LoadSampler() as load:
-        report = run_search(cfg, str(out), [Recorder(ctx, agent)], resume=False)
+    run = bench_search(ctx, cfg, out, agent, sensitivity=None)
+    report = run.report
     orig_dir = fresh_dir(base / "original-export")
     log(ctx, "exporting the original with the same exporter")
     orig_report = compress_and_export(bm.spec, "digits", None, str(orig_dir), formats=("pt2", "onnx"))
@@ -90,7 +89,7 @@ def run(ctx: Context) -> dict[str, Any]:
         "budget": budget,
         "episodes": episodes,
         "fine_tune_epochs": ft,
-        "search_load": load.summary(),
+        "search_load": run.load,
         "finalize_latency": report.get("latency"),
         "accuracy": report["accuracy"],
         "original_export_accuracy": orig_report["accuracy"]["compressed"]["top1"],

@@ -34,6 +34,7 @@ from bench.common import (
     LoadSampler,
     Recorder,
     agent_config,
+    bench_search,
     fmt,
     fresh_dir,
     log,
@@ -80,9 +81,6 @@ def _search(
     round_to: int | None = None,
     sensitivity_from: Path | None = None,
 ) -> dict[str, Any]:
-    import shutil
-
-    from compression.search.loop import run_search
     from compression.search.results import SearchConfig
 
     layout = None if agent in ("two-stage", "amc", "haq", "galen-pq", "ajpq") else LAYOUT[agent]
@@ -102,17 +100,10 @@ def _search(
         fine_tune_epochs=0,
         checkpoint_every=max(5, episodes),
     )
-    rec = Recorder(ctx, f"{agent}", stop_at_finalize=True)
-    fresh_dir(out)
-    if sensitivity_from is not None:
-        # what a sensitivity cache would give: the same files, computed by an earlier run
-        for f in Path(sensitivity_from).glob("sensitivity-*.json"):
-            shutil.copy(f, out / f.name)
     entries_before = _table_entries(target)
-    t0 = time.perf_counter()
-    with LoadSampler() as load:
-        run_search(cfg, str(out), [rec], resume=False)
-    total_s = time.perf_counter() - t0
+    # a warm sensitivity cache: the same files, computed by an earlier run
+    run = bench_search(ctx, cfg, out, agent, stop_at_finalize=True, sensitivity=sensitivity_from)
+    rec, total_s, load = run.recorder, run.seconds, run.load
     eps = rec.episodes
     walls = [e.wall_time_s for e in eps]
     breakdown = {k: mean_std(e.timings.get(k) for e in eps) for k in TIMING_KEYS}
@@ -138,7 +129,7 @@ def _search(
         "total_s": total_s,
         "table_entries_measured": _table_entries(target) - entries_before,
         "meets_budget": sum(1 for e in eps if e.meets_budget),
-        "load": load.summary(),
+        "load": load,
         "rewards": [e.reward for e in eps],
     }
 
@@ -159,7 +150,6 @@ def _ranking(
     from compression.apply import apply_policy
     from compression.pipeline import open_workspace
     from compression.policy import Policy
-    from compression.search.loop import run_search
     from compression.search.results import SearchConfig
 
     # candidate policies as a search produces them: a random pruning search at the first budget the target reaches
@@ -176,8 +166,7 @@ def _ranking(
         fine_tune_epochs=0,
         checkpoint_every=n_policies,
     )
-    rec = Recorder(ctx, "ranking policies", stop_at_finalize=True)
-    run_search(cfg, str(fresh_dir(out)), [rec], resume=False)
+    rec = bench_search(ctx, cfg, out, "ranking policies", stop_at_finalize=True, sensitivity=None).recorder
     policies = [Policy.from_dict(e.policy) for e in rec.episodes]
     ws = open_workspace(model, "digits", seed=0)
     calib = ws.calibration_batch(256, seed=0)
