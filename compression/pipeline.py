@@ -68,6 +68,20 @@ class Workspace:
         images = TensorDataset(torch.cat([xv, xt[idx]]), torch.cat([yv, yt[idx]]))
         return images, {"validation": len(val), "training": len(idx)}
 
+    def tune_set(
+        self, n: int, calib_samples: int, seed: int = 0, top_up: bool = True
+    ) -> torch.utils.data.TensorDataset:
+        """The training images that ``search_set(n, calib_samples, seed, top_up)`` does not use: what a search's
+        per-candidate short fine-tune trains on (``EnvSettings.tune_steps``), so the search set stays unseen.
+        It includes the calibration batch. Deterministic; may be empty when the top-up took every other image."""
+        from torch.utils.data import TensorDataset
+
+        _, used = self.search_set(n, calib_samples, seed, top_up)
+        xt, yt = self.data.train.tensors
+        perm = torch.randperm(len(xt), generator=torch.Generator().manual_seed(seed))
+        keep = torch.cat([perm[:calib_samples], perm[calib_samples + used["training"] :]])
+        return TensorDataset(xt[keep], yt[keep])
+
 
 def read_model_meta(path: str) -> dict[str, Any]:
     """Normalisation and dataset facts stored in a ``.pt2`` we wrote (empty for others)."""

@@ -7,10 +7,11 @@ knowing who listens.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -208,6 +209,18 @@ def fine_tune(
     Quantized layers train with a straight-through estimator: their float weights are updated while the
     forward pass uses the quantized values, and the result is snapped back onto the quantization grid.
     """
+    with _quantized_weights_trainable(model):
+        history = train(
+            model, train_set, epochs=epochs, lr=lr, teacher=teacher, seed=seed, progress=progress, **kwargs
+        )
+    reestimate_batch_norm(model, train_set)
+    return history
+
+
+@contextlib.contextmanager
+def _quantized_weights_trainable(model: nn.Module) -> Iterator[None]:
+    """While inside, quantized layers train through a straight-through estimator; on leaving, their weights
+    are snapped back onto the quantization grid."""
     from torch.nn.utils import parametrize
 
     quantized = [
@@ -216,14 +229,61 @@ def fine_tune(
     for m in quantized:
         parametrize.register_parametrization(m, "weight", _FakeQuantSTE(m.w_bits))
     try:
-        history = train(
-            model, train_set, epochs=epochs, lr=lr, teacher=teacher, seed=seed, progress=progress, **kwargs
-        )
+        yield
     finally:
         for m in quantized:
             parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
-    reestimate_batch_norm(model, train_set)
-    return history
+
+
+def quick_tune(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    steps: int,
+    lr: float = 0.01,
+    batch_size: int = 64,
+    seed: int = 0,
+    distill_weight: float = 0.7,
+    temperature: float = 4.0,
+    bn_samples: int = 256,
+) -> None:
+    """A few steps of ``fine_tune``'s distillation, lean enough to run on every search candidate (in place).
+
+    What a search uses to see how a candidate takes to fine-tuning (``EnvSettings.tune_steps``): at a tight
+    budget, the accuracy right after pruning ranks the policies that squeeze a few layers hardest above those the
+    fine-tune recovers best (docs/BENCHMARKS.md, 1i). Against ``fine_tune``: the teacher's outputs are computed
+    once by the caller (``teacher_logits`` for ``x``), so the inputs are not augmented; SGD with Nesterov momentum
+    and a cosine decay over ``steps``; batch norms re-estimated over the first ``bn_samples`` inputs at the end.
+    Deterministic for a seed: the same candidate always scores the same.
+    """
+    g = torch.Generator().manual_seed(seed)
+    n = len(x)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    soft = F.softmax(teacher_logits / temperature, 1)
+    order = torch.randperm(n, generator=g)
+    at = 0
+    model.train()
+    with _quantized_weights_trainable(model):
+        for step in range(steps):
+            if at + batch_size > n and at > 0:
+                order, at = torch.randperm(n, generator=g), 0
+            idx = order[at : at + batch_size]
+            at += batch_size
+            for group in opt.param_groups:
+                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+            out = model(x[idx])
+            kd = (
+                F.kl_div(F.log_softmax(out / temperature, 1), soft[idx], reduction="batchmean")
+                * temperature**2
+            )
+            loss = (1 - distill_weight) * F.cross_entropy(out, y[idx]) + distill_weight * kd
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    model.eval()
+    reestimate_batch_norm(model, TensorDataset(x, y), samples=bn_samples)
 
 
 @torch.no_grad()

@@ -669,6 +669,59 @@ def test_the_search_set_tops_a_small_validation_split_up_with_training_images_th
     assert sizes == {"validation": 50, "training": 0} and len(small) == 50
 
 
+def test_the_tune_set_is_every_training_image_the_search_set_does_not_score(workspace):
+    train = workspace.data.train
+    images, sizes = workspace.search_set(1000, 256, seed=3)
+    tune = workspace.tune_set(1000, 256, seed=3)
+    assert len(tune) == len(train) - sizes["training"]
+    extra = images.tensors[0][sizes["validation"] :].flatten(1)
+    x = tune.tensors[0].flatten(1)
+
+    def same(a, b):
+        return torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist") < 1e-6
+
+    # the training rows of the two sets are complementary: every training image is in exactly one of them
+    both = torch.cat([extra, x])
+    assert same(train.tensors[0].flatten(1), both).any(1).all()
+    assert not same(extra, x).any()
+    assert same(workspace.calibration_batch(256, seed=3).flatten(1), x).any(1).all()  # the calibration batch too
+    assert torch.equal(workspace.tune_set(1000, 256, seed=3).tensors[0], tune.tensors[0])  # deterministic
+    # without the top-up nothing of the training split is scored: the search may tune on all of it
+    assert len(workspace.tune_set(1000, 256, seed=3, top_up=False)) == len(train)
+
+
+def test_a_candidate_tuned_before_scoring_scores_what_the_short_fine_tune_makes_of_it(workspace):
+    from compression.apply import apply_policy, fold_batch_norms
+    from compression.policy import Policy
+    from compression.training import evaluate, quick_tune
+
+    ws = workspace
+    val, calib = subset(ws.data.val, 100), ws.calibration_batch(64)
+    tune = ws.tune_set(100, 64)
+    policy = Policy.uniform(ws.graph.prunable_leaders, keep_ratio=0.3)
+
+    def env(steps, **kw):
+        return CompressionEnvironment(
+            ws.graph, val, calib, EnvSettings(objective="macs", budget=0.5, tune_steps=steps), **kw
+        )
+
+    tuned_env = env(8, tune_set=tune)
+    acc, timings = tuned_env.evaluate_policy(policy)
+    assert timings["tune_s"] > 0 and timings["apply_s"] >= timings["tune_s"]
+    assert tuned_env.evaluate_policy(policy)[0] == acc  # deterministic: a policy always scores the same
+    # what it scores: the candidate as applied, then quick_tune on the tune set against the original's outputs
+    model = apply_policy(ws.graph, policy, calib)
+    with torch.no_grad():
+        teacher = ws.graph.module.eval()(tune.tensors[0])
+    quick_tune(model, *tune.tensors, teacher, steps=8, seed=0)
+    fold_batch_norms(model, ws.graph.conv_bn_pairs())
+    assert evaluate(model, val).top1 == acc
+    as_applied, timings = env(0).evaluate_policy(policy)
+    assert "tune_s" not in timings and as_applied != acc
+    with pytest.raises(SearchError, match="training images outside the search set"):
+        env(8)
+
+
 def test_a_search_reports_what_it_scored_candidates_on(trained_small_cnn, tmp_path):
     from compression.search.loop import SearchRun
 
@@ -686,7 +739,7 @@ def test_a_search_reports_what_it_scored_candidates_on(trained_small_cnn, tmp_pa
 def test_a_run_checkpointed_before_newer_settings_resumes_as_it_ran(trained_small_cnn, tmp_path):
     from compression.search.loop import ADDED_SETTINGS, CHECKPOINT
 
-    legacy = {k: False for k in ADDED_SETTINGS}
+    legacy = dict(ADDED_SETTINGS)
     cfg = _config(trained_small_cnn["weights_spec"], "amc", objective="macs", episodes=6, **legacy)
     straight = Record()
     run_search(cfg, str(tmp_path / "straight"), [straight])
@@ -938,6 +991,24 @@ def test_a_search_whose_candidates_all_measure_over_the_budget_says_so(
     assert "over the 100% budget" in lat["over_budget"] and "None of the" in lat["over_budget"]
     assert lat["device_check"]["fits"] is False and lat["device_check"]["rounds"] == 2
     assert len(lat["device_check"]["measured"]) == len(lat["device_check"]["dropped_over_budget"]) >= 1
+
+
+def test_tune_steps_are_validated():
+    for bad in (-1, 501, 2.5, True):
+        with pytest.raises(SearchError, match="tune_steps"):
+            SearchConfig(model="m", tune_steps=bad).validate()
+    SearchConfig(model="m", tune_steps=16).validate()
+
+
+def test_a_search_with_a_short_fine_tune_per_candidate_runs_and_reports_its_time(trained_small_cnn, tmp_path):
+    cfg = _config(trained_small_cnn["weights_spec"], "random", layout="prune", objective="macs", tune_steps=4)
+    rec = Record()
+    report = run_search(cfg, str(tmp_path / "run"), [rec])
+    assert len(rec.episodes) == cfg.episodes and report["within_budget"]
+    assert all(e.timings["tune_s"] > 0 for e in rec.episodes)
+    again = Record()
+    run_search(cfg, str(tmp_path / "again"), [again])
+    assert [e.reward for e in again.episodes] == [e.reward for e in rec.episodes]  # reproducible
 
 
 def test_device_check_rounds_are_validated():

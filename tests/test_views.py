@@ -394,6 +394,7 @@ def test_new_run_creates_run_and_queues_search(client, alice, dispatch, django_c
         and cfg.reconstruct is True
         and cfg.free_precision is True
         and cfg.train_top_up is True
+        and cfg.tune_steps == 0
     )  # not posted (an API client): the engine's defaults
     assert (run.episodes_total, run.status, run.model_id) == (12, "queued", m.pk)
     assert dispatch.calls == [("enqueue_run", (run,))]
@@ -409,7 +410,12 @@ def test_new_run_can_turn_off_the_default_on_engine_switches(
         client.post(
             reverse("ui:run-new"),
             run_post(
-                m, float_bits="false", reconstruct="false", free_precision="false", train_top_up="false"
+                m,
+                float_bits="false",
+                reconstruct="false",
+                free_precision="false",
+                train_top_up="false",
+                tune_steps="12",
             ),
         )
     from compression.search.results import SearchConfig
@@ -418,6 +424,7 @@ def test_new_run_can_turn_off_the_default_on_engine_switches(
     cfg = SearchConfig.from_dict(Run.objects.get().config)
     assert cfg.float_bits is False and cfg.reconstruct is False and cfg.free_precision is False
     assert cfg.train_top_up is False
+    assert cfg.tune_steps == 12 and 'name="tune_steps"' in html
 
 
 @pytest.mark.parametrize(
@@ -429,6 +436,7 @@ def test_new_run_can_turn_off_the_default_on_engine_switches(
         ({"reward": "galen", "beta": ""}, "beta", "the galen reward needs beta"),
         ({"agent": "haq", "objective": "macs"}, "objective", "changes bit-widths only"),
         ({"min_bits": "6", "max_bits": "4"}, "max_bits", "max bits must be at least min bits"),
+        ({"tune_steps": "-1"}, "tune_steps", "greater than or equal to 0"),
     ],
 )
 def test_new_run_errors_beside_fields(client, alice, dispatch, extra, field, message):

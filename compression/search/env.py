@@ -37,7 +37,7 @@ from compression.models.graph import LayerGraph
 from compression.policy import LayerPolicy, Policy
 from compression.search import spaces
 from compression.search.spaces import ActionSpec, EnvSpec
-from compression.training import evaluate
+from compression.training import evaluate, quick_tune
 
 OP_CODES = {"conv2d": 0.0, "gconv2d": 0.33, "dwconv2d": 0.66, "linear": 1.0}
 
@@ -68,6 +68,10 @@ class EnvSettings:
     reconstruct: bool = (
         True  # least-squares re-fit of the layers reading pruned channels (compression/reconstruct.py)
     )
+    # steps of a short distillation fine-tune each candidate gets before it is scored (``training.quick_tune``, on
+    # the environment's ``tune_set``); 0: scored as applied. At tight budgets the score after a few steps tells
+    # which policy the final fine-tune recovers best far better than the score as applied (docs/BENCHMARKS.md, 1i)
+    tune_steps: int = 0
     groups: int = spaces.DEFAULT_GROUPS
     pin_first_last_bits: int | None = None
     val_samples: int = 1000
@@ -154,9 +158,20 @@ class CompressionEnvironment:
         base_policy: Policy | None = None,
         sensitivity: dict[str, list[float]] | None = None,
         original_accuracy: float | None = None,
+        tune_set: torch.utils.data.TensorDataset | None = None,
     ) -> None:
         self.graph = graph
         self.settings = s = settings
+        self._tune: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        if s.tune_steps > 0:
+            if tune_set is None or len(tune_set) == 0:
+                raise SearchError(
+                    "a short fine-tune per candidate (tune_steps) needs training images outside the search set",
+                    "set tune_steps to 0, or lower val_samples so that training images are left over",
+                )
+            x, y = tune_set.tensors
+            with torch.no_grad():  # the teacher's outputs, once: every candidate's tune distils from them
+                self._tune = (x, y, graph.module.eval()(x))
         if s.objective == "latency" and latency is None:
             raise SearchError(
                 "the latency objective needs a hardware target with a latency table",
@@ -873,16 +888,23 @@ class CompressionEnvironment:
 
     # ------------------------------------------------------------------ scoring
     def evaluate_policy(self, policy: Policy) -> tuple[float, dict[str, float]]:
-        """Accuracy of a policy on the search set (applied with re-fit and batch-norm re-estimation)."""
+        """Accuracy of a policy on the search set (applied with re-fit and batch-norm re-estimation, then given
+        ``tune_steps`` of fine-tuning if set)."""
         t0 = time.perf_counter()
         s = self.settings
         model = apply_policy(self.graph, policy, self.calib, round_to=s.round_to, reconstruct=s.reconstruct)
+        timings: dict[str, float] = {}
+        if self._tune is not None:
+            t_tune = time.perf_counter()
+            quick_tune(model, *self._tune, steps=s.tune_steps, seed=s.seed)
+            timings["tune_s"] = time.perf_counter() - t_tune
         # scored only, then dropped: the batch norms folded into their convolutions, as the runtimes run them
         fold_batch_norms(model, self.graph.conv_bn_pairs())
         t1 = time.perf_counter()
         acc = evaluate(model, self.val).top1
         t2 = time.perf_counter()
-        return acc, {"apply_s": t1 - t0, "accuracy_s": t2 - t1}
+        # apply_s includes tune_s (an episode's parts add up to its time)
+        return acc, {"apply_s": t1 - t0, "accuracy_s": t2 - t1, **timings}
 
     def reward_of(self, accuracy: float, cost: float) -> float:
         """The configured reward for an accuracy and an objective cost."""

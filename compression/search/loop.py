@@ -143,6 +143,7 @@ ADDED_SETTINGS: dict[str, Any] = {
     "free_precision": False,
     "train_top_up": False,
     "free_precision_groups": False,
+    "tune_steps": 0,
 }
 
 
@@ -227,6 +228,13 @@ class SearchRun:
             config.val_samples, config.calib_samples, config.seed, top_up=config.train_top_up
         )
         self.calib = self.ws.calibration_batch(config.calib_samples, seed=config.seed)
+        self.tune_set = (
+            self.ws.tune_set(
+                config.val_samples, config.calib_samples, config.seed, top_up=config.train_top_up
+            )
+            if config.tune_steps > 0
+            else None
+        )
         self.latency = build_latency_model(
             self.target,
             self.ws.graph,
@@ -297,6 +305,7 @@ class SearchRun:
                     latency=self.latency,
                     base_policy=most,
                     original_accuracy=self.original_accuracy,
+                    tune_set=self.tune_set,
                 )
             except SearchError as exc:
                 raise SearchError(
@@ -323,6 +332,7 @@ class SearchRun:
             free_precision=c.free_precision,
             free_precision_groups=c.free_precision_groups,
             reconstruct=c.reconstruct,
+            tune_steps=c.tune_steps,
             val_samples=c.val_samples,
             calib_samples=c.calib_samples,
             seed=c.seed,
@@ -338,6 +348,7 @@ class SearchRun:
             latency=self.latency,
             base_policy=base_policy,
             original_accuracy=self.original_accuracy,
+            tune_set=self.tune_set,
         )
         sens = self._sensitivity(stage.layout, env.steps)
         return CompressionEnvironment(
@@ -349,6 +360,7 @@ class SearchRun:
             base_policy=base_policy,
             sensitivity={k: sens[k] for k in env.steps},
             original_accuracy=self.original_accuracy,
+            tune_set=self.tune_set,
         )
 
     def start_info(self) -> dict[str, Any]:

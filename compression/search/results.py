@@ -44,6 +44,10 @@ class SearchConfig:
         float: AJPQ then prunes by its 0-bit groups instead of being refused there).
     reconstruct: re-fit the layers that read pruned channels to the original's outputs by least squares
         (``compression/reconstruct.py``) whenever a candidate is applied; off: slicing and batch-norm only.
+    tune_steps: steps of a short distillation fine-tune every candidate gets before it is scored, on the training
+        images the search set does not use (``Workspace.tune_set``); 0 (default): scored as applied. Worth it at
+        tight budgets, where the score as applied favours policies the final fine-tune cannot recover
+        (docs/BENCHMARKS.md, 1i); each step costs about a tenth of a second on ResNet-20 at 2 cores.
     budget_mode: cap (AMC: each action capped so the budget stays reachable) or repair (HAQ: bits lowered
         from the last layer after the episode). enforce_budget: None means on for the acc and haq rewards and
         off for galen and acc-log-cost, which price the cost in the reward instead.
@@ -79,6 +83,7 @@ class SearchConfig:
     free_precision: bool = True
     free_precision_groups: bool = True
     reconstruct: bool = True
+    tune_steps: int = 0
     budget_mode: str = "cap"
     enforce_budget: bool | None = None
     top_k: int = 3
@@ -115,6 +120,15 @@ class SearchConfig:
             raise SearchError(
                 f"device_check_rounds {self.device_check_rounds!r} must be an integer in 0..20",
                 "0 turns the device check off; 3 is the default",
+            )
+        if (
+            isinstance(self.tune_steps, bool)
+            or not isinstance(self.tune_steps, int)
+            or not 0 <= self.tune_steps <= 500
+        ):
+            raise SearchError(
+                f"tune_steps {self.tune_steps!r} must be an integer in 0..500",
+                "0 scores candidates as applied; 8-16 steps rank them by how they take to the fine-tune",
             )
         if self.fine_tune_epochs < 0 or self.checkpoint_every < 1:
             raise SearchError("fine_tune_epochs must be >= 0 and checkpoint_every >= 1")

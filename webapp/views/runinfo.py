@@ -167,6 +167,7 @@ COMPARE_KEYS = (
     "free_precision",
     "free_precision_groups",
     "reconstruct",
+    "tune_steps",
     "round_to",
     "val_samples",
     "train_top_up",
