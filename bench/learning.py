@@ -83,6 +83,7 @@ def _search(
         layout=layout,
         agent_config={**agent_config(agent, episodes), **settings},
         top_k=1,
+        tune_steps=int(ctx.options.get("tune_steps_search") or 0),
         fine_tune_epochs=0,
         checkpoint_every=max(5, episodes),
     )
@@ -131,6 +132,7 @@ def run(ctx: Context) -> dict[str, Any]:
         "seeds": seeds,
         "budgets": budgets,
         "methods": methods,
+        "tune_steps": int(ctx.options.get("tune_steps_search") or 0),
         "models": {},
     }
     base = ctx.work_dir / "learning"

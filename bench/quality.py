@@ -104,6 +104,7 @@ def _search_method(
         round_to=round_to,
         agent_config=cfg_extra,
         top_k=int(ctx.options.get("top_k") or 1),
+        tune_steps=int(ctx.options.get("tune_steps_search") or 0),
         device_check_rounds=int(ctx.opt("device_check_rounds", 3, 3)),
         fine_tune_epochs=ft_epochs,
         export_formats=("pt2",),
@@ -391,6 +392,7 @@ def run(ctx: Context) -> dict[str, Any]:
         "target": target,
         "objective": objective,
         "top_k": int(ctx.options.get("top_k") or 1),
+        "tune_steps": int(ctx.options.get("tune_steps_search") or 0),
         "budgets": budgets,
         "seeds": seeds,
         "episodes": episodes,
@@ -557,6 +559,7 @@ def _previous(ctx: Context, result: dict[str, Any]) -> dict[str, Any]:
     same = all(prev.get(k) == result.get(k) for k in keys)
     same = same and prev.get("objective", "latency") == result.get("objective", "latency")
     same = same and prev.get("top_k", 1) == result.get("top_k", 1)
+    same = same and prev.get("tune_steps", 0) == result.get("tune_steps", 0)
     return prev if same else {}
 
 

@@ -1,4 +1,4 @@
-"""Run the benchmarks: ``python bench/run.py [quality learning reconstruction search_set throughput fidelity speedup streaming
+"""Run the benchmarks: ``python bench/run.py [quality learning reconstruction search_set proxy throughput fidelity speedup streaming
 memory]``.
 
 Without names every benchmark runs, in the order above. ``--quick`` is the minutes-long variant (fewer
@@ -27,6 +27,7 @@ BENCHMARKS = (
     "learning",
     "reconstruction",
     "search_set",
+    "proxy",
     "throughput",
     "fidelity",
     "repeatability",
@@ -46,7 +47,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--episodes", type=int, help="search episodes per run")
     p.add_argument("--seeds", type=int, help="seeds per configuration (quality)")
     p.add_argument("--fine-tune-epochs", type=int, help="fine-tune epochs (quality, speedup)")
-    p.add_argument("--policies", type=int, help="random policies (fidelity, reconstruction, search_set)")
+    p.add_argument(
+        "--policies", type=int, help="random policies (fidelity, reconstruction, search_set, proxy)"
+    )
+    p.add_argument(
+        "--steps",
+        help="proxy: comma-separated lengths of fine_tune(steps=...) scored per candidate (default 16)",
+    )
+    p.add_argument(
+        "--tune-steps",
+        help="proxy: comma-separated tune_steps of the search's own per-candidate fine-tune (default 4,8,16)",
+    )
     p.add_argument(
         "--rounds", type=int, help="fidelity: interleaved measurement rounds per policy (default 3)"
     )
@@ -84,10 +95,16 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         help="quality: how many of a search's best policies the finalize phase fine-tunes (default 1)",
     )
+    p.add_argument(
+        "--search-tune-steps",
+        type=int,
+        help="quality, learning: every search scores its candidates after this many fine-tune steps (tune_steps; "
+        "default 0)",
+    )
     p.add_argument("--agents", help="comma-separated agents (quality, throughput)")
     p.add_argument(
         "--models",
-        help="comma-separated models (quality, learning, reconstruction, search_set): resnet20,dwnet",
+        help="comma-separated models (quality, learning, reconstruction, search_set, proxy): resnet20,dwnet",
     )
     p.add_argument(
         "--model",
@@ -171,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
         "seeds": args.seeds,
         "fine_tune_epochs": args.fine_tune_epochs,
         "policies": args.policies,
+        "steps": args.steps,
+        "tune_steps": args.tune_steps,
+        "tune_steps_search": args.search_tune_steps,
         "rounds": args.rounds,
         "device_check_rounds": args.device_check_rounds,
         "measure": args.measure,
