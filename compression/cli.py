@@ -266,6 +266,7 @@ def cmd_apply(args: argparse.Namespace) -> None:
             round_to=args.round_to,
             fine_tune_epochs=args.fine_tune_epochs,
             distill=not args.no_distill,
+            augment=args.fine_tune_augment,
             reconstruct=not args.no_reconstruct,
             formats=tuple(args.formats.split(",")),
             input_shape=_shape(args.input_shape),
@@ -287,6 +288,7 @@ def cmd_apply(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     args.fine_tune_epochs = 0
     args.no_distill = True
+    args.fine_tune_augment = False
     cmd_apply(args)
 
 
@@ -368,6 +370,7 @@ def cmd_search(args: argparse.Namespace) -> None:
             top_k=args.top_k,
             device_check_rounds=args.device_check_rounds,
             fine_tune_epochs=args.fine_tune_epochs,
+            fine_tune_augment=args.fine_tune_augment,
         )
         config.validate()
         if os.path.exists(os.path.join(out_dir, "checkpoint.pt")):
@@ -473,6 +476,9 @@ def cmd_search(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- parser
+AUGMENT_HELP = (
+    "shift the inputs at random during the fine-tune (off: a short distillation recovers more without them)"
+)
 NO_RECONSTRUCT_HELP = (
     "apply pruning by slicing and batch-norm re-estimation only, without re-fitting the layers that read pruned "
     "channels to the original's outputs (compression/reconstruct.py)"
@@ -541,6 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument(
                 "--no-distill", action="store_true", help="fine-tune without the original as teacher"
             )
+            sp.add_argument("--fine-tune-augment", action="store_true", help=AUGMENT_HELP)
 
     sp = add("search", cmd_search, "search a per-layer compression policy with an RL agent, then export")
     sp.add_argument("--model", help="zoo:NAME@weights.pth or a .pt2 file")
@@ -596,6 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
         "replace those over a latency budget by the next ones (0: off, trust the latency table)",
     )
     sp.add_argument("--fine-tune-epochs", type=int, default=2)
+    sp.add_argument("--fine-tune-augment", action="store_true", help=AUGMENT_HELP)
     sp.add_argument("--out", help="new run directory")
     sp.add_argument("--resume", metavar="DIR", help="continue the search in DIR")
     sp.add_argument("--quiet", action="store_true")

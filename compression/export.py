@@ -247,6 +247,7 @@ def compress_and_export(
     round_to: int = 1,
     fine_tune_epochs: int = 0,
     distill: bool = True,
+    augment: bool = False,
     reconstruct: bool = True,
     formats: tuple[str, ...] = ("pt2", "onnx"),
     input_shape: tuple[int, int, int] | None = None,
@@ -280,6 +281,7 @@ def compress_and_export(
             teacher=original if distill else None,
             seed=seed,
             progress=progress,
+            augment=augment,
         )
     acc_after = evaluate(model, ws.data.test)
     params_before = sum(p.numel() for p in original.parameters())
@@ -296,7 +298,7 @@ def compress_and_export(
             "applied": acc_applied.to_dict(),
             "compressed": acc_after.to_dict(),
         },
-        "fine_tune": {"epochs": fine_tune_epochs, "distill": distill, "history": history},
+        "fine_tune": {"epochs": fine_tune_epochs, "distill": distill, "augment": augment, "history": history},
         "costs": costs_summary(ws.graph, policy, round_to),
         "params": {"original": params_before, "compressed": params_after},
         "seconds": time.perf_counter() - t0,

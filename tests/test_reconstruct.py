@@ -153,3 +153,24 @@ def test_a_fine_tune_by_steps_takes_exactly_that_many_steps(trained_small_cnn):
         assert seen[-1] == (steps, steps) and len(seen) == steps
         assert len(history) == (1 if steps < batches else 2)
         assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_the_fine_tune_shifts_its_inputs_only_when_asked(trained_small_cnn, augment):
+    """A short distillation recovers more without the random shifts (docs/BENCHMARKS.md, 1j): by default the
+    fine-tune trains on the training images as they are."""
+    from compression.pipeline import open_workspace
+    from compression.training import fine_tune
+
+    ws = open_workspace(trained_small_cnn["pt2"], "digits", seed=0)
+    model = apply_policy(
+        ws.graph, Policy.uniform(ws.graph.prunable_leaders, keep_ratio=0.5), ws.calibration_batch(64)
+    )
+    seen: list[torch.Tensor] = []
+    hook = model.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    fine_tune(model, ws.data.train, steps=3, teacher=ws.artifact.module, seed=0, augment=augment)
+    hook.remove()
+    train = ws.data.train.tensors[0].flatten(1)
+    rows = torch.cat(seen[:3]).flatten(1)  # the three training batches (the batch-norm pass comes after)
+    found = (torch.cdist(rows, train, compute_mode="donot_use_mm_for_euclid_dist") < 1e-6).any(1)
+    assert bool(found.all()) is (not augment), f"{int(found.sum())} of {len(rows)} inputs are training images"

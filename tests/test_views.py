@@ -395,6 +395,7 @@ def test_new_run_creates_run_and_queues_search(client, alice, dispatch, django_c
         and cfg.free_precision is True
         and cfg.train_top_up is True
         and cfg.tune_steps == 0
+        and cfg.fine_tune_augment is False
     )  # not posted (an API client): the engine's defaults
     assert (run.episodes_total, run.status, run.model_id) == (12, "queued", m.pk)
     assert dispatch.calls == [("enqueue_run", (run,))]
@@ -416,6 +417,7 @@ def test_new_run_can_turn_off_the_default_on_engine_switches(
                 free_precision="false",
                 train_top_up="false",
                 tune_steps="12",
+                fine_tune_augment="on",
             ),
         )
     from compression.search.results import SearchConfig
@@ -425,6 +427,7 @@ def test_new_run_can_turn_off_the_default_on_engine_switches(
     assert cfg.float_bits is False and cfg.reconstruct is False and cfg.free_precision is False
     assert cfg.train_top_up is False
     assert cfg.tune_steps == 12 and 'name="tune_steps"' in html
+    assert cfg.fine_tune_augment is True and 'name="fine_tune_augment"' in html
 
 
 @pytest.mark.parametrize(

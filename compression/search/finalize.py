@@ -155,7 +155,14 @@ def finalize(run: SearchRun, episodes: list[EpisodeResult], *, search_s: float) 
         kept_fine_tune = None
         if cfg.fine_tune_epochs > 0:
             start = copy.deepcopy(model.state_dict())
-            fine_tune(model, ws.data.train, epochs=cfg.fine_tune_epochs, teacher=original, seed=cfg.seed)
+            fine_tune(
+                model,
+                ws.data.train,
+                epochs=cfg.fine_tune_epochs,
+                teacher=original,
+                seed=cfg.seed,
+                augment=cfg.fine_tune_augment,
+            )
             kept_fine_tune = evaluate(model, ws.data.val).top1 >= val_before
             if not kept_fine_tune:
                 model.load_state_dict(start)

@@ -144,6 +144,7 @@ ADDED_SETTINGS: dict[str, Any] = {
     "train_top_up": False,
     "free_precision_groups": False,
     "tune_steps": 0,
+    "fine_tune_augment": True,
 }
 
 

@@ -53,6 +53,8 @@ class SearchConfig:
         off for galen and acc-log-cost, which price the cost in the reward instead.
     top_k / fine_tune_epochs: after the search, the best ``top_k`` policies within budget are fine-tuned
         for ``fine_tune_epochs`` and scored on the validation and test splits; the best on validation is exported.
+        fine_tune_augment: that fine-tune shifts its inputs at random (off: a short distillation does better
+        without, docs/BENCHMARKS.md 1j).
     device_check_rounds: with a latency budget on a measuring target, the candidates are first measured end to
         end on the device against the original in this many interleaved rounds, and those over the budget are
         replaced by the next policies by reward (``compression/search/finalize.py``); 0 turns the check off.
@@ -89,6 +91,7 @@ class SearchConfig:
     top_k: int = 3
     device_check_rounds: int = 3
     fine_tune_epochs: int = 2
+    fine_tune_augment: bool = False
     checkpoint_every: int = 5
     export_formats: tuple[str, ...] = ("pt2", "onnx")
 

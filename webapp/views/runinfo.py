@@ -175,6 +175,7 @@ COMPARE_KEYS = (
     "top_k",
     "device_check_rounds",
     "fine_tune_epochs",
+    "fine_tune_augment",
     "agent_config",
 )
 
