@@ -1,4 +1,4 @@
-"""Run the benchmarks: ``python bench/run.py [quality learning reconstruction search_set proxy throughput fidelity speedup streaming
+"""Run the benchmarks: ``python bench/run.py [quality learning reconstruction search_set proxy finetune throughput fidelity speedup streaming
 memory]``.
 
 Without names every benchmark runs, in the order above. ``--quick`` is the minutes-long variant (fewer
@@ -28,6 +28,7 @@ BENCHMARKS = (
     "reconstruction",
     "search_set",
     "proxy",
+    "finetune",
     "throughput",
     "fidelity",
     "repeatability",
@@ -54,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         "--steps",
         help="proxy: comma-separated lengths of fine_tune(steps=...) scored per candidate (default 16)",
     )
+    p.add_argument("--recipes", help="finetune: comma-separated recipes, aug<epochs> or plain<epochs>")
     p.add_argument(
         "--tune-steps",
         help="proxy: comma-separated tune_steps of the search's own per-candidate fine-tune (default 4,8,16)",
@@ -190,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         "policies": args.policies,
         "steps": args.steps,
         "tune_steps": args.tune_steps,
+        "recipes": args.recipes,
         "tune_steps_search": args.search_tune_steps,
         "rounds": args.rounds,
         "device_check_rounds": args.device_check_rounds,
