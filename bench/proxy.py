@@ -252,7 +252,7 @@ def run(ctx: Context) -> dict[str, Any]:
     models = ctx.options.get("models") or ["resnet20"]
     budgets = ctx.options.get("budgets") or [0.1]
     policies = int(ctx.options.get("policies") or (10 if ctx.quick else 36))
-    steps = [int(s) for s in (ctx.options.get("steps") or "16").split(",") if s]
+    steps = [int(s) for s in (ctx.options.get("steps") or "16").split(",") if s and s != "none"]
     tune_steps = [int(s) for s in (ctx.options.get("tune_steps") or "4,8,16").split(",") if s]
     ft_epochs = int(ctx.opt("fine_tune_epochs", 1, 2))
     round_to = int(ctx.options.get("round_to") or 1)
@@ -261,6 +261,7 @@ def run(ctx: Context) -> dict[str, Any]:
         "steps": steps,
         "tune_steps": tune_steps,
         "fine_tune_epochs": ft_epochs,
+        "fine_tune_augment": False,  # the engine's default since session 13 (1j); runs before it augmented
         "objective": "macs",
         "round_to": round_to,
         "search_set_images": SEARCH_SET,

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--steps",
-        help="proxy: comma-separated lengths of fine_tune(steps=...) scored per candidate (default 16)",
+        help="proxy: comma-separated lengths of fine_tune(steps=...) scored per candidate (default 16; none: skip)",
     )
     p.add_argument("--recipes", help="finetune: comma-separated recipes, aug<epochs> or plain<epochs>")
     p.add_argument(
