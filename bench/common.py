@@ -230,6 +230,24 @@ def rank_correlations(a: Sequence[float], b: Sequence[float]) -> dict[str, float
     return {"spearman": float(rho), "kendall": float(tau)}
 
 
+def random_pools(n: int, size: int, draws: int, seed: int = 0) -> list[Any]:
+    """``draws`` random pools of ``size`` out of ``n`` candidates, each as sorted indices (a search that saw those
+    candidates in that order keeps the first of equal scores)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return [np.sort(rng.choice(n, size=min(size, n), replace=False)) for _ in range(draws)]
+
+
+def picked(score: Sequence[float], outcome: Sequence[float], pools: Sequence[Any]) -> float:
+    """The mean ``outcome`` of the candidate ``score`` ranks first in each pool (ties go to the earlier one):
+    what a search that picks by ``score`` ends with."""
+    import numpy as np
+
+    s, o = np.asarray(score), np.asarray(outcome)
+    return float(np.mean([o[p[int(np.argmax(s[p]))]] for p in pools]))
+
+
 def fmt(value: float | None, spec: str = ".3f", none: str = "n/a") -> str:
     """Format a number for a table cell, or ``none`` when missing."""
     return none if value is None else format(value, spec)

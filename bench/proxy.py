@@ -42,7 +42,9 @@ from bench.common import (
     fmt,
     log,
     mean_std,
+    picked,
     publish,
+    random_pools,
     rank_correlations,
     table,
 )
@@ -214,19 +216,17 @@ def selection(rows: list[dict[str, Any]], scores: list[str], pool: int = POOL) -
     import numpy as np
 
     after = np.array([r["test_after"] for r in rows])
-    draws = np.random.default_rng(0)
-    pools = [np.sort(draws.choice(len(rows), size=min(pool, len(rows)), replace=False)) for _ in range(DRAWS)]
+    pools = random_pools(len(rows), pool, DRAWS)
     per: dict[str, Any] = {}
     for name in scores:
         score = np.array([r[name] for r in rows])
-        picks = [p[int(np.argmax(score[p]))] for p in pools]
         key = name.split(" ")[0]
         secs = [r["seconds"][key] for r in rows] if key in rows[0]["seconds"] else []
         if key.startswith("ft"):  # this short fine-tune comes on top of applying with the re-fit
             secs = [r["seconds"][key] + r["seconds"]["refit"] for r in rows]
         per[name] = {
             "vs_test_after": rank_correlations(score.tolist(), after.tolist()),
-            "picked_test_after": float(np.mean(after[picks])),
+            "picked_test_after": picked(score, after, pools),
             "seconds": mean_std(secs)["mean"],
         }
     uniform = [r["test_after"] for r in rows if r["kind"] == "uniform"]
@@ -237,7 +237,7 @@ def selection(rows: list[dict[str, Any]], scores: list[str], pool: int = POOL) -
         "pool": {
             "size": pool,
             "draws": DRAWS,
-            "best_in_pool": float(np.mean([after[p].max() for p in pools])),
+            "best_in_pool": picked(after, after, pools),
             "mean": float(after.mean()),
         },
         "uniform_test_after": uniform[0] if uniform else None,

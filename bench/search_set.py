@@ -31,7 +31,9 @@ from bench.common import (
     fmt,
     log,
     mean_std,
+    picked,
     publish,
+    random_pools,
     rank_correlations,
     table,
 )
@@ -117,17 +119,15 @@ def selection(rows: list[dict[str, Any]], images: dict[str, int]) -> dict[str, A
     import numpy as np
 
     after = np.array([r["test_after"] for r in rows])
-    draws = np.random.default_rng(0)
-    pools = [np.sort(draws.choice(len(rows), size=min(POOL, len(rows)), replace=False)) for _ in range(DRAWS)]
-    oracle = float(np.mean([after[p].max() for p in pools]))
+    pools = random_pools(len(rows), POOL, DRAWS)
+    oracle = picked(after, after, pools)
     per_set: dict[str, Any] = {}
     for name in SETS:
         score = np.array([r[name] for r in rows])
-        picks = [p[int(np.argmax(score[p]))] for p in pools]
         per_set[name] = {
             "vs_test_after": rank_correlations(score.tolist(), after.tolist()),
             "vs_test_before": rank_correlations(score.tolist(), [r["test_before"] for r in rows]),
-            "picked_test_after": float(np.mean(after[picks])),
+            "picked_test_after": picked(score, after, pools),
             "images": images[name],
         }
     return {
