@@ -684,7 +684,9 @@ def test_the_tune_set_is_every_training_image_the_search_set_does_not_score(work
     both = torch.cat([extra, x])
     assert same(train.tensors[0].flatten(1), both).any(1).all()
     assert not same(extra, x).any()
-    assert same(workspace.calibration_batch(256, seed=3).flatten(1), x).any(1).all()  # the calibration batch too
+    assert (
+        same(workspace.calibration_batch(256, seed=3).flatten(1), x).any(1).all()
+    )  # the calibration batch too
     assert torch.equal(workspace.tune_set(1000, 256, seed=3).tensors[0], tune.tensors[0])  # deterministic
     # without the top-up nothing of the training split is scored: the search may tune on all of it
     assert len(workspace.tune_set(1000, 256, seed=3, top_up=False)) == len(train)
