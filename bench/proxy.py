@@ -2,9 +2,9 @@
 best after the fine-tune?
 
 Section 1 (session 12) found that at a tight budget the search's reward, top-1 on the search set after the
-least-squares re-fit, ranks the policies a search finds above uniform pruning, and the fine-tune reverses that:
-the searched policies squeeze a few layers to a tenth of their channels, which the re-fit patches and the fine-tune
-cannot mend. This benchmark scores one pool of candidates at one budget in several ways, side by side, and
+least-squares re-fit, ranks the policies a search finds above uniform pruning, and the fine-tune reversed that:
+the searched policies squeeze a few layers to a tenth of their channels, which the re-fit patches and that
+fine-tune (with random shifts, 1j) could not mend. This benchmark scores one pool of candidates at one budget in several ways, side by side, and
 measures each score against what counts, test top-1 after the quality benchmark's fine-tune (2 epochs of
 distillation on the whole training split, seed 0):
 

@@ -591,7 +591,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="steps of a short distillation fine-tune each candidate gets before it is scored (0: scored as "
-        "applied); at tight budgets 8-16 rank candidates by how well the final fine-tune recovers them",
+        "applied; see docs/search.md)",
     )
     sp.add_argument("--agent-config", help="agent hyper-parameters as JSON")
     sp.add_argument("--top-k", type=int, default=3)

@@ -264,9 +264,8 @@ def quick_tune(
 ) -> None:
     """A few steps of ``fine_tune``'s distillation, lean enough to run on every search candidate (in place).
 
-    What a search uses to see how a candidate takes to fine-tuning (``EnvSettings.tune_steps``): at a tight
-    budget, the accuracy right after pruning ranks the policies that squeeze a few layers hardest above those the
-    fine-tune recovers best (docs/BENCHMARKS.md, 1i). Against ``fine_tune``: the teacher's outputs are computed
+    What a search uses to see how a candidate takes to fine-tuning (``EnvSettings.tune_steps``; docs/BENCHMARKS.md,
+    1i, measures how well it ranks candidates). Against ``fine_tune``: the teacher's outputs are computed
     once by the caller (``teacher_logits`` for ``x``), so the inputs are not augmented; SGD with Nesterov momentum
     and a cosine decay over ``steps``; batch norms re-estimated over the first ``bn_samples`` inputs at the end.
     Deterministic for a seed: the same candidate always scores the same.

@@ -69,8 +69,8 @@ class EnvSettings:
         True  # least-squares re-fit of the layers reading pruned channels (compression/reconstruct.py)
     )
     # steps of a short distillation fine-tune each candidate gets before it is scored (``training.quick_tune``, on
-    # the environment's ``tune_set``); 0: scored as applied. At tight budgets the score after a few steps tells
-    # which policy the final fine-tune recovers best far better than the score as applied (docs/BENCHMARKS.md, 1i)
+    # the environment's ``tune_set``); 0: scored as applied. It ranked candidates far better while the final
+    # fine-tune shifted its inputs; with the final fine-tune as it is now, no better (docs/BENCHMARKS.md, 1i)
     tune_steps: int = 0
     groups: int = spaces.DEFAULT_GROUPS
     pin_first_last_bits: int | None = None

@@ -45,9 +45,9 @@ class SearchConfig:
     reconstruct: re-fit the layers that read pruned channels to the original's outputs by least squares
         (``compression/reconstruct.py``) whenever a candidate is applied; off: slicing and batch-norm only.
     tune_steps: steps of a short distillation fine-tune every candidate gets before it is scored, on the training
-        images the search set does not use (``Workspace.tune_set``); 0 (default): scored as applied. Worth it at
-        tight budgets, where the score as applied favours policies the final fine-tune cannot recover
-        (docs/BENCHMARKS.md, 1i); each step costs about a tenth of a second on ResNet-20 at 2 cores.
+        images the search set does not use (``Workspace.tune_set``); 0 (default): scored as applied. Measured at 10%
+        of the MACs (docs/BENCHMARKS.md, 1i and 1): no better models than without it since the final fine-tune no
+        longer shifts its inputs; each step costs about a tenth of a second on ResNet-20 at 2 cores.
     budget_mode: cap (AMC: each action capped so the budget stays reachable) or repair (HAQ: bits lowered
         from the last layer after the episode). enforce_budget: None means on for the acc and haq rewards and
         off for galen and acc-log-cost, which price the cost in the reward instead.
