@@ -718,10 +718,37 @@ def test_a_candidate_tuned_before_scoring_scores_what_the_short_fine_tune_makes_
     quick_tune(model, *tune.tensors, teacher, steps=8, seed=0)
     fold_batch_norms(model, ws.graph.conv_bn_pairs())
     assert evaluate(model, val).top1 == acc
+    # given the original's outputs already (what SearchRun does, once for all its environments): the same score
+    shared = torch.utils.data.TensorDataset(*tune.tensors, teacher)
+    assert env(8, tune_set=shared).evaluate_policy(policy)[0] == acc
     as_applied, timings = env(0).evaluate_policy(policy)
     assert "tune_s" not in timings and as_applied != acc
     with pytest.raises(SearchError, match="training images outside the search set"):
         env(8)
+
+
+def test_a_search_run_computes_the_originals_outputs_on_the_tune_set_once(trained_small_cnn, tmp_path, monkeypatch):
+    from compression.search import env as env_module
+    from compression.search.loop import SearchRun
+
+    calls = []
+    real = env_module.tune_tensors
+
+    def counting(module, tune_set):
+        calls.append(len(tune_set.tensors))
+        return real(module, tune_set)
+
+    monkeypatch.setattr(env_module, "tune_tensors", counting)
+    monkeypatch.setattr("compression.search.loop.tune_tensors", counting)
+    cfg = _config(trained_small_cnn["pt2"], "two-stage", episodes=4, val_samples=300, tune_steps=2)
+    run = SearchRun(cfg, str(tmp_path))
+    for stage in run.stages:
+        run.make_env(stage, None)
+    # one forward pass of the original, in SearchRun; every environment after it is handed the outputs
+    assert calls[0] == 2 and all(n == 3 for n in calls[1:]) and len(calls) >= 1 + 2 * len(run.stages)
+    x, y, logits = run.tune_set.tensors
+    with torch.no_grad():
+        assert torch.equal(logits, run.ws.graph.module.eval()(x))
 
 
 def test_a_search_reports_what_it_scored_candidates_on(trained_small_cnn, tmp_path):

@@ -144,6 +144,22 @@ def count_transitions(
     return t
 
 
+def tune_tensors(
+    module: torch.nn.Module, tune_set: torch.utils.data.TensorDataset
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The inputs, labels and the original's outputs a candidate's short fine-tune distils from (``tune_steps``).
+
+    ``tune_set`` holds (inputs, labels), or (inputs, labels, the original's outputs) when a caller that builds
+    several environments over one model (``SearchRun``) has computed them once already; then they are used as given.
+    """
+    tensors = tune_set.tensors
+    if len(tensors) == 3:
+        return tensors[0], tensors[1], tensors[2]
+    x, y = tensors[0], tensors[1]
+    with torch.no_grad():  # the teacher's outputs, once: every candidate's tune distils from them
+        return x, y, module.eval()(x)
+
+
 class CompressionEnvironment:
     """The search environment over one model and dataset (see the module docstring)."""
 
@@ -169,9 +185,7 @@ class CompressionEnvironment:
                     "a short fine-tune per candidate (tune_steps) needs training images outside the search set",
                     "set tune_steps to 0, or lower val_samples so that training images are left over",
                 )
-            x, y = tune_set.tensors
-            with torch.no_grad():  # the teacher's outputs, once: every candidate's tune distils from them
-                self._tune = (x, y, graph.module.eval()(x))
+            self._tune = tune_tensors(graph.module, tune_set)
         if s.objective == "latency" and latency is None:
             raise SearchError(
                 "the latency objective needs a hardware target with a latency table",

@@ -30,7 +30,7 @@ import torch
 from compression.errors import SearchError
 from compression.memory import release_freed_memory
 from compression.policy import Policy
-from compression.search.env import CompressionEnvironment, EnvSettings, layer_sensitivity
+from compression.search.env import CompressionEnvironment, EnvSettings, layer_sensitivity, tune_tensors
 from compression.search.results import EpisodeResult, SearchCallback, SearchConfig
 
 log = logging.getLogger("compression.search")
@@ -229,13 +229,14 @@ class SearchRun:
             config.val_samples, config.calib_samples, config.seed, top_up=config.train_top_up
         )
         self.calib = self.ws.calibration_batch(config.calib_samples, seed=config.seed)
-        self.tune_set = (
-            self.ws.tune_set(
-                config.val_samples, config.calib_samples, config.seed, top_up=config.train_top_up
+        # with tune_steps, the original's outputs on the tune set are computed here once and shared by every
+        # environment this run builds (two per stage, and one per later stage's reachability check)
+        self.tune_set = None
+        if config.tune_steps > 0:
+            tune = self.ws.tune_set(config.val_samples, config.calib_samples, config.seed, top_up=config.train_top_up)
+            self.tune_set = (
+                torch.utils.data.TensorDataset(*tune_tensors(self.ws.graph.module, tune)) if len(tune) else tune
             )
-            if config.tune_steps > 0
-            else None
-        )
         self.latency = build_latency_model(
             self.target,
             self.ws.graph,
