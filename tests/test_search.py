@@ -727,7 +727,9 @@ def test_a_candidate_tuned_before_scoring_scores_what_the_short_fine_tune_makes_
         env(8)
 
 
-def test_a_search_run_computes_the_originals_outputs_on_the_tune_set_once(trained_small_cnn, tmp_path, monkeypatch):
+def test_a_search_run_computes_the_originals_outputs_on_the_tune_set_once(
+    trained_small_cnn, tmp_path, monkeypatch
+):
     from compression.search import env as env_module
     from compression.search.loop import SearchRun
 

@@ -233,9 +233,13 @@ class SearchRun:
         # environment this run builds (two per stage, and one per later stage's reachability check)
         self.tune_set = None
         if config.tune_steps > 0:
-            tune = self.ws.tune_set(config.val_samples, config.calib_samples, config.seed, top_up=config.train_top_up)
+            tune = self.ws.tune_set(
+                config.val_samples, config.calib_samples, config.seed, top_up=config.train_top_up
+            )
             self.tune_set = (
-                torch.utils.data.TensorDataset(*tune_tensors(self.ws.graph.module, tune)) if len(tune) else tune
+                torch.utils.data.TensorDataset(*tune_tensors(self.ws.graph.module, tune))
+                if len(tune)
+                else tune
             )
         self.latency = build_latency_model(
             self.target,
