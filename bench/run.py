@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recipes", help="finetune: comma-separated recipes, aug<epochs> or plain<epochs>")
     p.add_argument(
         "--tune-steps",
-        help="proxy: comma-separated tune_steps of the search's own per-candidate fine-tune (default 4,8,16)",
+        help="proxy: comma-separated tune_steps of the search's own per-candidate fine-tune (default 4,8,16; none: skip)",
     )
     p.add_argument(
         "--rounds", type=int, help="fidelity: interleaved measurement rounds per policy (default 3)"
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--parts",
         help="memory: comma-separated parts to run: web,worker; throughput: quantizer runs only the activation "
-        "quantizer's side-by-side measurement",
+        "quantizer's side-by-side measurement, layout only channels-last against NCHW scoring",
     )
     p.add_argument("--tables", action="store_true", help="print the tables of stored results, run nothing")
     p.add_argument(

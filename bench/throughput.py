@@ -414,6 +414,82 @@ def _fold_speed(ctx: Context, model: str, policies: int = 4, rounds: int = 5) ->
     return out
 
 
+def _layout_speed(ctx: Context, model: str, policies: int = 4, rounds: int = 5) -> dict[str, Any]:
+    """Scoring in the channels-last memory format (what the search does since session 14 where the model allows
+    it, ``training.channels_last_works``) against contiguous (NCHW) tensors, side by side: for each kind of
+    policy (pruning only; joint: every layer 2..8 bits and pruned; bits only: every layer 4..8 bits, unpruned, as
+    HAQ's) the same folded models are scored on the 1000-image search set both ways, alternating, ``rounds`` times,
+    at the run's torch threads."""
+    import copy
+    import statistics
+
+    import torch
+
+    from compression.apply import apply_policy, fold_batch_norms
+    from compression.pipeline import open_workspace
+    from compression.policy import LayerPolicy, Policy
+    from compression.training import channels_last, channels_last_works, evaluate
+
+    ws = open_workspace(model, "digits", seed=0)
+    calib = ws.calibration_batch(256, seed=0)
+    data = _timing_set(ws, 1000)
+    data_cl = channels_last(data)
+    pairs = ws.graph.conv_bn_pairs()
+    g = torch.Generator().manual_seed(11)
+    out: dict[str, Any] = {
+        "policies": policies,
+        "rounds": rounds,
+        "threads": torch.get_num_threads(),
+        "channels_last_works": channels_last_works(ws.graph.module, data.tensors[0]),
+        "kinds": {},
+    }
+    with LoadSampler() as load:
+        for kind in ("prune", "joint", "bits"):
+            models = []
+            for _ in range(policies):
+                layers = {}
+                if kind != "prune":
+                    lo = 2 if kind == "joint" else 4
+                    for n in ws.graph.quantizable:
+                        b = torch.randint(lo, 9, (2,), generator=g)
+                        layers[n] = LayerPolicy(w_bits=int(b[0]), a_bits=int(b[1]))
+                if kind != "bits":
+                    for n in ws.graph.prunable_leaders:
+                        layers.setdefault(n, LayerPolicy()).keep_ratio = float(
+                            0.3 + 0.7 * torch.rand(1, generator=g)
+                        )
+                m = apply_policy(ws.graph, Policy(layers=layers), calib)
+                fold_batch_norms(m, pairs)
+                cl = copy.deepcopy(m).to(memory_format=torch.channels_last)
+                models.append({"nchw": (m, data), "channels-last": (cl, data_cl)})
+            times: dict[str, list[float]] = {"nchw": [], "channels-last": []}
+            accs: dict[str, list[float]] = {"nchw": [], "channels-last": []}
+            for r in range(rounds):
+                for pair in models:
+                    for v in ("nchw", "channels-last") if r % 2 == 0 else ("channels-last", "nchw"):
+                        m, d = pair[v]
+                        t0 = time.perf_counter()
+                        acc = evaluate(m, d)
+                        times[v].append(time.perf_counter() - t0)
+                        if r == 0:
+                            accs[v].append(float(acc.top1))
+            a, c = statistics.median(times["nchw"]), statistics.median(times["channels-last"])
+            diff = max(abs(p - q) for p, q in zip(accs["nchw"], accs["channels-last"], strict=True))
+            out["kinds"][kind] = {
+                "nchw_s": a,
+                "channels_last_s": c,
+                "ratio": c / a,
+                "max_accuracy_diff": diff,
+            }
+            log(
+                ctx,
+                f"layout: {kind} scoring {c:.3f} s channels-last vs {a:.3f} s NCHW, ratio {c / a:.3f}, "
+                f"accuracy diff {diff}",
+            )
+    out["load"] = load.summary()
+    return out
+
+
 def _profile(ctx: Context, model: str, target: str, episodes: int, budget: float = 0.5) -> dict[str, Any]:
     """cProfile of a short AMC search (warm table and sensitivity), top functions by cumulative time."""
     from compression.search.loop import run_search
@@ -479,6 +555,11 @@ def _run(ctx: Context) -> dict[str, Any]:
     episodes = int(ctx.opt("episodes", 10, 40))
     agents = ctx.options.get("agents") or list(AGENTS)
     model = ctx.options.get("model") or resnet20_digits(ctx).spec
+    if ctx.options.get("parts") == ["layout"]:
+        # only the memory-format side-by-side measurement, in a result of its own
+        result = {"model": model, "layout": _layout_speed(ctx, model)}
+        publish(ctx, "throughput-layout", result, summarize)
+        return result
     if ctx.options.get("parts") == ["quantizer"]:
         # only the quantizer's side-by-side measurement (a few minutes), in a result of its own
         result = {"model": model, "quantizer": _quantizer_speed(ctx, model), "fold": _fold_speed(ctx, model)}
@@ -579,6 +660,8 @@ def _run(ctx: Context) -> dict[str, Any]:
     result["quantizer"] = _quantizer_speed(ctx, model)
     log(ctx, "batch norms folded for scoring, side by side with the model as applied")
     result["fold"] = _fold_speed(ctx, model)
+    log(ctx, "scoring channels-last, side by side with NCHW")
+    result["layout"] = _layout_speed(ctx, model)
     log(ctx, "profile of a short AMC search")
     result["profile"] = _profile(ctx, model, target, 5 if ctx.quick else 10, budget=prune_budget)
     publish(ctx, "throughput", result, summarize)
@@ -624,8 +707,26 @@ def _fold_table(fd: dict[str, Any]) -> str:
     )
 
 
+def _layout_table(ly: dict[str, Any]) -> str:
+    return table(
+        ["scoring (1000 images, folded)", "NCHW s", "channels-last s", "ratio", "largest accuracy change"],
+        [
+            [
+                f"{k} ({ly['policies']} policies x {ly['rounds']} rounds, {ly['threads']} threads)",
+                f"{v['nchw_s']:.3f}",
+                f"{v['channels_last_s']:.3f}",
+                f"{v['ratio']:.3f}",
+                f"{v['max_accuracy_diff']:.4f}",
+            ]
+            for k, v in ly["kinds"].items()
+        ],
+    )
+
+
 def summarize(r: dict[str, Any]) -> str:
     """The Markdown tables of a throughput result."""
+    if "layout" in r and "agents" not in r and "quantizer" not in r:  # --parts layout
+        return _layout_table(r["layout"])
     if "agents" not in r:  # --parts quantizer
         return _quantizer_table(r["quantizer"]) + ("\n\n" + _fold_table(r["fold"]) if r.get("fold") else "")
     rows = []
@@ -727,4 +828,6 @@ def summarize(r: dict[str, Any]) -> str:
         out += ["", _quantizer_table(r["quantizer"])]
     if r.get("fold"):
         out += ["", _fold_table(r["fold"])]
+    if r.get("layout"):
+        out += ["", _layout_table(r["layout"])]
     return "\n".join(out)

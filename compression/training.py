@@ -47,6 +47,39 @@ def subset(dataset: TensorDataset, max_samples: int | None, seed: int = 0) -> Te
     return TensorDataset(*(t[idx] for t in dataset.tensors))
 
 
+def channels_last_works(module: nn.Module, x: torch.Tensor, probe: int = 8) -> bool:
+    """Whether ``module`` runs on 4-D inputs in the channels-last memory format and computes what it computes on
+    contiguous ones (to float rounding).
+
+    A search scores its candidates that way when it can (``CompressionEnvironment``): oneDNN's convolutions run
+    a third faster on channels-last tensors on the CPU (docs/BENCHMARKS.md, 2, session 14). A model that cannot,
+    e.g. one that ``view``-s a feature map flat, raises here and is scored as it is.
+    """
+    if x.dim() != 4 or len(x) == 0:
+        return False
+    sample = x[:probe]
+    try:
+        with torch.no_grad():
+            ref = module.eval()(sample)
+            out = copy.deepcopy(module).to(memory_format=torch.channels_last)(
+                sample.contiguous(memory_format=torch.channels_last)
+            )
+    except (RuntimeError, ValueError, TypeError):
+        return False
+    return (
+        isinstance(ref, torch.Tensor)
+        and isinstance(out, torch.Tensor)
+        and ref.shape == out.shape
+        and bool(torch.allclose(ref, out, rtol=1e-3, atol=1e-4))
+    )
+
+
+def channels_last(dataset: TensorDataset) -> TensorDataset:
+    """``dataset`` with its inputs stored channels-last (a copy; labels shared)."""
+    x, *rest = dataset.tensors
+    return TensorDataset(x.contiguous(memory_format=torch.channels_last), *rest)
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,

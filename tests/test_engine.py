@@ -521,3 +521,49 @@ def test_batch_norms_fold_into_their_convolutions_for_scoring(trained_small_cnn,
         else:  # float rounding may move a quantized value by a step: the predictions agree
             assert (before.argmax(1) == after.argmax(1)).float().mean() >= 0.9
     assert any(isinstance(b, nn.BatchNorm2d) for b in graph.module.modules())  # the original is untouched
+
+
+class _FlatViewNet(nn.Module):
+    """Flattens a 4x4 feature map with ``view``: fine on contiguous tensors, an error on channels-last ones."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 8 * 8, 10)
+
+    def forward(self, x):
+        y = F.relu(self.conv(x))
+        return self.fc(y.view(y.shape[0], -1))
+
+
+def test_channels_last_scoring_is_used_only_where_the_model_computes_the_same(trained_small_cnn):
+    """The search scores candidates channels-last (faster oneDNN convolutions) when the model runs that way and
+    gives its outputs; otherwise as they are, never an error."""
+    from compression.pipeline import open_workspace
+    from compression.search.env import CompressionEnvironment, EnvSettings
+    from compression.training import channels_last_works, evaluate
+
+    ws = open_workspace(trained_small_cnn["pt2"], "digits")
+    x = ws.data.val.tensors[0]
+    assert channels_last_works(ws.graph.module, x)
+    assert not channels_last_works(_FlatViewNet().eval(), x)  # view of a channels-last map raises
+    assert not channels_last_works(nn.Linear(64, 10), x.flatten(1))  # not images
+    assert not channels_last_works(ws.graph.module, x[:0])
+
+    calib = ws.calibration_batch(64, seed=1)
+    env = CompressionEnvironment(ws.graph, ws.data.val, calib, EnvSettings(objective="macs", budget=0.5))
+    assert env.channels_last
+    policy = Policy.uniform(ws.graph.prunable_leaders, keep_ratio=0.5)
+    acc, _ = env.evaluate_policy(policy)
+    from compression.apply import fold_batch_norms
+
+    model = apply_policy(ws.graph, policy, calib)
+    fold_batch_norms(model, ws.graph.conv_bn_pairs())
+    # the same predictions as scored contiguous, to float rounding: at most one image in the split moves
+    assert abs(evaluate(model, ws.data.val).top1 - acc) <= 1 / len(ws.data.val) + 1e-9
+
+    flat = LayerGraph.build(_FlatViewNet().eval(), (1, 8, 8), num_classes=10)
+    env = CompressionEnvironment(flat, ws.data.val, calib, EnvSettings(objective="macs", budget=0.8))
+    assert not env.channels_last
+    acc, _ = env.evaluate_policy(Policy.uniform(flat.prunable_leaders, keep_ratio=0.75))
+    assert 0.0 <= acc <= 1.0
