@@ -253,7 +253,7 @@ def run(ctx: Context) -> dict[str, Any]:
     budgets = ctx.options.get("budgets") or [0.1]
     policies = int(ctx.options.get("policies") or (10 if ctx.quick else 36))
     steps = [int(s) for s in (ctx.options.get("steps") or "16").split(",") if s and s != "none"]
-    tune_steps = [int(s) for s in (ctx.options.get("tune_steps") or "4,8,16").split(",") if s]
+    tune_steps = [int(s) for s in (ctx.options.get("tune_steps") or "4,8,16").split(",") if s and s != "none"]
     ft_epochs = int(ctx.opt("fine_tune_epochs", 1, 2))
     round_to = int(ctx.options.get("round_to") or 1)
     result: dict[str, Any] = {
