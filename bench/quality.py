@@ -120,6 +120,7 @@ def _search_method(
         "test_accuracy": report["accuracy"]["compressed_test"],
         "test_accuracy_before_fine_tune": report["accuracy"]["compressed_test_before_fine_tune"],
         "original_test_accuracy": report["accuracy"]["original_test"],
+        "test_loss": report["accuracy"].get("compressed_test_loss"),
         "val_accuracy": cand.get(
             "search_accuracy", cand.get("val_accuracy")
         ),  # the reward's set (search set)
@@ -265,7 +266,8 @@ def _tp_method(
         before = evaluate(model, ws.data.test).top1
         if ft_epochs > 0:
             fine_tune(model, ws.data.train, epochs=ft_epochs, teacher=original, seed=seed)
-        test = evaluate(model, ws.data.test).top1
+        tested = evaluate(model, ws.data.test)
+        test = tested.top1
     return {
         "status": "ok",
         "method": "tp-magnitude",
@@ -275,6 +277,7 @@ def _tp_method(
         "test_accuracy": test,
         "test_accuracy_before_fine_tune": before,
         "original_test_accuracy": evaluate(original, ws.data.test).top1,
+        "test_loss": tested.loss,
         "predicted_ratio": pred,
         "within_budget": pred <= budget * (1 + 1e-6),
         "params": sum(p.numel() for p in model.parameters()),
@@ -688,6 +691,8 @@ def summarize_cells(result: dict[str, Any]) -> dict[str, Any]:
                     "floor": next((c.get("floor") for c in cells if c.get("floor") is not None), None),
                     "error": next((c.get("error") for c in cells if c.get("error")), None),
                     "test_accuracy": mean_std(c["test_accuracy"] for c in ok),
+                    # mean test cross-entropy (runs since session 14): finer than top-1 on 359 test images
+                    "test_loss": mean_std(c.get("test_loss") for c in ok if c.get("test_loss") is not None),
                     "before_fine_tune": mean_std(c["test_accuracy_before_fine_tune"] for c in ok),
                     "predicted_ratio": mean_std(c["predicted_ratio"] for c in ok),
                     "measured_ratio": mean_std(measured),
@@ -712,9 +717,12 @@ def summarize(result: dict[str, Any]) -> str:
                 c = per[f"{budget}/{method}"]
                 if c["status"] == "ok":
                     acc = c["test_accuracy"]
+                    loss = c.get("test_loss") or {}
                     row.append(
                         f"{acc['mean']:.4f} ± {acc['std']:.4f} (pred {fmt(c['predicted_ratio']['mean'], '.2f')}, "
-                        f"meas {fmt(c['measured_ratio']['mean'], '.2f')})"
+                        f"meas {fmt(c['measured_ratio']['mean'], '.2f')}"
+                        + (f", loss {loss['mean']:.3f}" if loss.get("n") else "")
+                        + ")"
                     )
                 elif c["status"] == "unreachable":
                     row.append(f"unreachable (floor {c['floor']:.0%})")

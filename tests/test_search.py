@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 
 import numpy as np
@@ -357,6 +358,9 @@ def test_finalize_chooses_among_candidates_on_the_validation_split(trained_small
     chosen = next(c for c in cands if c["episode"] == report["best_episode"])
     assert chosen["val_accuracy_after_fine_tune"] == max(c["val_accuracy_after_fine_tune"] for c in cands)
     assert report["accuracy"]["compressed_test"] == chosen["test_accuracy"]
+    # the test cross-entropy beside top-1 (finer on a small split), the original's for comparison
+    assert report["accuracy"]["compressed_test_loss"] == chosen["test_loss"] > 0
+    assert 0 < report["accuracy"]["original_test_loss"] < math.log(10)
     for c in cands:  # a fine-tune is kept only when it does not lower validation accuracy
         if c["fine_tune_kept"]:
             assert c["val_accuracy_after_fine_tune"] >= c["val_accuracy_before_fine_tune"]

@@ -182,6 +182,7 @@ def finalize(run: SearchRun, episodes: list[EpisodeResult], *, search_s: float) 
             "test_accuracy_before_fine_tune": before,
             "test_accuracy": test.top1,
             "test_top5": test.top5,
+            "test_loss": test.loss,  # mean cross-entropy: finer than top-1 on a small test split
             "cost_ratio": cand.cost_ratio,
             "latency_ms_predicted": cand.latency_ms,
         }
@@ -239,6 +240,8 @@ def finalize(run: SearchRun, episodes: list[EpisodeResult], *, search_s: float) 
             "original_search_set": run.original_accuracy,
             "compressed_test": chosen["test_accuracy"],
             "compressed_test_before_fine_tune": chosen["test_accuracy_before_fine_tune"],
+            "original_test_loss": orig_test.loss,
+            "compressed_test_loss": chosen["test_loss"],
         },
         "candidates": scored,
         "costs": costs_summary(ws.graph, policy, run.round_to),
