@@ -356,19 +356,41 @@ def _quantizer_speed(ctx: Context, model: str, policies: int = 4, rounds: int = 
     }
 
 
+def _alternate(models: list[dict[str, tuple[Any, Any]]], rounds: int) -> tuple[dict[str, float], float]:
+    """Score each model's variants (``{variant: (model, dataset)}``) side by side: the variants alternate model by
+    model, their order flipped every round, ``rounds`` times. Returns each variant's median seconds and the largest
+    top-1 difference between two variants of one model (first round)."""
+    import statistics
+
+    from compression.training import evaluate
+
+    names = list(models[0])
+    times: dict[str, list[float]] = {v: [] for v in names}
+    accs: dict[str, list[float]] = {v: [] for v in names}
+    for r in range(rounds):
+        for pair in models:
+            for v in names if r % 2 == 0 else names[::-1]:
+                m, d = pair[v]
+                t0 = time.perf_counter()
+                acc = evaluate(m, d)
+                times[v].append(time.perf_counter() - t0)
+                if r == 0:
+                    accs[v].append(float(acc.top1))
+    diff = max(abs(p - q) for p, q in zip(*accs.values(), strict=True))
+    return {v: statistics.median(t) for v, t in times.items()}, diff
+
+
 def _fold_speed(ctx: Context, model: str, policies: int = 4, rounds: int = 5) -> dict[str, Any]:
     """Scoring with the batch norms folded into their convolutions (``apply.fold_batch_norms``, what the search
     does since session 11) against the model as applied, side by side (alternating, ``rounds`` times), for
     pruning policies and joint ones (every layer 2..8 bits), on the 1000-image search set."""
     import copy
-    import statistics
 
     import torch
 
     from compression.apply import apply_policy, fold_batch_norms
     from compression.pipeline import open_workspace
     from compression.policy import LayerPolicy, Policy
-    from compression.training import evaluate
 
     ws = open_workspace(model, "digits", seed=0)
     calib = ws.calibration_batch(256, seed=0)
@@ -392,19 +414,9 @@ def _fold_speed(ctx: Context, model: str, policies: int = 4, rounds: int = 5) ->
                 m = apply_policy(ws.graph, Policy(layers=layers), calib)
                 f = copy.deepcopy(m)
                 fold_batch_norms(f, pairs)
-                models.append({"as applied": m, "folded": f})
-            times: dict[str, list[float]] = {"as applied": [], "folded": []}
-            accs: dict[str, list[float]] = {"as applied": [], "folded": []}
-            for r in range(rounds):
-                for pair in models:
-                    for v in ("as applied", "folded") if r % 2 == 0 else ("folded", "as applied"):
-                        t0 = time.perf_counter()
-                        acc = evaluate(pair[v], data)
-                        times[v].append(time.perf_counter() - t0)
-                        if r == 0:
-                            accs[v].append(float(acc.top1))
-            a, f = statistics.median(times["as applied"]), statistics.median(times["folded"])
-            diff = max(abs(p - q) for p, q in zip(accs["as applied"], accs["folded"], strict=True))
+                models.append({"as applied": (m, data), "folded": (f, data)})
+            medians, diff = _alternate(models, rounds)
+            a, f = medians["as applied"], medians["folded"]
             out["kinds"][kind] = {"as_applied_s": a, "folded_s": f, "ratio": f / a, "max_accuracy_diff": diff}
             log(
                 ctx,
@@ -421,14 +433,13 @@ def _layout_speed(ctx: Context, model: str, policies: int = 4, rounds: int = 5) 
     HAQ's) the same folded models are scored on the 1000-image search set both ways, alternating, ``rounds`` times,
     at the run's torch threads."""
     import copy
-    import statistics
 
     import torch
 
     from compression.apply import apply_policy, fold_batch_norms
     from compression.pipeline import open_workspace
     from compression.policy import LayerPolicy, Policy
-    from compression.training import channels_last, channels_last_works, evaluate
+    from compression.training import channels_last, channels_last_works
 
     ws = open_workspace(model, "digits", seed=0)
     calib = ws.calibration_batch(256, seed=0)
@@ -462,19 +473,8 @@ def _layout_speed(ctx: Context, model: str, policies: int = 4, rounds: int = 5) 
                 fold_batch_norms(m, pairs)
                 cl = copy.deepcopy(m).to(memory_format=torch.channels_last)
                 models.append({"nchw": (m, data), "channels-last": (cl, data_cl)})
-            times: dict[str, list[float]] = {"nchw": [], "channels-last": []}
-            accs: dict[str, list[float]] = {"nchw": [], "channels-last": []}
-            for r in range(rounds):
-                for pair in models:
-                    for v in ("nchw", "channels-last") if r % 2 == 0 else ("channels-last", "nchw"):
-                        m, d = pair[v]
-                        t0 = time.perf_counter()
-                        acc = evaluate(m, d)
-                        times[v].append(time.perf_counter() - t0)
-                        if r == 0:
-                            accs[v].append(float(acc.top1))
-            a, c = statistics.median(times["nchw"]), statistics.median(times["channels-last"])
-            diff = max(abs(p - q) for p, q in zip(accs["nchw"], accs["channels-last"], strict=True))
+            medians, diff = _alternate(models, rounds)
+            a, c = medians["nchw"], medians["channels-last"]
             out["kinds"][kind] = {
                 "nchw_s": a,
                 "channels_last_s": c,
@@ -691,36 +691,38 @@ def _quantizer_table(qs: dict[str, Any]) -> str:
     )
 
 
-def _fold_table(fd: dict[str, Any]) -> str:
+def _side_by_side_table(r: dict[str, Any], first: tuple[str, str], second: tuple[str, str], what: str) -> str:
+    """A side-by-side scoring result (``_fold_speed``, ``_layout_speed``) as a table; ``first``/``second`` are
+    (column, key) of the two variants' seconds, ``what`` the run's setting shown per row."""
     return table(
-        ["scoring (1000 images)", "as applied s", "batch norms folded s", "ratio", "largest accuracy change"],
+        [
+            f"scoring (1000 images{', folded' if 'threads' in r else ''})",
+            first[0],
+            second[0],
+            "ratio",
+            "largest accuracy change",
+        ],
         [
             [
-                f"{k} ({fd['policies']} policies x {fd['rounds']} rounds, {fd['pairs']} pairs)",
-                f"{v['as_applied_s']:.3f}",
-                f"{v['folded_s']:.3f}",
+                f"{k} ({r['policies']} policies x {r['rounds']} rounds, {r[what]} {what})",
+                f"{v[first[1]]:.3f}",
+                f"{v[second[1]]:.3f}",
                 f"{v['ratio']:.3f}",
                 f"{v['max_accuracy_diff']:.4f}",
             ]
-            for k, v in fd["kinds"].items()
+            for k, v in r["kinds"].items()
         ],
+    )
+
+
+def _fold_table(fd: dict[str, Any]) -> str:
+    return _side_by_side_table(
+        fd, ("as applied s", "as_applied_s"), ("batch norms folded s", "folded_s"), "pairs"
     )
 
 
 def _layout_table(ly: dict[str, Any]) -> str:
-    return table(
-        ["scoring (1000 images, folded)", "NCHW s", "channels-last s", "ratio", "largest accuracy change"],
-        [
-            [
-                f"{k} ({ly['policies']} policies x {ly['rounds']} rounds, {ly['threads']} threads)",
-                f"{v['nchw_s']:.3f}",
-                f"{v['channels_last_s']:.3f}",
-                f"{v['ratio']:.3f}",
-                f"{v['max_accuracy_diff']:.4f}",
-            ]
-            for k, v in ly["kinds"].items()
-        ],
-    )
+    return _side_by_side_table(ly, ("NCHW s", "nchw_s"), ("channels-last s", "channels_last_s"), "threads")
 
 
 def summarize(r: dict[str, Any]) -> str:
