@@ -150,13 +150,24 @@ def _targets(graph: LayerGraph, names: list[str], calib: torch.Tensor) -> dict[s
 
 @torch.no_grad()
 def reconstruct(
-    graph: LayerGraph, model: nn.Module, keeps: dict[int, int], calib: torch.Tensor, *, images: int = IMAGES
+    graph: LayerGraph,
+    model: nn.Module,
+    keeps: dict[int, int],
+    calib: torch.Tensor,
+    *,
+    images: int = IMAGES,
+    keep_statistics: bool = False,
 ) -> dict[str, float]:
     """Re-fit, in place, the layers of the pruned ``model`` whose inputs were pruned (see the module docstring).
 
     ``keeps`` is the kept channel count per group (``prune.group_keeps``). Returns the relative output error
     ``||XW - Y|| / ||Y||`` on held-out calibration images per layer after the fit (and with the sliced original
     weights, under ``"<name>:before"``); a layer whose fit does not lower it keeps the sliced weights.
+
+    With ``keep_statistics`` the batch norms keep what they measured in the pass (each layer runs with its final
+    weights, as it is solved just before it runs): their running statistics are then re-estimated on
+    ``calib[:images]``, the batch-norm half of ``apply.recalibrate``, and the pass runs even if no layer needs a
+    fit. ``model`` is left in eval mode.
     """
     calib = calib[:images]
     todo: list[str] = []
@@ -176,6 +187,9 @@ def reconstruct(
         todo.append(name)
         outs[name] = kept
     if not todo:
+        if keep_statistics:
+            with _batch_statistics(model, keep=True):
+                model(calib)
         return {}
     targets = _targets(graph, todo, calib)
     errors: dict[str, float] = {}
@@ -210,7 +224,7 @@ def reconstruct(
 
     hooks = [model.get_submodule(n).register_forward_pre_hook(lambda m, i, n=n: solve(m, i, n)) for n in todo]
     try:
-        with _batch_statistics(model):
+        with _batch_statistics(model, keep=keep_statistics):
             model(calib)
     finally:
         for h in hooks:
@@ -219,23 +233,35 @@ def reconstruct(
 
 
 @contextmanager
-def _batch_statistics(model: nn.Module) -> Iterator[None]:
+def _batch_statistics(model: nn.Module, keep: bool = False) -> Iterator[None]:
     """Run ``model`` in eval mode but with its batch norms on batch statistics; everything restored after.
 
     Both networks run like this during reconstruction: the pruned one because its running statistics are
     stale until re-estimated (and the re-estimation will find these batch statistics), the original so that
     its outputs are computed the same way (for a trained model they match its running statistics anyway).
+
+    With ``keep`` the running statistics start empty and accumulate as a plain average over the pass (as
+    ``apply.recalibrate`` does); they are kept, and the model ends in eval mode.
     """
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     was_training = model.training
-    saved = [(bn, {k: v.clone() for k, v in bn.named_buffers()}) for bn in bns]
+    saved = [] if keep else [(bn, {k: v.clone() for k, v in bn.named_buffers()}) for bn in bns]
     model.eval()
+    momenta = [bn.momentum for bn in bns]
     for bn in bns:
+        if keep:
+            bn.reset_running_stats()
+            bn.momentum = None  # cumulative average over the pass
         bn.train()
     try:
         yield
     finally:
-        model.train(was_training)
+        if keep:
+            for bn, momentum in zip(bns, momenta, strict=True):
+                bn.momentum = momentum
+            model.eval()
+        else:
+            model.train(was_training)
         for bn, buffers in saved:
             for k, v in buffers.items():
                 getattr(bn, k).copy_(v)

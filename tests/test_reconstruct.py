@@ -66,6 +66,51 @@ def test_same_policy_gives_the_same_weights_whatever_was_applied_before():
         assert torch.equal(a[k], b[k]), k
 
 
+def test_a_pruning_policy_is_applied_in_one_pass_with_batch_norms_of_the_final_weights():
+    """A pruning-only policy changes no weight after the re-fit: its pass re-estimates the batch norms, and no
+    separate calibration pass runs. The statistics are those of the final model on the calibration images (a
+    calibration pass over them in one batch finds the same); a quantized policy still gets its calibration pass."""
+    graph = _graph("resnet20")
+    calib = torch.randn(96, 3, 16, 16)
+    policy = Policy.uniform(graph.prunable_leaders, keep_ratio=0.5)
+    apply_policy(graph, policy, calib)  # the original's outputs are computed once and cached on the graph
+    passes: list[int] = []
+    # the pruned model is a deep copy of the original: it carries this hook
+    hook = graph.module.register_forward_pre_hook(lambda m, i: passes.append(len(i[0])))
+    try:
+        apply_policy(graph, policy, calib)
+    finally:
+        hook.remove()
+    assert passes == [96], passes  # the re-fit's pass only
+    calls: list[int] = []
+    import compression.apply as apply_module
+
+    real = apply_module.recalibrate
+    apply_module.recalibrate = lambda *a, **k: (calls.append(1), real(*a, **k))
+    try:
+        model = apply_policy(graph, policy, calib)
+        assert not calls, "a pruning-only policy ran a separate calibration pass"
+        assert not model.training and not any(m.training for m in model.modules())
+        again = prune_module(graph, group_keeps(graph, policy))
+        again.load_state_dict(model.state_dict())
+        real(again, calib, batch_size=len(calib))
+        for (k, a), b in zip(model.state_dict().items(), again.state_dict().values(), strict=True):
+            if "running" in k:
+                assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), k
+        bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+        assert bn.momentum == 0.1  # restored for a fine-tune
+        # anything quantized or sparsified after the fit: the calibration pass runs as before
+        for lp in ({"w_bits": 4}, {"a_bits": 8}, {"sparsity": 0.5}):
+            calls.clear()
+            mixed = Policy.uniform(graph.prunable_leaders, keep_ratio=0.5)
+            for k, v in lp.items():
+                setattr(mixed.layers[graph.prunable_leaders[0]], k, v)
+            apply_policy(graph, mixed, calib)
+            assert calls == [1], lp
+    finally:
+        apply_module.recalibrate = real
+
+
 def test_unpruned_or_disabled_policies_are_untouched():
     graph = _graph("resnet20")
     calib = torch.randn(32, 3, 16, 16)
