@@ -138,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--parts",
         help="memory: comma-separated parts to run: web,worker; throughput: quantizer runs only the activation "
-        "quantizer's side-by-side measurement, layout only channels-last against NCHW scoring",
+        "quantizer's side-by-side measurement, layout only channels-last against NCHW scoring, apply only the apply "
+        "step's batch-norm re-estimation in the re-fit's pass against a calibration pass",
     )
     p.add_argument("--tables", action="store_true", help="print the tables of stored results, run nothing")
     p.add_argument(

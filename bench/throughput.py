@@ -490,6 +490,109 @@ def _layout_speed(ctx: Context, model: str, policies: int = 4, rounds: int = 5) 
     return out
 
 
+def _apply_speed(ctx: Context, model: str, policies: int = 8, rounds: int = 5) -> dict[str, Any]:
+    """The apply step of pruning-only policies (AMC's, random search's, uniform's) as the engine runs it since
+    session 15, the batch norms re-estimated in the re-fit's own pass (``apply_policy``), against the separate
+    calibration pass it ran before (the same re-fit, then ``recalibrate`` over the same 256 images in batches of
+    128), side by side: alternating policy by policy, the order flipped every round, ``rounds`` times. Both models
+    of each policy are then scored on the 1000-image search set (top-1 and cross-entropy)."""
+    import statistics
+
+    import torch
+
+    from compression.apply import apply_policy, recalibrate
+    from compression.pipeline import open_workspace
+    from compression.policy import LayerPolicy, Policy
+    from compression.prune import group_keeps, prune_module
+    from compression.reconstruct import reconstruct
+    from compression.training import evaluate
+
+    ws = open_workspace(model, "digits", seed=0)
+    calib = ws.calibration_batch(256, seed=0)
+    data = _timing_set(ws, 1000)
+    g = torch.Generator().manual_seed(13)
+
+    def separate(policy: Policy) -> torch.nn.Module:
+        keeps = group_keeps(ws.graph, policy)
+        m = prune_module(ws.graph, keeps)
+        reconstruct(ws.graph, m, keeps, calib)
+        recalibrate(m, calib)
+        return m.eval()
+
+    variants = {
+        "separate calibration pass": separate,
+        "in the re-fit's pass": lambda p: apply_policy(ws.graph, p, calib),
+    }
+    pols = []
+    for _ in range(policies):
+        lo = float(0.15 + 0.35 * torch.rand(1, generator=g))  # from uneven and deep to mild
+        pols.append(
+            Policy(
+                layers={
+                    n: LayerPolicy(keep_ratio=float(lo + (1 - lo) * torch.rand(1, generator=g)))
+                    for n in ws.graph.prunable_leaders
+                }
+            )
+        )
+    apply_policy(ws.graph, pols[0], calib)  # the original's outputs, cached on the graph for both
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    models: dict[str, list[Any]] = {v: [] for v in variants}
+    with LoadSampler() as load:
+        for r in range(rounds):
+            for p in pols:
+                for v in list(variants) if r % 2 == 0 else list(variants)[::-1]:
+                    t0 = time.perf_counter()
+                    m = variants[v](p)
+                    times[v].append(time.perf_counter() - t0)
+                    if r == 0:
+                        models[v].append(m)
+    a, b = (statistics.median(times[v]) for v in variants)
+    scores = {v: [evaluate(m, data) for m in ms] for v, ms in models.items()}
+    old, new = scores.values()
+    out = {
+        "policies": policies,
+        "rounds": rounds,
+        "separate_s": a,
+        "in_fit_s": b,
+        "ratio": b / a,
+        "max_accuracy_diff": max(abs(x.top1 - y.top1) for x, y in zip(old, new, strict=True)),
+        "max_loss_diff": max(abs(x.loss - y.loss) for x, y in zip(old, new, strict=True)),
+        "top1": {v: [x.top1 for x in sc] for v, sc in scores.items()},
+        "load": load.summary(),
+    }
+    log(
+        ctx,
+        f"apply: {b:.3f} s with the batch norms from the re-fit's pass vs {a:.3f} s with a calibration pass, "
+        f"ratio {b / a:.3f}, accuracy diff {out['max_accuracy_diff']:.4f}, loss diff {out['max_loss_diff']:.4f}",
+    )
+    return out
+
+
+def _apply_table(ap: dict[str, Any]) -> str:
+    return table(
+        [
+            "apply step, pruning policies",
+            "calibration pass s",
+            "batch norms in the re-fit's pass s",
+            "ratio",
+            "largest accuracy change",
+            "largest loss change",
+            "load",
+        ],
+        [
+            [
+                f"{ap['policies']} policies x {ap['rounds']} rounds, alternating",
+                f"{ap['separate_s']:.3f}",
+                f"{ap['in_fit_s']:.3f}",
+                f"{ap['ratio']:.3f}",
+                f"{ap['max_accuracy_diff']:.4f}",
+                f"{ap['max_loss_diff']:.4f}",
+                f"{ap['load']['load1_mean']:.1f}",
+            ]
+        ],
+    )
+
+
 def _profile(ctx: Context, model: str, target: str, episodes: int, budget: float = 0.5) -> dict[str, Any]:
     """cProfile of a short AMC search (warm table and sensitivity), top functions by cumulative time."""
     from compression.search.loop import run_search
@@ -559,6 +662,10 @@ def _run(ctx: Context) -> dict[str, Any]:
         # only the memory-format side-by-side measurement, in a result of its own
         result = {"model": model, "layout": _layout_speed(ctx, model)}
         publish(ctx, "throughput-layout", result, summarize)
+        return result
+    if ctx.options.get("parts") == ["apply"]:
+        result = {"model": model, "apply": _apply_speed(ctx, model)}
+        publish(ctx, "throughput-apply", result, summarize)
         return result
     if ctx.options.get("parts") == ["quantizer"]:
         # only the quantizer's side-by-side measurement (a few minutes), in a result of its own
@@ -662,6 +769,8 @@ def _run(ctx: Context) -> dict[str, Any]:
     result["fold"] = _fold_speed(ctx, model)
     log(ctx, "scoring channels-last, side by side with NCHW")
     result["layout"] = _layout_speed(ctx, model)
+    log(ctx, "the apply step: batch norms from the re-fit's pass, side by side with a calibration pass")
+    result["apply"] = _apply_speed(ctx, model)
     log(ctx, "profile of a short AMC search")
     result["profile"] = _profile(ctx, model, target, 5 if ctx.quick else 10, budget=prune_budget)
     publish(ctx, "throughput", result, summarize)
@@ -727,10 +836,14 @@ def _layout_table(ly: dict[str, Any]) -> str:
 
 def summarize(r: dict[str, Any]) -> str:
     """The Markdown tables of a throughput result."""
-    if "layout" in r and "agents" not in r and "quantizer" not in r:  # --parts layout
-        return _layout_table(r["layout"])
-    if "agents" not in r:  # --parts quantizer
-        return _quantizer_table(r["quantizer"]) + ("\n\n" + _fold_table(r["fold"]) if r.get("fold") else "")
+    if "agents" not in r:  # --parts layout, quantizer (with fold) or apply
+        parts = {
+            "quantizer": _quantizer_table,
+            "fold": _fold_table,
+            "layout": _layout_table,
+            "apply": _apply_table,
+        }
+        return "\n\n".join(f(r[k]) for k, f in parts.items() if r.get(k))
     rows = []
     for a in r["agents"]:
         if "error" in a:
@@ -832,4 +945,6 @@ def summarize(r: dict[str, Any]) -> str:
         out += ["", _fold_table(r["fold"])]
     if r.get("layout"):
         out += ["", _layout_table(r["layout"])]
+    if r.get("apply"):
+        out += ["", _apply_table(r["apply"])]
     return "\n".join(out)
