@@ -47,7 +47,7 @@ def run(ctx: Context) -> dict[str, Any]:
     from compression.training import evaluate
 
     target = ctx.opt("target", "local-tvm", "local-tvm")
-    round_to = ctx.options.get("round_to") or (8 if target == "local-tvm" else None)
+    round_to = ctx.options.get("round_to")  # None: the target's own rounding, as a user's search gets
     agent = (ctx.options.get("agents") or ["amc"])[0]
     # the first of --budgets (default 50%): an int8 search on ONNX Runtime cannot reach 50% on every CPU
     budget = float((ctx.options.get("budgets") or [0.5])[0])
@@ -234,7 +234,7 @@ def summarize(r: dict[str, Any]) -> str:
                 f"{o['median_ms']:.3f}",
                 f"{c['median_ms']:.3f}",
                 f"{o['median_ms'] / c['median_ms']:.2f}x",
-                f"{o['cv_mean']:.2f} / {c['cv_mean']:.2f}",
+                f"{o.get('cv', o.get('cv_mean', float('nan'))):.2f} / {c.get('cv', c.get('cv_mean', float('nan'))):.2f}",
                 f"{m['load']['load1_mean']:.1f}",
             ]
         )
