@@ -5,7 +5,7 @@ the layers reading pruned channels (``compression.reconstruct``) -> fine-grained
 weight fake quantization -> activation quantizers -> one calibration pass over training samples that
 re-estimates batch-norm statistics of the pruned model and observes activation ranges -> eval mode. A policy that
 only prunes changes no weight after the re-fit, so the re-fit's own pass (over the same images, each layer with its
-final weights) re-estimates the batch norms and the calibration pass is skipped: 0.67x the apply step's time on
+final weights) re-estimates the batch norms and the calibration pass is skipped: 0.63x the apply step's time on
 ResNet-20/digits, the same accuracies to one image in 1000 (``bench/run.py throughput --parts apply``).
 
 Re-estimating batch-norm statistics matters: removing channels shifts the distributions the remaining
