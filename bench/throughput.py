@@ -658,19 +658,16 @@ def _run(ctx: Context) -> dict[str, Any]:
     episodes = int(ctx.opt("episodes", 10, 40))
     agents = ctx.options.get("agents") or list(AGENTS)
     model = ctx.options.get("model") or resnet20_digits(ctx).spec
-    if ctx.options.get("parts") == ["layout"]:
-        # only the memory-format side-by-side measurement, in a result of its own
-        result = {"model": model, "layout": _layout_speed(ctx, model)}
-        publish(ctx, "throughput-layout", result, summarize)
-        return result
-    if ctx.options.get("parts") == ["apply"]:
-        result = {"model": model, "apply": _apply_speed(ctx, model)}
-        publish(ctx, "throughput-apply", result, summarize)
-        return result
-    if ctx.options.get("parts") == ["quantizer"]:
-        # only the quantizer's side-by-side measurement (a few minutes), in a result of its own
-        result = {"model": model, "quantizer": _quantizer_speed(ctx, model), "fold": _fold_speed(ctx, model)}
-        publish(ctx, "throughput-quantizer", result, summarize)
+    # --parts layout / apply / quantizer: only that side-by-side measurement (minutes), in a result of its own
+    only = {
+        "layout": {"layout": _layout_speed},
+        "apply": {"apply": _apply_speed},
+        "quantizer": {"quantizer": _quantizer_speed, "fold": _fold_speed},
+    }
+    parts = ctx.options.get("parts") or []
+    if len(parts) == 1 and parts[0] in only:
+        result = {"model": model, **{k: f(ctx, model) for k, f in only[parts[0]].items()}}
+        publish(ctx, f"throughput-{parts[0]}", result, summarize)
         return result
     base = ctx.work_dir / "throughput"
     log(ctx, f"throughput: {model} on {target}, {episodes} episodes per agent")
