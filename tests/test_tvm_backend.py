@@ -229,6 +229,96 @@ def test_unexportable_model_is_a_model_error() -> None:
         make_backend(_spec()).measure(DataDependent(), torch.ones(1, 3), warmup=1, repeats=2, timeout_s=60)
 
 
+class _Add(nn.Module):
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.relu(a + b)
+
+
+class _DataDependent(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2 if x.sum() > 0 else x
+
+
+def test_modules_imported_together_are_cut_into_what_each_imports_alone() -> None:
+    """``import_many`` shares one export and import among many modules; each function it cuts out must be the
+    program importing that module alone gives (same operations, constants and result tuple), or a batched table
+    entry would time other code."""
+    import tvm
+
+    from compression.targets.tvm_backend import _reference
+    from compression.targets.tvm_compile import export_program, import_many, import_relax
+
+    items = [
+        (_conv_block(4, 8), (torch.randn(1, 4, 8, 8),)),
+        (_Add(), (torch.randn(1, 8, 4, 4), torch.randn(1, 8, 4, 4))),
+        (nn.Sequential(nn.Flatten(), nn.Linear(32, 5)).eval(), (torch.randn(2, 2, 4, 4),)),
+    ]
+    mod, names = import_many(items, [len(_reference(m, x)[0]) for m, x in items])
+    assert names == ["w0", "w1", "w2"] and "main" not in [gv.name_hint for gv in mod.get_global_vars()]
+    for (module, inputs), name in zip(items, names, strict=True):
+        alone = import_relax(export_program(module, inputs))["main"]
+        tvm.ir.assert_structural_equal(
+            mod[name].without_attr("global_symbol"), alone.without_attr("global_symbol")
+        )
+
+
+def test_a_batch_is_compiled_once_and_each_workload_checked_and_timed_alone() -> None:
+    backend = make_backend(_spec())
+    items = [
+        (_conv_block(4, 8), torch.randn(1, 4, 8, 8), None),
+        (_Add(), (torch.randn(1, 8, 4, 4), torch.randn(1, 8, 4, 4)), None),
+        (_conv_block(8, 8), torch.randn(1, 8, 8, 8), {"0": (4, 8)}),
+    ]
+    results = backend.measure_many(items, warmup=2, repeats=10, timeout_s=60)
+    assert all(r.__class__.__name__ == "Measurement" for r in results), results
+    for r in results:
+        d = r.details
+        assert d["compiled_with"] == 3 and d["max_abs_diff"] < 1e-3 and d["representative"] is True
+        assert r.runs == 10 and 0 < r.min_ms <= r.median_ms and r.compile_s > 0
+    assert results[1].details["max_abs_diff"] == 0.0  # the addition, exactly
+    assert results[2].details["bits_run"] == {"0": "float32"} and "bits_run" not in results[0].details
+    # a larger layer measures slower than a smaller one, though both came out of one build
+    big = backend.measure_many(
+        [
+            (_conv_block(32, 32), torch.randn(1, 32, 16, 16), None),
+            (_conv_block(4, 4), torch.randn(1, 4, 4, 4), None),
+        ],
+        warmup=2,
+        repeats=10,
+        timeout_s=60,
+    )
+    assert big[0].min_ms > 3 * big[1].min_ms, (big[0].min_ms, big[1].min_ms)
+
+
+def test_a_workload_that_cannot_compile_does_not_spoil_its_batch() -> None:
+    backend = make_backend(_spec())
+    items = [
+        (_conv_block(4, 8), torch.randn(1, 4, 8, 8), None),
+        (_DataDependent(), torch.ones(1, 3), None),
+        (_Add(), (torch.randn(1, 8, 4, 4), torch.randn(1, 8, 4, 4)), None),
+    ]
+    good, bad, also_good = backend.measure_many(items, warmup=1, repeats=3, timeout_s=60)
+    assert isinstance(bad, ModelError) and "torch.export" in str(bad)
+    # measured one by one after the batch failed to export: each on its own
+    assert good.median_ms > 0 and also_good.median_ms > 0 and "compiled_with" not in good.details
+
+
+def test_a_latency_table_on_tvm_fills_a_model_in_batches(tmp_path: Path) -> None:
+    from compression.models.zoo import build_zoo_model
+    from compression.targets import LatencyTable
+
+    model = build_zoo_model("resnet20", num_classes=10, in_channels=1, input_size=8).eval()
+    x = torch.randn(1, 1, 8, 8)
+    table = LatencyTable(_spec(), tmp_path / "t.sqlite", warmup=2, repeats=5)
+    required = table.required(model, x)
+    assert table.fill(model, x) == len(required) == len(table.entries()) > 20
+    sizes = [e["details"]["compiled_with"] for e in table.entries()]
+    assert min(sizes) > 1 and all(e["details"]["max_abs_diff"] < 1e-3 for e in table.entries())
+    total, _, missing = table.predict(model, x)
+    assert total > 0 and not missing
+    assert table.fill(model, x) == 0  # all there: nothing compiled again
+
+
 def test_all_resnet20_functions_get_default_schedules() -> None:
     from compression.models.zoo import build_zoo_model
     from compression.targets.tvm_compile import compile_module

@@ -66,6 +66,10 @@ from compression.targets.workloads import (
 log = logging.getLogger(__name__)
 
 STATISTICS = ("median", "min", "mean")
+# workloads compiled together by a backend that can (``measure_many``): the compile cost is mostly fixed, and a
+# batch holds the device lock while all of it is timed (about 2 s for 32 small layers). COMPRESSION_TABLE_BATCH
+# overrides it (1 measures one by one, as before session 16: bench/throughput.py --parts tvm-fill compares)
+BATCH = 32
 NOISY_CV = 0.3  # std/mean above which an end-to-end measurement is flagged as too noisy to calibrate on
 
 _SCHEMA = """
@@ -342,54 +346,119 @@ class LatencyTable:
         Raises ``TargetError`` when the target fails; an ``op`` workload that cannot be rebuilt or exported
         for this backend raises ``UnmeasurableWorkload`` (``fill`` skips and reports those).
         """
-        try:
-            module, inputs, plan = build_workload_module(w)
-        except TargetError as exc:
-            raise UnmeasurableWorkload(f"workload {w.name} ({w.op}) cannot be rebuilt: {exc.what}") from exc
+        module, inputs, plan = self._workload_module(w)
         kwargs: dict[str, Any] = {"warmup": self.warmup, "repeats": self.repeats, "timeout_s": self.timeout_s}
         if plan and self._measure_takes_bits:
             kwargs["bits"] = plan
         t0 = time.perf_counter()
         try:
             m = self.backend.measure(module, inputs if len(inputs) > 1 else inputs[0], **kwargs)
-        except ModelError as exc:
-            if w.is_layer:
-                raise
-            raise UnmeasurableWorkload(
-                f"workload {w.name} ({w.op}) cannot run on {self.spec.name}: {exc.what}"
-            ) from exc
-        except TargetError as exc:
-            raise TargetError(
-                f"measuring workload {w.name or w.kind} ({w.op}, input {list(w.in_shape)}): {exc.what}",
-                exc.hint,
-            ) from exc
+        except (ModelError, TargetError) as exc:
+            raise self._failure(w, exc) from exc
         self.measure_s += time.perf_counter() - t0
         self.measured += 1
         self._store(w, m)
         return m
 
+    @staticmethod
+    def _workload_module(w: LayerWorkload) -> tuple[nn.Module, tuple[torch.Tensor, ...], dict[str, Any]]:
+        try:
+            return build_workload_module(w)
+        except TargetError as exc:
+            raise UnmeasurableWorkload(f"workload {w.name} ({w.op}) cannot be rebuilt: {exc.what}") from exc
+
+    def _failure(self, w: LayerWorkload, exc: ModelError | TargetError) -> Exception:
+        """What measuring ``w`` raises when the backend raised ``exc``: an operation the target cannot run is
+        ``UnmeasurableWorkload``; a layer it cannot run, or a failing target, stays an error (with context)."""
+        if isinstance(exc, ModelError):
+            if w.is_layer:
+                return exc
+            return UnmeasurableWorkload(
+                f"workload {w.name} ({w.op}) cannot run on {self.spec.name}: {exc.what}"
+            )
+        return TargetError(
+            f"measuring workload {w.name or w.kind} ({w.op}, input {list(w.in_shape)}): {exc.what}", exc.hint
+        )
+
+    def _measure_batch(self, ws: list[LayerWorkload]) -> int:
+        """Measure workloads with the backend's ``measure_many`` (compiled together); how many were stored.
+
+        Raises the first failure ``measure_workload`` would raise, after storing every entry that was measured;
+        an operation that cannot be rebuilt or run is recorded in ``unmeasurable`` and skipped."""
+        items, kept = [], []
+        for w in ws:
+            try:
+                module, inputs, plan = self._workload_module(w)
+            except UnmeasurableWorkload as exc:
+                self._skip(w, exc)
+                continue
+            kept.append(w)
+            items.append(
+                (module, inputs if len(inputs) > 1 else inputs[0], plan if self._measure_takes_bits else None)
+            )
+        t0 = time.perf_counter()
+        results = self.backend.measure_many(  # type: ignore[attr-defined]
+            items, warmup=self.warmup, repeats=self.repeats, timeout_s=self.timeout_s
+        )
+        self.measure_s += time.perf_counter() - t0
+        n = 0
+        error: Exception | None = None
+        for w, r in zip(kept, results, strict=True):
+            if isinstance(r, Measurement):
+                self.measured += 1
+                self._store(w, r)
+                n += 1
+                continue
+            failure = self._failure(w, r) if isinstance(r, (ModelError, TargetError)) else r
+            if isinstance(failure, UnmeasurableWorkload):
+                self._skip(w, failure)
+            elif error is None:
+                error = failure
+                error.__cause__ = r
+        if error is not None:
+            raise error
+        return n
+
+    def _skip(self, w: LayerWorkload, exc: UnmeasurableWorkload) -> None:
+        self.unmeasurable[w.key] = str(exc)
+        log.warning("%s: %s; it counts as 0 ms and stays in `missing`", self.spec.name, exc)
+
     def fill_workloads(self, workloads: list[LayerWorkload]) -> int:
         """Measure the workloads (normalised first) that have no entry yet; returns how many were measured.
 
-        Operations that cannot be rebuilt or exported for this backend are skipped, logged once and kept in
+        Where the backend can compile many workloads together (``measure_many``: TVM on this CPU), they are
+        measured in batches of up to ``BATCH`` (each timed on its own); elsewhere one by one. Operations that
+        cannot be rebuilt or exported for this backend are skipped, logged once and kept in
         ``self.unmeasurable`` (key -> reason); ``predict`` keeps listing them as missing.
         """
         if self.analytic:
             return 0
-        n = 0
+        pending: list[LayerWorkload] = []
         done: set[str] = set()
         for w in workloads:
             w = self.normalize(w)
             if w.key in done or w.key in self.unmeasurable:
                 continue
             done.add(w.key)
-            # re-read right before measuring: another process may have measured it meanwhile
             if self.lookup(w) is None:
+                pending.append(w)
+        n = 0
+        many = getattr(self.backend, "measure_many", None) is not None
+        batch = _batch_size()
+        while pending:
+            # re-read right before measuring (``lookup`` reads the file for an entry not seen yet): another process
+            # may have measured some meanwhile
+            size = batch if many else 1
+            chunk = [w for w in pending[:size] if self.lookup(w) is None]
+            pending = pending[size:]
+            if len(chunk) > 1:
+                n += self._measure_batch(chunk)
+                continue
+            for w in chunk:
                 try:
                     self.measure_workload(w)
                 except UnmeasurableWorkload as exc:
-                    self.unmeasurable[w.key] = str(exc)
-                    log.warning("%s: %s; it counts as 0 ms and stays in `missing`", self.spec.name, exc)
+                    self._skip(w, exc)
                     continue
                 n += 1
         return n
@@ -830,6 +899,17 @@ class LatencyTable:
             "measured": self.measured,
             "measure_s": self.measure_s,
         }
+
+
+def _batch_size() -> int:
+    raw = os.environ.get("COMPRESSION_TABLE_BATCH", "")
+    try:
+        return max(1, int(raw)) if raw.strip() else BATCH
+    except ValueError:
+        raise TargetError(
+            f"COMPRESSION_TABLE_BATCH must be a whole number of workloads, not {raw!r}",
+            "unset it, or set it to 1 to measure one workload at a time",
+        ) from None
 
 
 def fit_scales(

@@ -55,7 +55,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from compression.errors import TargetError
+from compression.errors import ModelError, TargetError
 from compression.targets.base import Measurement, TargetSpec
 from compression.targets.measure import (
     DEFAULT_DEVICE,
@@ -503,6 +503,12 @@ class TvmBackend:
             report = self._tune_fused(mod)
             tuning_s = report["seconds"]
             details["tuning_report"] = report
+        built = self._build_fused(mod)
+        details.update(built.details)
+        return Compiled(built.executable, import_s + built.compile_s, tuning_s, details)
+
+    def _build_fused(self, mod: Any) -> Compiled:
+        """Schedule and build a fused module (``tvm_compile.fuse``); its executable, seconds and schedule facts."""
         t1 = time.perf_counter()
         mod, info = self._schedule(mod)
         try:
@@ -511,8 +517,7 @@ class TvmBackend:
             raise TargetError(
                 f"target {self.spec.name}: TVM failed to compile the model: {type(exc).__name__}: {first_line(exc)}"
             ) from exc
-        details.update(info)
-        return Compiled(ex, import_s + time.perf_counter() - t1, tuning_s, details)
+        return Compiled(ex, time.perf_counter() - t1, 0.0, info)
 
     # ---------------------------------------------------------------------------------- measure
     def measure(
@@ -576,6 +581,148 @@ class TvmBackend:
         return make_measurement(
             self.spec, stats, compile_s + import_s, details, warmup, repeats, inputs[0].shape[0]
         )
+
+    def measure_many(
+        self,
+        items: Sequence[tuple[nn.Module, torch.Tensor | tuple[torch.Tensor, ...], Any]],
+        *,
+        warmup: int = 10,
+        repeats: int = 50,
+        timeout_s: float = 120.0,
+    ) -> list[Measurement | Exception]:
+        """Measure many small models (``(module, example_input, bits)``): compiled together, timed one by one.
+
+        What a latency table measures: one-layer modules, most of whose compile time is fixed (PyTorch's
+        decomposition tables are rebuilt on every import, LLVM and the pass pipeline start once per build). On
+        this CPU they are exported, imported, fused, scheduled and built as one module with one function each
+        (``tvm_compile.import_many``), then each function is checked against PyTorch and timed on its own, as
+        ``measure`` would time it. ``compile_s`` is the batch's compile time shared equally
+        (``details["compiled_with"]`` says among how many). Returns one result per item, in order: a
+        ``Measurement``, or the exception measuring that item raised (others still get measured). Where the
+        batch cannot be compiled together, on an RPC device and in ``metaschedule`` mode, each item is measured
+        with ``measure`` instead (``timeout_s`` is per item throughout).
+        """
+
+        def one_by_one(indices: Sequence[int]) -> dict[int, Measurement | Exception]:
+            out: dict[int, Measurement | Exception] = {}
+            for i in indices:
+                module, example, bits = items[i]
+                try:
+                    out[i] = self.measure(
+                        module, example, warmup=warmup, repeats=repeats, timeout_s=timeout_s, bits=bits
+                    )
+                except (TargetError, ModelError) as exc:
+                    out[i] = exc
+            return out
+
+        if len(items) < 2 or self.rpc or self.mode == "metaschedule":
+            done = one_by_one(range(len(items)))
+            return [done[i] for i in range(len(items))]
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+            raise TargetError(f"warmup must be an integer >= 0, got {warmup!r}")
+        if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+            raise TargetError(f"repeats must be an integer >= 1, got {repeats!r}")
+        _positive("timeout_s", timeout_s)
+        import tvm
+        from tvm import relax
+
+        from compression.targets.tvm_compile import fuse, import_many
+
+        self._check_local_target()
+        results: dict[int, Measurement | Exception] = {}
+        prepared: list[tuple[int, tuple[torch.Tensor, ...], list[np.ndarray], float, dict[str, Any]]] = []
+        for i, (module, example, bits) in enumerate(items):
+            inputs = as_inputs(example)
+            plan = normalize_bits(bits)
+            bits_details: dict[str, Any] = {}
+            if plan:
+                bits_details["bits_run"] = {
+                    n: "float32" for n, (w, a) in plan.items() if (w, a) != (FLOAT_BITS, FLOAT_BITS)
+                }
+                bits_details["note"] = FLOAT_NOTE
+            try:
+                reference, rtol = _reference(module, inputs)
+            except Exception:  # the module itself fails: its own measurement says how
+                results.update(one_by_one([i]))
+                continue
+            prepared.append((i, inputs, reference, rtol, bits_details))
+        if len(prepared) < 2:
+            results.update(one_by_one([p[0] for p in prepared]))
+            return [results[i] for i in range(len(items))]
+        t0 = time.perf_counter()
+        try:
+            mod, names = import_many(
+                [(items[i][0], inputs) for i, inputs, *_ in prepared], [len(r) for _, _, r, _, _ in prepared]
+            )
+            fused = fuse(mod, self.target)
+        except Exception as exc:
+            # one operation TVM cannot take spoils the batch: measuring each alone says which, with its own error
+            log.info(
+                "%s: %d workloads did not compile together (%s); measuring them one by one",
+                self.spec.name,
+                len(prepared),
+                first_line(exc),
+            )
+            results.update(one_by_one([p[0] for p in prepared]))
+            return [results[i] for i in range(len(items))]
+        import_s = time.perf_counter() - t0
+        what = f"target {self.spec.name}"
+        started = threading.Event()
+
+        def job(cancel: threading.Event) -> tuple[dict[int, Measurement | Exception], float]:
+            with device_lock(self.device, self.wait_s) as waited:
+                started.set()
+                compiled = self._build_fused(fused)
+                compile_s = (import_s + compiled.compile_s) / len(prepared)
+                _config_threads(self.threads)
+                dev = tvm.cpu(0)
+                vm = relax.VirtualMachine(compiled.executable, dev)
+                out: dict[int, Measurement | Exception] = {}
+                for (i, inputs, reference, rtol, bits_details), name in zip(prepared, names, strict=True):
+                    if cancel.is_set():
+                        raise DeadlineExceeded(f"{what}: measuring {len(prepared)} workloads was cancelled")
+                    deadline = time.monotonic() + timeout_s
+                    try:
+                        args = [tvm.runtime.tensor(t.detach().cpu().numpy(), dev) for t in inputs]
+                        diff = _check_output(vm, args, reference, what, rtol, func=name)
+                        times, number = _time_vm(
+                            vm,
+                            dev,
+                            args,
+                            warmup,
+                            repeats,
+                            self.min_run_ms,
+                            deadline,
+                            cancel,
+                            timeout_s,
+                            func=name,
+                        )
+                    except TargetError as exc:
+                        out[i] = exc
+                        continue
+                    stats = summarize(times)
+                    stats["lock_wait_s"] = waited
+                    details = dict(compiled.details)
+                    details.update(
+                        device="local",
+                        threads=self.threads,
+                        calls_per_run=number,
+                        max_abs_diff=diff,
+                        timer="tvm time_evaluator",
+                        compiled_with=len(prepared),
+                        tuning_s=0.0,
+                        dtype="float32",
+                        target_fingerprint=target_fingerprint(self.target_dict),
+                    )
+                    details.update(bits_details)
+                    out[i] = make_measurement(
+                        self.spec, stats, compile_s, details, warmup, repeats, inputs[0].shape[0]
+                    )
+                return out, compile_s
+
+        done, _ = run_with_deadline(job, timeout_s * len(prepared), what, started=started, wait_s=self.wait_s)
+        results.update(done)
+        return [results[i] for i in range(len(items))]
 
     def measure_interleaved(
         self,
@@ -843,16 +990,21 @@ def _config_threads(threads: int) -> None:
 
 
 def _check_output(
-    vm: Any, args: list[Any], reference: list[np.ndarray], what: str, rtol: float = _OUTPUT_RTOL
+    vm: Any,
+    args: list[Any],
+    reference: list[np.ndarray],
+    what: str,
+    rtol: float = _OUTPUT_RTOL,
+    func: str = "main",
 ) -> float:
     """Run once and compare with PyTorch; the largest absolute difference (TargetError when wrong).
 
     ``rtol`` is relative to the output scale (``compression.quant.output_tolerance`` for quantized models).
     """
     # the stateful API is the one that works over RPC too (a remote call cannot return a tuple object)
-    vm.set_input("main", *args)
-    vm.invoke_stateful("main")
-    outs = _tvm_outputs(vm.get_outputs("main"))
+    vm.set_input(func, *args)
+    vm.invoke_stateful(func)
+    outs = _tvm_outputs(vm.get_outputs(func))
     if len(outs) != len(reference):
         raise TargetError(f"{what}: TVM returned {len(outs)} outputs, PyTorch {len(reference)}")
     worst = 0.0
@@ -882,16 +1034,18 @@ def _time_vm(
     deadline: float,
     cancel: threading.Event | None,
     timeout_s: float,
+    func: str = "main",
 ) -> tuple[list[float], int]:
     """Warm up, then time ``repeats`` runs with TVM's C++ timer; (times in ms, calls averaged per run).
 
     Each run averages ``number`` calls, enough to last ``min_run_ms``: one call of a small layer takes a few
     microseconds, where a single-call timing would mostly measure the timer.
     """
-    vm.save_function("main", "compression_timed", *args, include_return=False)
+    timed = f"compression_timed_{func}"
+    vm.save_function(func, timed, *args, include_return=False)
     calib = max(1, warmup)
     # warm-up through the same timer: its results give the per-call time that sizes ``number``
-    first = vm.time_evaluator("compression_timed", dev, number=1, repeat=calib)()
+    first = vm.time_evaluator(timed, dev, number=1, repeat=calib)()
     per_call_ms = float(np.median(first.results)) * 1e3
     number = max(1, math.ceil(min_run_ms / max(per_call_ms, 1e-6)))
     remaining = deadline - time.monotonic()
@@ -913,6 +1067,6 @@ def _time_vm(
             )
         n = min(chunk, repeats - len(times))
         if n not in evaluators:
-            evaluators[n] = vm.time_evaluator("compression_timed", dev, number=number, repeat=n)
+            evaluators[n] = vm.time_evaluator(timed, dev, number=number, repeat=n)
         times.extend(float(r) * 1e3 for r in evaluators[n]().results)
     return times, number

@@ -196,3 +196,89 @@ def build(mod: Any, target: Any) -> Any:
 def compile_module(module: nn.Module, inputs: tuple[torch.Tensor, ...], target: Any) -> Any:
     """Export, import and fuse ``module`` for ``target`` (unscheduled: schedule it before ``build``)."""
     return fuse(import_relax(export_program(module, inputs)), target)
+
+
+class _Batch(nn.Module):
+    """Several modules side by side: ``forward`` takes their inputs one after another, returns every output."""
+
+    def __init__(self, modules: list[nn.Module], counts: list[int]) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(modules)
+        self.counts = counts
+
+    def forward(self, *xs: torch.Tensor) -> tuple[Any, ...]:
+        outs = []
+        k = 0
+        for part, c in zip(self.parts, self.counts, strict=True):
+            outs.append(part(*xs[k : k + c]))
+            k += c
+        return tuple(outs)
+
+
+def import_many(
+    items: list[tuple[nn.Module, tuple[torch.Tensor, ...]]], n_outputs: list[int], prefix: str = "w"
+) -> tuple[Any, list[str]]:
+    """One Relax IRModule with one function per module (``w0``, ``w1``, ...), from one export and one import.
+
+    What a latency table measures is many one-layer modules, and most of what one costs to compile is fixed:
+    ``run_decompositions`` alone rebuilds PyTorch's decomposition tables on every call (~0.1 s). Exported
+    together, the modules share that cost. The import's ``main`` (all inputs in, all outputs out as one tuple)
+    is cut into one function per module: its parameters, the bindings its outputs depend on, and its outputs
+    as a tuple, which is what importing the module alone gives. ``n_outputs`` is each module's count of
+    (flattened) outputs. Raises like ``export_program`` / ``import_relax``.
+    """
+    import tvm
+    from tvm import relax
+
+    counts = [len(inp) for _, inp in items]
+    batch = _Batch([m for m, _ in items], counts)
+    exported = export_program(batch, tuple(t for _, inp in items for t in inp))
+    mod = import_relax(exported)
+    main = mod["main"]
+    params = list(main.params)
+    seq = main.body
+    bindings = [b for blk in seq.blocks for b in blk.bindings]
+    value_of = {b.var: b.value for b in bindings}
+    out = seq.body
+    fields = None
+    if isinstance(out, relax.Tuple):
+        fields = list(out.fields)
+    elif isinstance(out, relax.Var) and isinstance(value_of.get(out), relax.Tuple):
+        fields = list(value_of[out].fields)
+    if fields is None or len(fields) != sum(n_outputs) or len(params) != sum(counts):
+        raise TargetError(
+            f"TVM's import of {len(items)} workloads gave {len(params)} inputs and "
+            f"{'no tuple of' if fields is None else len(fields)} outputs, expected {sum(counts)} and {sum(n_outputs)}"
+        )
+    functions = {gv: f for gv, f in mod.functions_items() if gv.name_hint != "main"}
+    out_mod = tvm.IRModule(functions, attrs=mod.attrs)
+    names: list[str] = []
+    p = o = 0
+    for i, (c, n) in enumerate(zip(counts, n_outputs, strict=True)):
+        mine = params[p : p + c]
+        outs = fields[o : o + n]
+        p, o = p + c, o + n
+        need: set[Any] = set()
+        stack = [v for f in outs for v in relax.analysis.free_vars(f)]
+        while stack:
+            v = stack.pop()
+            if v in need:
+                continue
+            need.add(v)
+            if v in value_of:
+                stack.extend(relax.analysis.free_vars(value_of[v]))
+        foreign = [v for v in need if v not in value_of and not any(v.same_as(q) for q in mine)]
+        if foreign:
+            raise TargetError(
+                f"workload {i} of a batch depends on another workload's input ({foreign[0].name_hint})"
+            )
+        ret = relax.Var("gv", relax.TupleType([f.ty for f in outs]))
+        block = relax.DataflowBlock(
+            [b for b in bindings if b.var in need] + [relax.VarBinding(ret, relax.Tuple(outs))]
+        )
+        name = f"{prefix}{i}"
+        fn = relax.Function(mine, relax.SeqExpr([block], ret), ret.ty).with_attr("global_symbol", name)
+        # every function gets its own variables (a variable is defined once in a module)
+        out_mod[name] = relax.utils.copy_with_new_vars(fn)
+        names.append(name)
+    return out_mod, names
