@@ -462,6 +462,46 @@ def test_float_is_the_top_bit_choice_and_the_cheapest_on_a_float_runtime(workspa
     assert all(policy[n].a_bits in (2, 32) for n in env.steps)
 
 
+def test_a_cold_latency_table_measures_each_steps_candidates_together(workspace, tmp_path):
+    """Where fewer bits can cost more, the cap prices every candidate of a step; on a cold table their entries are
+    measured in one batch (a target that compiles many workloads at once, TVM, pays its fixed compile cost once),
+    not one by one as each is first asked for. The device is simulated (a true boundary); table and env are real."""
+    from test_latency_calibration import SIM, SimulatedDevice
+
+    from compression.search.latency import TableLatency
+    from compression.targets import LatencyTable
+    from compression.targets.workloads import FusedLayer, OpModule, OverheadModule
+
+    class Batching(SimulatedDevice):
+        def __init__(self) -> None:
+            self.alone = 0
+            self.batches: list[int] = []
+
+        def measure(self, module, example_input, **kwargs):
+            # one-layer workloads measured alone (the calibration's whole models are measured alone anyway)
+            self.alone += isinstance(module, (FusedLayer, OpModule, OverheadModule))
+            return super().measure(module, example_input, **kwargs)
+
+        def measure_many(self, items, *, warmup, repeats, timeout_s):
+            self.batches.append(len(items))
+            return [SimulatedDevice.measure(self, m, x, warmup=warmup, repeats=repeats) for m, x, _ in items]
+
+    device = Batching()
+    table = LatencyTable(SIM, tmp_path / "t.sqlite", backend=device, warmup=0, repeats=1)
+    x = workspace.artifact.example_input(1)
+    lat = TableLatency(table, workspace.graph, x, quantized=True, reuse_s=0)
+    assert device.batches and device.alone == 0  # the calibration models' workloads: in batches
+    env = _latency_env(workspace, None, "joint", 0.5, latency=lat, free_precision=False)
+    start_alone, start_batched = device.alone, sum(device.batches)
+    for actions in ([1.0, 1.0, 1.0], [0.7, 0.5, 0.4], [0.9, 0.2, 1.0]):
+        info = _run(env, actions)
+        assert info["metrics"]["meets_budget"]
+    alone, batched = device.alone - start_alone, sum(device.batches) - start_batched
+    assert batched > 0 and alone <= batched / 10, (alone, batched, device.batches)
+    # nothing was measured twice: every entry measured is one the table now holds
+    assert table.measured == len(table.entries())
+
+
 def test_cap_and_repair_find_the_fast_int8_kernels_when_fewer_bits_cost_more(workspace):
     # bits only, a budget only 8-bit kernels reach: the fewest bits (emulated) would be slower than float
     env = _latency_env(workspace, "int8", "bits", 0.7)

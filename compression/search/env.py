@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,6 +107,11 @@ class LatencyModel:
         """Edges between layers of different kinds of kernel in a policy's model (none with one kind); a model
         may weigh each one (``TableLatency``'s ``transition_weight``)."""
         return 0.0
+
+    def prefetch(self, shapes: Iterable[tuple[str, int, int, float, int]]) -> int:
+        """Get ready to price these ``(layer, in_c, out_c, w_bits, a_bits)`` (a table measures its missing entries
+        together); how many entries that measured. Nothing to do here."""
+        return 0
 
     def per_layer(self, costs: Costs) -> dict[str, float]:
         return {
@@ -276,6 +281,12 @@ class CompressionEnvironment:
                     thin.layers.setdefault(n, LayerPolicy()).keep_ratio = self._snap_keep(n, s.min_keep)
         costs = self.base_policy_costs(thin)
         lat = self.latency
+        lat.prefetch(
+            (n, costs.layers[n].in_channels, costs.layers[n].out_channels, w, a)
+            for n in self.steps
+            for w in self._levels
+            for a in self._levels
+        )
         kinds = [None] + (
             sorted({lat.run_class(w, a) for w in self._levels for a in self._levels})
             if lat.prices_transitions
@@ -734,15 +745,30 @@ class CompressionEnvironment:
         g = self.graph.group_of(name)
         return g is not None and g.prunable and g.leader == name
 
-    def _lookahead_cost(self, name: str, entry: LayerPolicy) -> float:
-        """Cost of the policy so far with ``entry`` here and the layers after it compressed as far as allowed."""
+    def _lookahead_costs(self, name: str, entry: LayerPolicy) -> Costs:
+        """Costs of the policy so far with ``entry`` here and the layers after it compressed as far as allowed."""
         trial = Policy(layers=dict(self._policy.layers))
         trial.layers[name] = entry
         idx = self.steps.index(name)
         for later in self.steps[idx + 1 :]:
             trial.layers[later] = self._most_compressed(later)
-        cost, _ = self.cost_of(trial)
-        return cost
+        return compute_costs(self.graph, trial, self.settings.round_to)
+
+    def _lookahead_cost(self, name: str, entry: LayerPolicy) -> float:
+        """Cost of the policy so far with ``entry`` here and the layers after it compressed as far as allowed."""
+        return self._objective(self._lookahead_costs(name, entry))
+
+    def _prefetch(self, all_costs: Sequence[Costs]) -> None:
+        """Let the latency model measure the entries these costs will be priced with in one go (a cold table)."""
+        if self.settings.objective != "latency" or self.latency is None:
+            return
+        self.latency.prefetch(
+            {
+                (n, c.in_channels, c.out_channels, c.w_bits, c.a_bits)
+                for costs in all_costs
+                for n, c in costs.layers.items()
+            }
+        )
 
     def _fits(self, name: str, entry: LayerPolicy) -> bool:
         """Can the budget still be met with ``entry`` here and the rest compressed as far as allowed?"""
@@ -850,7 +876,11 @@ class CompressionEnvironment:
         if not self._costs_fall_with_bits:
             # the cap: the first candidate (least changed) with which the budget stays reachable; costs are not
             # monotone along the list here, so every candidate is priced (a few dictionary look-ups each)
-            costs = [self._lookahead_cost(name, c) for c in candidates]
+            looks = [self._lookahead_costs(name, c) for c in candidates]
+            self._prefetch(
+                looks
+            )  # every candidate is priced: on a cold table their entries are measured together
+            costs = [self._objective(c) for c in looks]
             for c, cost in zip(candidates, costs, strict=True):
                 if cost <= self.budget_cost * (1 + 1e-9):
                     return c

@@ -15,10 +15,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -26,6 +26,9 @@ from compression.models.artifact import ModelArtifact
 from compression.models.graph import LayerGraph
 from compression.search.env import LatencyModel
 from compression.targets.base import TargetSpec
+
+if TYPE_CHECKING:
+    from compression.targets.workloads import LayerWorkload
 
 log = logging.getLogger("compression.search")
 
@@ -200,9 +203,17 @@ class TableLatency(LatencyModel):
             self.calibration.pop("measurement", None)
             table.remember(memo_key, {k: v for k, v in self.calibration.items() if k != "measurement"})
         measured = [float(pt["measured_ms"]) for pt in self.calibration["points"]]
+        thin = Policy(layers={n: LayerPolicy(keep_ratio=MIN_KEEP) for n in graph.prunable_leaders})
+        all_costs = [compute_costs(graph, p, round_to) for p in policies]
+        # the entries the fit prices (float and at the copies' bits, and the most pruned model's), measured together
+        self.prefetch(
+            (n, c.in_channels, c.out_channels, bits, bits_a)
+            for costs in [*all_costs, compute_costs(graph, thin, round_to)]
+            for n, c in costs.layers.items()
+            for bits, bits_a in ((32, 32), (c.w_bits, c.a_bits))
+        )
         fs, qs, ts = [], [], []
-        for p in policies:
-            costs = compute_costs(graph, p, round_to)
+        for costs in all_costs:
             parts = [
                 self._parts(n, c.in_channels, c.out_channels, c.w_bits, c.a_bits)
                 for n, c in costs.layers.items()
@@ -220,7 +231,6 @@ class TableLatency(LatencyModel):
             # a line fitted between keep 1 and 0.25 must not predict the most pruned model (keep MIN_KEEP) at or
             # below the bare call overhead: measured on ONNX Runtime, whose times are not linear in the layer sums
             # at this size, the extrapolation went negative and candidates got latencies <= 0
-            thin = Policy(layers={n: LayerPolicy(keep_ratio=MIN_KEEP) for n in graph.prunable_leaders})
             f_min = sum(
                 self._parts(n, c.in_channels, c.out_channels, 32, 32)[0]
                 for n, c in compute_costs(graph, thin, round_to).layers.items()
@@ -363,14 +373,8 @@ class TableLatency(LatencyModel):
             return f, 0.0
         return f, self._raw_layer_ms(name, in_c, out_c, w_bits, a_bits) - f
 
-    def _raw_layer_ms(self, name: str, in_c: int, out_c: int, w_bits: float, a_bits: int) -> float:
-        """One layer's table entry at this shape and bits, less the per-call overhead (measured if missing)."""
-        key = (name, in_c, out_c, int(round(w_bits)), int(a_bits))
-        v = self._cache.get(key)
-        if v is not None:
-            return v
-        from compression.targets.workloads import overhead_workload
-
+    def _layer_workload(self, name: str, in_c: int, out_c: int, w_bits: float, a_bits: int) -> LayerWorkload:
+        """The table entry (normalised workload) of one layer at this shape and bits."""
         t = self.templates[name]
         if t.kind == "conv2d":
             depthwise = t.groups > 1 and t.groups == t.in_channels == t.out_channels
@@ -390,7 +394,54 @@ class TableLatency(LatencyModel):
                 in_shape=(*t.in_shape[:-1], in_c),
                 out_shape=(*t.out_shape[:-1], out_c),
             )
-        w = self.table.normalize(w.with_bits(int(round(w_bits)), int(a_bits)))
+        return self.table.normalize(w.with_bits(int(round(w_bits)), int(a_bits)))
+
+    def prefetch(self, shapes: Iterable[tuple[str, int, int, float, int]]) -> int:
+        """Measure, together, the table entries ``_layer_ms`` will need for these ``(layer, in_c, out_c, w_bits,
+        a_bits)``; how many were measured.
+
+        A missing entry is otherwise measured when first asked for, alone. Where the target compiles many
+        workloads at once (TVM: ``LatencyTable.fill_workloads``) a batch costs a fraction of one-by-one, so a
+        caller that knows it will price several shapes (every candidate of a step) asks for them first."""
+        from compression.targets.workloads import overhead_workload
+
+        need: dict[str, LayerWorkload] = {}
+        for name, in_c, out_c, w_bits, a_bits in self._entries_for(shapes):
+            key = (name, in_c, out_c, int(round(w_bits)), int(a_bits))
+            if key in self._cache:
+                continue
+            w = self._layer_workload(name, in_c, out_c, w_bits, a_bits)
+            if w in self._entry_ms:
+                continue
+            for x in (w, overhead_workload(torch.empty(w.in_shape))):
+                need.setdefault(x.key, x)
+        return self.table.fill_workloads(list(need.values())) if need else 0
+
+    def _entries_for(
+        self, shapes: Iterable[tuple[str, int, int, float, int]]
+    ) -> set[tuple[str, int, int, float, int]]:
+        """The entries ``_parts`` reads to price these shapes: the float one and/or the one at the bits."""
+        out: set[tuple[str, int, int, float, int]] = set()
+        for name, in_c, out_c, w_bits, a_bits in shapes:
+            quantized = int(round(w_bits)) < 32 or int(a_bits) < 32
+            if self.prices_transitions:
+                int8 = self.run_class(w_bits, a_bits) == "int8"
+                out.add((name, in_c, out_c, w_bits, a_bits) if int8 else (name, in_c, out_c, 32, 32))
+                continue
+            out.add((name, in_c, out_c, 32, 32))
+            if quantized:
+                out.add((name, in_c, out_c, w_bits, a_bits))
+        return out
+
+    def _raw_layer_ms(self, name: str, in_c: int, out_c: int, w_bits: float, a_bits: int) -> float:
+        """One layer's table entry at this shape and bits, less the per-call overhead (measured if missing)."""
+        key = (name, in_c, out_c, int(round(w_bits)), int(a_bits))
+        v = self._cache.get(key)
+        if v is not None:
+            return v
+        from compression.targets.workloads import overhead_workload
+
+        w = self._layer_workload(name, in_c, out_c, w_bits, a_bits)
         shared = self._entry_ms.get(w)
         if shared is not None:  # the same entry under other bits (2..8 all run int8 on ONNX Runtime)
             self._cache[key] = shared
