@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         "--parts",
         help="memory: comma-separated parts to run: web,worker; throughput: quantizer runs only the activation "
         "quantizer's side-by-side measurement, layout only channels-last against NCHW scoring, apply only the apply "
-        "step's batch-norm re-estimation in the re-fit's pass against a calibration pass",
+        "step's batch-norm re-estimation in the re-fit's pass against a calibration pass, tvm-fill only a cold TVM "
+        "latency table filled with workloads compiled together against one by one (and a cold Galen search each way)",
     )
     p.add_argument("--tables", action="store_true", help="print the tables of stored results, run nothing")
     p.add_argument(

@@ -593,6 +593,159 @@ def _apply_table(ap: dict[str, Any]) -> str:
     )
 
 
+def _env_batch(value: str | None) -> Any:
+    """Set COMPRESSION_TABLE_BATCH (None: unset); returns the previous value for ``_env_batch`` to restore."""
+    saved = os.environ.get("COMPRESSION_TABLE_BATCH")
+    if value is None:
+        os.environ.pop("COMPRESSION_TABLE_BATCH", None)
+    else:
+        os.environ["COMPRESSION_TABLE_BATCH"] = value
+    return saved
+
+
+def _tvm_fill_speed(
+    ctx: Context, model: str, rounds: int = 3, per_round: int = 3, episodes: int = 8, budget: float = 0.6
+) -> dict[str, Any]:
+    """A cold TVM latency table, filled with the workloads compiled together (``TvmBackend.measure_many``, since
+    session 16) against one at a time as before (``COMPRESSION_TABLE_BATCH=1``).
+
+    (a) Side by side: per round, ``per_round`` random pruning policies of the model at rounding 1 (what a TVM
+    search meets) and their workloads; each method fills them into an empty table of its own, with the search's
+    protocol (5 warm-up, 40 runs), the order flipped every round. Seconds per workload, and how far the two
+    tables' entries for the same workloads differ (both are measurements of the same compiled code).
+    (b) A cold Galen search (joint pruning and quantization: every candidate of a step is priced) of ``episodes``
+    episodes on local-tvm, once each way, each from an empty table: wall time and entries measured."""
+    import statistics
+
+    import torch
+
+    from compression.pipeline import open_workspace
+    from compression.policy import LayerPolicy, Policy
+    from compression.prune import group_keeps, prune_module
+    from compression.targets import LatencyTable
+
+    ws = open_workspace(model, "digits", seed=0)
+    x = ws.artifact.example_input(1)
+    g = torch.Generator().manual_seed(16)
+    methods = {"one by one": "1", "together": None}
+    base = fresh_dir(ctx.work_dir / "throughput" / "tvm-fill")
+
+    def workloads_of(policies: list[Policy]) -> list[Any]:
+        probe = LatencyTable("local-tvm", base / "probe.sqlite")
+        out: dict[str, Any] = {}
+        for p in policies:
+            m = prune_module(ws.graph, group_keeps(ws.graph, p, 1))
+            for w in probe.required(m, x):
+                out.setdefault(w.key, w)
+        return list(out.values())
+
+    def policy() -> Policy:
+        lo = float(0.15 + 0.6 * torch.rand(1, generator=g))
+        return Policy(
+            layers={
+                n: LayerPolicy(keep_ratio=float(lo + (1 - lo) * torch.rand(1, generator=g)))
+                for n in ws.graph.prunable_leaders
+            }
+        )
+
+    # the process's first export and compile pay one-off warm-ups: not part of either side
+    LatencyTable("local-tvm", base / "warm.sqlite", warmup=1, repeats=2).fill_workloads(
+        workloads_of([policy()])[:4]
+    )
+    seconds: dict[str, list[float]] = {m: [] for m in methods}
+    counts: list[int] = []
+    diffs: list[float] = []
+    with LoadSampler() as load:
+        for r in range(rounds):
+            ws_round = workloads_of([policy() for _ in range(per_round)])
+            values: dict[str, dict[str, float]] = {}
+            for name in list(methods) if r % 2 == 0 else list(methods)[::-1]:
+                saved = _env_batch(methods[name])
+                try:
+                    t = LatencyTable("local-tvm", base / f"r{r}-{name}.sqlite", warmup=5, repeats=40)
+                    t0 = time.perf_counter()
+                    n = t.fill_workloads(ws_round)
+                    seconds[name].append((time.perf_counter() - t0) / max(1, n))
+                finally:
+                    _env_batch(saved)
+                values[name] = {w.key: t.lookup(t.normalize(w)) for w in ws_round}
+                log(ctx, f"tvm fill round {r + 1}: {name}, {n} workloads, {seconds[name][-1]:.3f} s each")
+            counts.append(n)
+            a, b = values.values()
+            diffs += [b[k] / a[k] - 1 for k in a if a[k] and b.get(k)]
+    alone = statistics.median(seconds["one by one"])
+    together = statistics.median(seconds["together"])
+    abs_diffs = sorted(abs(d) for d in diffs)
+    out: dict[str, Any] = {
+        "rounds": rounds,
+        "workloads_per_round": counts,
+        "one_by_one_s_per_workload": alone,
+        "together_s_per_workload": together,
+        "ratio": together / alone,
+        "per_round_s": seconds,
+        "entry_diff_median_abs": abs_diffs[len(abs_diffs) // 2],
+        "entry_diff_p90_abs": abs_diffs[int(0.9 * (len(abs_diffs) - 1))],
+        "entry_diff_mean": statistics.fmean(diffs),
+        "load": load.summary(),
+    }
+    log(
+        ctx,
+        f"tvm fill: {together:.3f} s per workload together vs {alone:.3f} s one by one, ratio {together / alone:.3f}; "
+        f"entries differ by {out['entry_diff_median_abs']:.1%} (median), {out['entry_diff_p90_abs']:.1%} (p90)",
+    )
+    if episodes:
+        searches = {}
+        saved_cache = os.environ.get("COMPRESSION_CACHE_DIR")
+        for name, value in methods.items():
+            os.environ["COMPRESSION_CACHE_DIR"] = str(fresh_dir(base / f"cache-{name.replace(' ', '-')}"))
+            saved = _env_batch(value)
+            try:
+                r = _search(ctx, model, "galen-pq", "local-tvm", budget, episodes, base / f"search-{name}")
+            finally:
+                _env_batch(saved)
+            searches[name] = {
+                k: r[k]
+                for k in ("total_s", "episodes", "episodes_per_min", "table_entries_measured", "meets_budget")
+            }
+            log(
+                ctx,
+                f"cold Galen search on TVM, {name}: {r['total_s']:.0f} s for {r['episodes']} episodes, "
+                f"{r['table_entries_measured']} entries",
+            )
+        if saved_cache is None:
+            os.environ.pop("COMPRESSION_CACHE_DIR", None)
+        else:
+            os.environ["COMPRESSION_CACHE_DIR"] = saved_cache
+        out["cold_search"] = {"agent": "galen-pq", "budget": budget, **searches}
+        out["cold_search"]["ratio"] = searches["together"]["total_s"] / searches["one by one"]["total_s"]
+    return out
+
+
+def _tvm_fill_table(tf: dict[str, Any]) -> str:
+    rows = [
+        [
+            f"fill a cold table, {tf['rounds']} rounds of {'/'.join(map(str, tf['workloads_per_round']))} workloads",
+            f"{tf['one_by_one_s_per_workload']:.3f} s/workload",
+            f"{tf['together_s_per_workload']:.3f} s/workload",
+            f"{tf['ratio']:.3f}",
+            f"entries differ {tf['entry_diff_median_abs']:.1%} median, {tf['entry_diff_p90_abs']:.1%} p90",
+        ]
+    ]
+    cs = tf.get("cold_search")
+    if cs:
+        one, two = cs["one by one"], cs["together"]
+        rows.append(
+            [
+                f"cold Galen search, {one['episodes']} episodes, {cs['budget']:.0%} budget",
+                f"{one['total_s']:.0f} s ({one['table_entries_measured']} entries)",
+                f"{two['total_s']:.0f} s ({two['table_entries_measured']} entries)",
+                f"{cs['ratio']:.3f}",
+                "",
+            ]
+        )
+    return table(["TVM latency table", "one by one", "compiled together", "ratio", ""], rows)
+
+
 def _profile(ctx: Context, model: str, target: str, episodes: int, budget: float = 0.5) -> dict[str, Any]:
     """cProfile of a short AMC search (warm table and sensitivity), top functions by cumulative time."""
     from compression.search.loop import run_search
@@ -658,11 +811,12 @@ def _run(ctx: Context) -> dict[str, Any]:
     episodes = int(ctx.opt("episodes", 10, 40))
     agents = ctx.options.get("agents") or list(AGENTS)
     model = ctx.options.get("model") or resnet20_digits(ctx).spec
-    # --parts layout / apply / quantizer: only that side-by-side measurement (minutes), in a result of its own
+    # --parts layout / apply / quantizer / tvm-fill: only that side-by-side measurement (minutes), in a result of its own
     only = {
         "layout": {"layout": _layout_speed},
         "apply": {"apply": _apply_speed},
         "quantizer": {"quantizer": _quantizer_speed, "fold": _fold_speed},
+        "tvm-fill": {"tvm_fill": _tvm_fill_speed},
     }
     parts = ctx.options.get("parts") or []
     if len(parts) == 1 and parts[0] in only:
@@ -839,6 +993,7 @@ def summarize(r: dict[str, Any]) -> str:
             "fold": _fold_table,
             "layout": _layout_table,
             "apply": _apply_table,
+            "tvm_fill": _tvm_fill_table,
         }
         return "\n\n".join(f(r[k]) for k, f in parts.items() if r.get(k))
     rows = []
