@@ -463,9 +463,11 @@ def test_float_is_the_top_bit_choice_and_the_cheapest_on_a_float_runtime(workspa
 
 
 def test_a_cold_latency_table_measures_each_steps_candidates_together(workspace, tmp_path):
-    """Where fewer bits can cost more, the cap prices every candidate of a step; on a cold table their entries are
-    measured in one batch (a target that compiles many workloads at once, TVM, pays its fixed compile cost once),
-    not one by one as each is first asked for. The device is simulated (a true boundary); table and env are real."""
+    """Where fewer bits can cost more, the cap prices every candidate of a step, and free precision every bit choice
+    at each candidate's shape; on a cold table those entries are measured in batches (a target that compiles many
+    workloads at once, TVM, pays its fixed compile cost once), not one by one as each is first asked for (session
+    16's first version left free precision's lookups one by one: 507 alone to 622 batched here). The device is
+    simulated (a true boundary); the table and the environment are real."""
     from test_latency_calibration import SIM, SimulatedDevice
 
     from compression.search.latency import TableLatency
@@ -491,9 +493,10 @@ def test_a_cold_latency_table_measures_each_steps_candidates_together(workspace,
     x = workspace.artifact.example_input(1)
     lat = TableLatency(table, workspace.graph, x, quantized=True, reuse_s=0)
     assert device.batches and device.alone == 0  # the calibration models' workloads: in batches
-    env = _latency_env(workspace, None, "joint", 0.5, latency=lat, free_precision=False)
+    env = _latency_env(workspace, None, "joint", 0.5, latency=lat)  # free precision on, as by default
     start_alone, start_batched = device.alone, sum(device.batches)
-    for actions in ([1.0, 1.0, 1.0], [0.7, 0.5, 0.4], [0.9, 0.2, 1.0]):
+    dim = env.spec.action_spec.dim
+    for actions in (np.ones(dim), np.linspace(0.7, 0.3, dim), np.resize([0.9, 0.2, 1.0], dim)):
         info = _run(env, actions)
         assert info["metrics"]["meets_budget"]
     alone, batched = device.alone - start_alone, sum(device.batches) - start_batched

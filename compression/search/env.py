@@ -601,6 +601,12 @@ class CompressionEnvironment:
         def ms(w: float, a: int) -> float:
             return self.latency.layer_ms(name, in_c, out_c, w, a)  # type: ignore[union-attr]
 
+        # every pair from the minimum up is priced below: a cold table measures them in one go
+        self.latency.prefetch(
+            [(name, in_c, out_c, w_now, a_now)]
+            + [(name, in_c, out_c, w, a) for w in levels for a in levels if w >= w_min and a >= a_min]
+        )
+
         here = ms(w_now, a_now)
         # where int8 and float layers convert at every edge between them, switching kinds is not a local choice
         # (the layer's own entry may be cheaper while the model gets slower): raise only within the layer's kind
@@ -617,6 +623,31 @@ class CompressionEnvironment:
                     cand = (w + a, -t, w, a)
                     best = cand if best is None else max(best, cand)
         return None if best is None else (best[2], best[3])
+
+    def _prefetch_precision(self, name: str, entries: Sequence[LayerPolicy], w_min: int, a_min: int) -> None:
+        """Before free precision prices a layer's bit choices at each of these entries' shapes
+        (``_most_precise_no_slower``: every (w, a) from the minimum up, and the entry's own), let a cold table measure
+        them together. Nothing where free precision does not price (then nothing is measured for nothing)."""
+        s = self.settings
+        if (
+            not entries
+            or not s.free_precision
+            or self._costs_fall_with_bits
+            or self.settings.objective != "latency"
+            or self.latency is None
+        ):
+            return
+        levels = sorted(set(self._levels) | set(spaces.bit_levels(s.min_bits, s.max_bits, s.float_bits)))
+        shapes = set()
+        for entry in entries:
+            trial = Policy(layers=dict(self._policy.layers))
+            trial.layers[name] = entry
+            in_c, out_c, w_now, a_now = layer_shape(self.graph, trial, name, s.round_to)
+            shapes.add((name, in_c, out_c, w_now, a_now))
+            shapes.update(
+                (name, in_c, out_c, w, a) for w in levels for a in levels if w >= w_min and a >= a_min
+            )
+        self.latency.prefetch(shapes)
 
     def _free_group_precision(self, name: str, entry: LayerPolicy) -> None:
         """AJPQ: raise the kept groups' bits together to the most precise width that costs no more time.
@@ -795,6 +826,7 @@ class CompressionEnvironment:
         can_prune = self._is_leader(name) and layout in ("prune", "joint", "ajpq")
         if layout == "ajpq":
             cur = LayerPolicy(**entry.to_dict())
+            walk: list[LayerPolicy] = []
             while True:
                 bits = list(cur.channel_bits or [])
                 nonzero = [i for i, b in enumerate(bits) if b > 0]
@@ -817,8 +849,12 @@ class CompressionEnvironment:
                     sparsity=cur.sparsity,
                 )
                 self._pin(name, cur)
-                # with free precision, bits that buy no time at this shape are raised again (on a copy: the walk
-                # goes on from the lowered bits, towards pruning groups)
+                walk.append(cur)
+            # with free precision, bits that buy no time at each shape are raised again (on copies: the walk goes on
+            # from the lowered bits, towards pruning groups); on a cold table the shapes are measured together first
+            if s.free_precision and s.free_precision_groups and not self._costs_fall_with_bits:
+                self._prefetch_precision(name, walk, s.min_bits, s.min_bits)
+            for cur in walk:
                 emitted = LayerPolicy(**cur.to_dict())
                 self._free_group_precision(name, emitted)
                 if emitted not in out:
@@ -845,6 +881,13 @@ class CompressionEnvironment:
         # prune first at the chosen bits (AMC), then lower bits at the lowest keep (HAQ-style); with free precision
         # the agent's own bits are raised again at each narrower shape (what costs no more time changes with it)
         w0, a0 = self._decoded_bits.get(name, (entry.w_bits, entry.a_bits))
+        if pinned or (w0, a0) != (entry.w_bits, entry.a_bits):
+            # free precision prices the layer's bit choices at every narrower shape below: measured together first
+            pin = int(s.pin_first_last_bits or 0)
+            lo_w, lo_a = (pin, pin) if pinned else (w0, a0)
+            self._prefetch_precision(
+                name, [LayerPolicy(k, lo_w, lo_a, entry.sparsity) for k in keeps[1:]], lo_w, lo_a
+            )
         for keep in keeps[1:]:
             cand = LayerPolicy(keep, entry.w_bits, entry.a_bits, entry.sparsity)
             if pinned:

@@ -405,8 +405,13 @@ class TableLatency(LatencyModel):
         caller that knows it will price several shapes (every candidate of a step) asks for them first."""
         from compression.targets.workloads import overhead_workload
 
+        cache = self._cache
+        # the common case, a warm table: every shape was priced before (a set look-up each, nothing else)
+        todo = [sh for sh in shapes if (sh[0], sh[1], sh[2], int(round(sh[3])), int(sh[4])) not in cache]
+        if not todo:
+            return 0
         need: dict[str, LayerWorkload] = {}
-        for name, in_c, out_c, w_bits, a_bits in self._entries_for(shapes):
+        for name, in_c, out_c, w_bits, a_bits in self._entries_for(todo):
             key = (name, in_c, out_c, int(round(w_bits)), int(a_bits))
             if key in self._cache:
                 continue
