@@ -414,7 +414,8 @@ class LatencyTable:
                 self._skip(w, failure)
             elif error is None:
                 error = failure
-                error.__cause__ = r
+                if failure is not r:
+                    error.__cause__ = r
         if error is not None:
             raise error
         return n

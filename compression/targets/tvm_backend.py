@@ -649,29 +649,23 @@ class TvmBackend:
         if len(prepared) < 2:
             results.update(one_by_one([p[0] for p in prepared]))
             return [results[i] for i in range(len(items))]
-        t0 = time.perf_counter()
-        try:
-            mod, names = import_many(
-                [(items[i][0], inputs) for i, inputs, *_ in prepared], [len(r) for _, _, r, _, _ in prepared]
-            )
-            fused = fuse(mod, self.target)
-        except Exception as exc:
-            # one operation TVM cannot take spoils the batch: measuring each alone says which, with its own error
-            log.info(
-                "%s: %d workloads did not compile together (%s); measuring them one by one",
-                self.spec.name,
-                len(prepared),
-                first_line(exc),
-            )
-            results.update(one_by_one([p[0] for p in prepared]))
-            return [results[i] for i in range(len(items))]
-        import_s = time.perf_counter() - t0
         what = f"target {self.spec.name}"
         started = threading.Event()
 
-        def job(cancel: threading.Event) -> tuple[dict[int, Measurement | Exception], float]:
+        def job(cancel: threading.Event) -> tuple[dict[int, Measurement | Exception] | None, str]:
+            # compiling holds the device like timing does: it would disturb another process's measurement
             with device_lock(self.device, self.wait_s) as waited:
                 started.set()
+                t0 = time.perf_counter()
+                try:
+                    mod, names = import_many(
+                        [(items[i][0], inputs) for i, inputs, *_ in prepared],
+                        [len(r) for _, _, r, _, _ in prepared],
+                    )
+                    fused = fuse(mod, self.target)
+                except Exception as exc:
+                    return None, first_line(exc)
+                import_s = time.perf_counter() - t0
                 compiled = self._build_fused(fused)
                 compile_s = (import_s + compiled.compile_s) / len(prepared)
                 _config_threads(self.threads)
@@ -718,9 +712,20 @@ class TvmBackend:
                     out[i] = make_measurement(
                         self.spec, stats, compile_s, details, warmup, repeats, inputs[0].shape[0]
                     )
-                return out, compile_s
+                return out, ""
 
-        done, _ = run_with_deadline(job, timeout_s * len(prepared), what, started=started, wait_s=self.wait_s)
+        done, failed = run_with_deadline(
+            job, timeout_s * len(prepared), what, started=started, wait_s=self.wait_s
+        )
+        if done is None:
+            # one operation TVM cannot take spoils the batch: measuring each alone says which, with its own error
+            log.info(
+                "%s: %d workloads did not compile together (%s); measuring them one by one",
+                self.spec.name,
+                len(prepared),
+                failed,
+            )
+            done = one_by_one([p[0] for p in prepared])
         results.update(done)
         return [results[i] for i in range(len(items))]
 
