@@ -542,13 +542,7 @@ class TvmBackend:
             raise TargetError(f"repeats must be an integer >= 1, got {repeats!r}")
         _positive("timeout_s", timeout_s)
         inputs = as_inputs(example_input)
-        plan = normalize_bits(bits)
-        bits_details: dict[str, Any] = {}
-        if plan:
-            bits_details["bits_run"] = {
-                n: "float32" for n, (w, a) in plan.items() if (w, a) != (FLOAT_BITS, FLOAT_BITS)
-            }
-            bits_details["note"] = FLOAT_NOTE
+        bits_details = _bits_details(bits)
         reference, rtol = _reference(module, inputs)
 
         fused = None
@@ -633,13 +627,7 @@ class TvmBackend:
         prepared: list[tuple[int, tuple[torch.Tensor, ...], list[np.ndarray], float, dict[str, Any]]] = []
         for i, (module, example, bits) in enumerate(items):
             inputs = as_inputs(example)
-            plan = normalize_bits(bits)
-            bits_details: dict[str, Any] = {}
-            if plan:
-                bits_details["bits_run"] = {
-                    n: "float32" for n, (w, a) in plan.items() if (w, a) != (FLOAT_BITS, FLOAT_BITS)
-                }
-                bits_details["note"] = FLOAT_NOTE
+            bits_details = _bits_details(bits)
             try:
                 reference, rtol = _reference(module, inputs)
             except Exception:  # the module itself fails: its own measurement says how
@@ -677,15 +665,15 @@ class TvmBackend:
                         raise DeadlineExceeded(f"{what}: measuring {len(prepared)} workloads was cancelled")
                     deadline = time.monotonic() + timeout_s
                     try:
-                        args = [tvm.runtime.tensor(t.detach().cpu().numpy(), dev) for t in inputs]
-                        diff = _check_output(vm, args, reference, what, rtol, func=name)
-                        times, number = _time_vm(
+                        stats, details = self._check_and_time(
                             vm,
                             dev,
-                            args,
+                            compiled,
+                            inputs,
+                            reference,
+                            rtol,
                             warmup,
                             repeats,
-                            self.min_run_ms,
                             deadline,
                             cancel,
                             timeout_s,
@@ -694,15 +682,8 @@ class TvmBackend:
                     except TargetError as exc:
                         out[i] = exc
                         continue
-                    stats = summarize(times)
                     stats["lock_wait_s"] = waited
-                    details = dict(compiled.details)
                     details.update(
-                        device="local",
-                        threads=self.threads,
-                        calls_per_run=number,
-                        max_abs_diff=diff,
-                        timer="tvm time_evaluator",
                         compiled_with=len(prepared),
                         tuning_s=0.0,
                         dtype="float32",
@@ -780,15 +761,8 @@ class TvmBackend:
                 def run() -> float:
                     return float(timer().results[0]) * 1e3
 
-                details = dict(compiled.details)
-                details.update(
-                    device="local",
-                    threads=self.threads,
-                    calls_per_run=number,
-                    max_abs_diff=diff,
-                    timer="tvm time_evaluator, interleaved",
-                    dtype="float32",
-                )
+                details = self._local_details(compiled, number, diff, "tvm time_evaluator, interleaved")
+                details["dtype"] = "float32"
                 return run, details
 
             prepares.append(prepare)
@@ -834,24 +808,47 @@ class TvmBackend:
                 _config_threads(self.threads)
                 dev = tvm.cpu(0)
                 vm = relax.VirtualMachine(compiled.executable, dev)
-                args = [tvm.runtime.tensor(t.detach().cpu().numpy(), dev) for t in inputs]
-                diff = _check_output(vm, args, reference, what, rtol)
-                times, number = _time_vm(
-                    vm, dev, args, warmup, repeats, self.min_run_ms, deadline, cancel, timeout_s
+                stats, details = self._check_and_time(
+                    vm, dev, compiled, inputs, reference, rtol, warmup, repeats, deadline, cancel, timeout_s
                 )
-                stats = summarize(times)
                 stats["lock_wait_s"] = waited
-                details = dict(compiled.details)
-                details.update(
-                    device="local",
-                    threads=self.threads,
-                    calls_per_run=number,
-                    max_abs_diff=diff,
-                    timer="tvm time_evaluator",
-                )
                 return stats, compiled.compile_s, details
 
         return run_with_deadline(job, timeout_s, what, started=started, wait_s=self.wait_s)
+
+    def _check_and_time(
+        self,
+        vm: Any,
+        dev: Any,
+        compiled: Compiled,
+        inputs: tuple[torch.Tensor, ...],
+        reference: list[np.ndarray],
+        rtol: float,
+        warmup: int,
+        repeats: int,
+        deadline: float,
+        cancel: threading.Event | None,
+        timeout_s: float,
+        func: str = "main",
+    ) -> tuple[dict[str, float], dict[str, Any]]:
+        """Check the VM's function ``func`` against PyTorch once, then time it here: (statistics, details)."""
+        import tvm
+
+        what = f"target {self.spec.name}"
+        args = [tvm.runtime.tensor(t.detach().cpu().numpy(), dev) for t in inputs]
+        diff = _check_output(vm, args, reference, what, rtol, func=func)
+        times, number = _time_vm(
+            vm, dev, args, warmup, repeats, self.min_run_ms, deadline, cancel, timeout_s, func=func
+        )
+        return summarize(times), self._local_details(compiled, number, diff, "tvm time_evaluator")
+
+    def _local_details(self, compiled: Compiled, number: int, diff: float, timer: str) -> dict[str, Any]:
+        """A local measurement's details: how the code was compiled, and how it was checked and timed."""
+        details = dict(compiled.details)
+        details.update(
+            device="local", threads=self.threads, calls_per_run=number, max_abs_diff=diff, timer=timer
+        )
+        return details
 
     def _export_library(self, executable: Any, path: Path) -> None:
         kwargs: dict[str, Any] = {}
@@ -957,6 +954,17 @@ def export_library(
 
 
 # ------------------------------------------------------------------------------------------ timing
+def _bits_details(bits: Any) -> dict[str, Any]:
+    """What a measurement records of a bits plan: every quantized layer ran in float32 here."""
+    plan = normalize_bits(bits)
+    if not plan:
+        return {}
+    return {
+        "bits_run": {n: "float32" for n, (w, a) in plan.items() if (w, a) != (FLOAT_BITS, FLOAT_BITS)},
+        "note": FLOAT_NOTE,
+    }
+
+
 def _reference(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[list[np.ndarray], float]:
     """PyTorch's outputs for ``inputs`` (eval mode, restored after) and the tolerance a runtime must meet."""
     from compression.quant import output_tolerance
