@@ -124,6 +124,16 @@ class LatencyModel:
         return sum(self.per_layer(costs).values()) + self.residual_ms + extra
 
 
+def _precision_shapes(
+    name: str, in_c: int, out_c: int, w_now: float, a_now: int, levels: list[int], w_min: float, a_min: int
+) -> list[tuple[str, int, int, float, int]]:
+    """The shapes free precision prices for one layer at one shape: its own bits, and every (w, a) from the minimum
+    up (``CompressionEnvironment._most_precise_no_slower``)."""
+    return [(name, in_c, out_c, w_now, a_now)] + [
+        (name, in_c, out_c, w, a) for w in levels for a in levels if w >= w_min and a >= a_min
+    ]
+
+
 def count_transitions(
     producers: dict[str, list[str]],
     int8: dict[str, bool],
@@ -602,10 +612,7 @@ class CompressionEnvironment:
             return self.latency.layer_ms(name, in_c, out_c, w, a)  # type: ignore[union-attr]
 
         # every pair from the minimum up is priced below: a cold table measures them in one go
-        self.latency.prefetch(
-            [(name, in_c, out_c, w_now, a_now)]
-            + [(name, in_c, out_c, w, a) for w in levels for a in levels if w >= w_min and a >= a_min]
-        )
+        self.latency.prefetch(_precision_shapes(name, in_c, out_c, w_now, a_now, levels, w_min, a_min))
 
         here = ms(w_now, a_now)
         # where int8 and float layers convert at every edge between them, switching kinds is not a local choice
@@ -638,15 +645,12 @@ class CompressionEnvironment:
         ):
             return
         levels = sorted(set(self._levels) | set(spaces.bit_levels(s.min_bits, s.max_bits, s.float_bits)))
-        shapes = set()
+        shapes: set[tuple[str, int, int, float, int]] = set()
         for entry in entries:
             trial = Policy(layers=dict(self._policy.layers))
             trial.layers[name] = entry
             in_c, out_c, w_now, a_now = layer_shape(self.graph, trial, name, s.round_to)
-            shapes.add((name, in_c, out_c, w_now, a_now))
-            shapes.update(
-                (name, in_c, out_c, w, a) for w in levels for a in levels if w >= w_min and a >= a_min
-            )
+            shapes.update(_precision_shapes(name, in_c, out_c, w_now, a_now, levels, w_min, a_min))
         self.latency.prefetch(shapes)
 
     def _free_group_precision(self, name: str, entry: LayerPolicy) -> None:
@@ -852,7 +856,7 @@ class CompressionEnvironment:
                 walk.append(cur)
             # with free precision, bits that buy no time at each shape are raised again (on copies: the walk goes on
             # from the lowered bits, towards pruning groups); on a cold table the shapes are measured together first
-            if s.free_precision and s.free_precision_groups and not self._costs_fall_with_bits:
+            if s.free_precision_groups:
                 self._prefetch_precision(name, walk, s.min_bits, s.min_bits)
             for cur in walk:
                 emitted = LayerPolicy(**cur.to_dict())
@@ -920,9 +924,8 @@ class CompressionEnvironment:
             # the cap: the first candidate (least changed) with which the budget stays reachable; costs are not
             # monotone along the list here, so every candidate is priced (a few dictionary look-ups each)
             looks = [self._lookahead_costs(name, c) for c in candidates]
-            self._prefetch(
-                looks
-            )  # every candidate is priced: on a cold table their entries are measured together
+            # every candidate is priced: on a cold table their entries are measured together
+            self._prefetch(looks)
             costs = [self._objective(c) for c in looks]
             for c, cost in zip(candidates, costs, strict=True):
                 if cost <= self.budget_cost * (1 + 1e-9):
