@@ -347,6 +347,67 @@ def test_strided_convolutions_get_the_tiled_schedule_and_stay_exact(kernel: int)
     assert m.details["max_abs_diff"] < 1e-4
 
 
+def _host_has(flag: str) -> bool:
+    try:
+        return f" {flag}" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def _scheduled_loops(model: nn.Module, x: torch.Tensor, target: dict) -> tuple[list[int], list[int]]:
+    """(unrolled extents, vectorized extents) of the scheduled convolution of ``model`` for ``target``."""
+    import re
+
+    from compression.targets.tvm_compile import compile_module
+    from compression.targets.tvm_schedules import schedule_module
+
+    backend = make_backend(_spec(target=target))
+    mod, counts = schedule_module(compile_module(model, (x,), backend.target), backend.target)
+    assert counts["anchor"] == 1 and counts["unscheduled"] == 0
+    text = "".join(f.script() for gv, f in mod.functions_items() if "conv2d" in gv.name_hint)
+    unrolled = [int(n) for n in re.findall(r"T\.unroll\(T\.int64\((\d+)\)\)", text)]
+    vectorized = [int(n) for n in re.findall(r"T\.vectorized\(T\.int64\((\d+)\)\)", text)]
+    return unrolled, vectorized
+
+
+def test_vector_width_and_register_tile_follow_the_instruction_set() -> None:
+    """TVM's LLVM query says 512 bits for every x86 CPU; AVX2 has 256-bit registers, 16 of them."""
+    import tvm
+
+    from compression.targets.tvm_schedules import register_tile, vector_lanes
+
+    def target(mcpu: str, triple: str | None = None):
+        return tvm.target.Target({"kind": "llvm", "mcpu": mcpu, **({"mtriple": triple} if triple else {})})
+
+    for mcpu in ("haswell", "znver3"):
+        assert (vector_lanes(target(mcpu)), register_tile(target(mcpu))) == (8, (4, 2))
+    for mcpu in ("skylake-avx512", "znver4"):
+        assert (vector_lanes(target(mcpu)), register_tile(target(mcpu))) == (16, (1, 8))
+    arm = target("cortex-a72", "aarch64-linux-gnu")
+    assert (vector_lanes(arm), register_tile(arm)) == (4, (1, 8))
+
+
+def test_avx2_convolutions_are_tiled_over_channels_and_rows() -> None:
+    """At batch 1 the batch loop is gone from the scheduled block: the tile must still block output channels
+    (it blocked rows twice over, with vectors of 16 floats, before session 17) and fit AVX2's registers."""
+    x = torch.randn(1, 8, 16, 16)
+    unrolled, vectorized = _scheduled_loops(_conv_block(8, 16), x, {"kind": "llvm", "mcpu": "haswell"})
+    assert sorted(set(unrolled)) == [2, 4] and set(vectorized) == {8}
+    unrolled, vectorized = _scheduled_loops(_conv_block(8, 16), x, {"kind": "llvm", "mcpu": "skylake-avx512"})
+    assert set(unrolled) == {8} and set(vectorized) == {16}
+    # a pruned width that 4 does not divide: the largest divisor instead, no tail
+    unrolled, _ = _scheduled_loops(_conv_block(8, 6), x, {"kind": "llvm", "mcpu": "haswell"})
+    assert sorted(set(unrolled)) == [2, 3]
+
+
+@pytest.mark.skipif(not _host_has("avx2"), reason="runs AVX2 code")
+@pytest.mark.parametrize("cout", [16, 13])
+def test_avx2_tiled_convolutions_stay_exact(cout: int) -> None:
+    backend = make_backend(_spec(target={"kind": "llvm", "mcpu": "haswell"}, threads=2))
+    m = backend.measure(_conv_block(8, cout), torch.randn(1, 8, 16, 16), warmup=1, repeats=3, timeout_s=60)
+    assert m.details["max_abs_diff"] < 1e-4
+
+
 def test_fingerprint_changes_with_what_latency_depends_on() -> None:
     a = make_backend(_spec()).fingerprint()
     b = make_backend(_spec(tuning={"mode": "untuned"})).fingerprint()

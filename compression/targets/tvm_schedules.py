@@ -50,15 +50,55 @@ def _divisor_at_most(n: int, cap: int) -> int:
     return 1
 
 
-def vector_lanes(target: Target, bits: int = 32) -> int:
-    """How many ``bits``-wide elements one SIMD register of ``target`` holds (at least 4)."""
+def _x86_vector_bits(target: Target) -> int | None:
+    """The SIMD register width of an x86 ``target`` from its features (None for other architectures).
+
+    TVM 0.27's ``llvm_get_vector_width`` answers 512 for every x86 CPU, AVX2-only ones included (znver3,
+    haswell): there a vector of 16 floats is two registers, and a tile sized for it needs twice the registers."""
+    try:
+        from tvm.target.codegen import target_has_features
+
+        if not target_has_features("sse2", target):
+            return None
+        if target_has_features("avx512f", target):
+            return 512
+        return 256 if target_has_features("avx", target) else 128
+    except Exception:  # not an llvm target, or an LLVM without this query
+        return None
+
+
+def vector_bits(target: Target) -> int:
+    """The SIMD register width of ``target`` in bits (128 when LLVM cannot tell)."""
+    x86 = _x86_vector_bits(target)
+    if x86 is not None:
+        return x86
     try:
         from tvm.target.codegen import llvm_get_vector_width
 
         width = int(llvm_get_vector_width(target))
     except Exception:  # not an llvm target, or an LLVM without this query: assume 128-bit SIMD
-        width = 128
-    return max(width // bits, 4)
+        return 128
+    return width if width > 0 else 128
+
+
+def vector_lanes(target: Target, bits: int = 32) -> int:
+    """How many ``bits``-wide elements one SIMD register of ``target`` holds (at least 4)."""
+    return max(vector_bits(target) // bits, 4)
+
+
+def register_tile(target: Target) -> tuple[int, int]:
+    """(output channels, output rows) of a convolution's register tile on ``target``, one vector wide.
+
+    The tile's accumulators must stay in registers while the reduction runs, beside the input vectors and the
+    broadcast weights. x86 with AVX/AVX2 has 16 vector registers: 4 channels x 2 rows (8 accumulators) ran
+    ResNet-20 1.3-1.4x faster than 8 rows of one vector, and 8 x 2 (every register) was slower than both
+    (an AMD EPYC Zen 3; docs/targets-tvm.md, ``bench/run.py schedules``). With AVX-512 (32 registers) and
+    on other architectures (NEON: 32) the tile stays 8 rows of one vector, what every TVM result before
+    session 17 was measured with (ResNet-20 in 0.76 ms on an EPYC Zen 4, within 2.1% of the latency table).
+    """
+    if _x86_vector_bits(target) in (128, 256):
+        return 4, 2
+    return 1, 8
 
 
 def _leading_spatial(kinds: str) -> int:
@@ -75,13 +115,17 @@ def _static_dom(info: Any) -> list[int] | None:
 class AnchorTiling(dl.ScheduleRule):
     """Register-tiled, parallel schedule for a function built around one reduction (conv, dense, pool).
 
-    reg: the most output channels (for 4-D outputs; rows of the output for 2-D) accumulated per tile.
-    rows: the most output rows per tile (4-D outputs only).
+    channels, rows: the most output channels and output rows accumulated per tile (outputs with channel, row
+    and column axes: convolutions, pooling); default ``register_tile(target)``.
+    reg: the most output rows per tile of a 2-D output (dense layers at batch > 1).
+    lanes: the vector length in floats; default ``vector_lanes(target)``.
     """
 
-    def __init__(self, reg: int = 8, rows: int = 2) -> None:
-        self.reg = reg
+    def __init__(self, channels: int = 0, rows: int = 0, reg: int = 8, lanes: int = 0) -> None:
+        self.channels = channels
         self.rows = rows
+        self.reg = reg
+        self.lanes = lanes
 
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
         """Schedule ``func`` or return None when it does not have the one-reduction shape."""
@@ -114,19 +158,21 @@ class AnchorTiling(dl.ScheduleRule):
         if dom is None:
             return None
 
-        lanes = vector_lanes(target)
+        lanes = self.lanes or vector_lanes(target)
+        tile_c, tile_rows = register_tile(target)
+        tile_c, tile_rows = self.channels or tile_c, self.rows or tile_rows
         self._deinterleave_strided_inputs(sch, anchor, prologue, ns)
         loops = sch.get_loops(anchor.block_rv)
         spatial, reduce = loops[:ns], loops[ns:]
-        # the innermost spatial axis is the vector axis; for NCHW-style outputs the channel axis (1) is
-        # the register-blocking axis (the input vector is reused across it), for 2-D outputs the row axis
-        reg_axis = 1 if ns >= 4 else (ns - 2 if ns >= 2 else -1)
-        row_axis = ns - 2 if ns >= 4 else -1
+        # the innermost spatial axis is the vector axis. An output with channel, row and column axes (the last
+        # three: the batch loop is gone at batch 1, normalisation drops unit loops) is tiled over channels (the
+        # input vector is reused across them) and rows (the weight is reused across them); a 2-D output over
+        # its rows
         factors = {ns - 1: _divisor_at_most(dom[ns - 1], lanes)}
-        if reg_axis >= 0 and dom[reg_axis] > 1:
-            factors[reg_axis] = _divisor_at_most(dom[reg_axis], self.reg)
-        if row_axis >= 0 and dom[row_axis] > 1:
-            factors[row_axis] = _divisor_at_most(dom[row_axis], self.rows)
+        blocks = [(ns - 3, tile_c), (ns - 2, tile_rows)] if ns >= 3 else [(ns - 2, self.reg)]
+        for axis, most in blocks:
+            if axis >= 0 and dom[axis] > 1 and most > 1:
+                factors[axis] = _divisor_at_most(dom[axis], most)
         outer, inner = [], []
         for axis, loop in enumerate(spatial):
             if axis in factors:
@@ -288,8 +334,11 @@ def count_scheduled(mod: tvm.IRModule) -> tuple[int, int]:
     return sum(1 for f in funcs if _is_scheduled(f)), len(funcs)
 
 
-def schedule_module(mod: tvm.IRModule, target: Target) -> tuple[tvm.IRModule, dict[str, int]]:
-    """Apply the default rules to every PrimFunc of ``mod`` not scheduled yet (e.g. by a tuning database).
+def schedule_module(
+    mod: tvm.IRModule, target: Target, rules: tuple[dl.ScheduleRule, ...] | None = None
+) -> tuple[tvm.IRModule, dict[str, int]]:
+    """Apply the default rules (or ``rules``) to every PrimFunc of ``mod`` not scheduled yet (e.g. by a tuning
+    database).
 
     Returns the module and how many functions each rule scheduled (``"unscheduled"`` counts functions no
     rule could handle: they run as naive loops).
@@ -297,7 +346,7 @@ def schedule_module(mod: tvm.IRModule, target: Target) -> tuple[tvm.IRModule, di
     counts: dict[str, int] = {"anchor": 0, "fallback": 0, "unscheduled": 0}
     updates = {}
     names = {AnchorTiling: "anchor", InjectiveFallback: "fallback"}
-    rules = default_rules()
+    rules = default_rules() if rules is None else rules
     with target:
         for gv, func in mod.functions_items():
             if not isinstance(func, tirx.PrimFunc) or _is_scheduled(func):
