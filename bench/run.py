@@ -1,5 +1,5 @@
-"""Run the benchmarks: ``python bench/run.py [quality learning reconstruction search_set proxy finetune throughput fidelity speedup streaming
-memory]``.
+"""Run the benchmarks: ``python bench/run.py [quality learning reconstruction search_set proxy finetune throughput fidelity schedules
+speedup streaming memory]``.
 
 Without names every benchmark runs, in the order above. ``--quick`` is the minutes-long variant (fewer
 episodes, seeds, policies and epochs); without it the full protocol runs (hours on 2 cores). Each benchmark
@@ -32,6 +32,7 @@ BENCHMARKS = (
     "throughput",
     "fidelity",
     "repeatability",
+    "schedules",
     "speedup",
     "streaming",
     "memory",
@@ -142,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
         "step's batch-norm re-estimation in the re-fit's pass against a calibration pass, tvm-fill only a cold TVM "
         "latency table filled with workloads compiled together against one by one (and a cold Galen search each way)",
     )
+    p.add_argument(
+        "--tiles", help="schedules: comma-separated register tiles CxR (channels x rows) to compare"
+    )
     p.add_argument("--tables", action="store_true", help="print the tables of stored results, run nothing")
     p.add_argument(
         "--shared-lock",
@@ -212,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         "extra_only": args.extra_only,
         "cross_budget": args.cross_budget,
         "parts": args.parts.split(",") if args.parts else None,
+        "tiles": args.tiles.split(",") if args.tiles else None,
         "models": args.models.split(",") if args.models else None,
         "budgets": [float(b) for b in args.budgets.split(",")] if args.budgets else None,
     }
