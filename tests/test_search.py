@@ -462,33 +462,80 @@ def test_float_is_the_top_bit_choice_and_the_cheapest_on_a_float_runtime(workspa
     assert all(policy[n].a_bits in (2, 32) for n in env.steps)
 
 
+class _Batching:
+    """A simulated device (a true boundary) that counts one-layer workloads measured alone and in batches."""
+
+    @staticmethod
+    def make():
+        from test_latency_calibration import SimulatedDevice
+
+        from compression.targets.workloads import FusedLayer, OpModule, OverheadModule
+
+        class Batching(SimulatedDevice):
+            def __init__(self) -> None:
+                self.alone = 0
+                self.batches: list[int] = []
+
+            def measure(self, module, example_input, **kwargs):
+                # one-layer workloads measured alone (the calibration's whole models are measured alone anyway)
+                self.alone += isinstance(module, (FusedLayer, OpModule, OverheadModule))
+                return super().measure(module, example_input, **kwargs)
+
+            def measure_many(self, items, *, warmup, repeats, timeout_s):
+                self.batches.append(len(items))
+                return [
+                    SimulatedDevice.measure(self, m, x, warmup=warmup, repeats=repeats) for m, x, _ in items
+                ]
+
+        return Batching()
+
+
+def test_amcs_binary_search_measures_its_probes_with_the_ones_that_can_follow(workspace, tmp_path):
+    """AMC's cap is a binary search: each answer picks the next probe. On a cold table a probe not priced yet is
+    measured together with the two probes that can follow it; before, every probe's entries were measured alone
+    as first asked for (126 alone here, and 0 in batches). The policies the cap picks are the same either way."""
+    from test_latency_calibration import SIM
+
+    from compression.search.latency import TableLatency
+    from compression.targets import LatencyTable
+
+    x = workspace.artifact.example_input(1)
+    picked = []
+    for batched_table in (True, False):
+        device = _Batching.make()
+        if not batched_table:
+            device.measure_many = None  # a backend without batches: everything one by one, as a reference
+        table = LatencyTable(SIM, tmp_path / f"t{batched_table}.sqlite", backend=device, warmup=0, repeats=1)
+        lat = TableLatency(table, workspace.graph, x, quantized=False, reuse_s=0)
+        env = _latency_env(workspace, None, "prune", 0.45, latency=lat, round_to=1)
+        start_alone, start_batched = device.alone, sum(device.batches)
+        dim = env.spec.action_spec.dim
+        policies = []
+        for actions in (np.ones(dim), np.full(dim, 0.8), np.full(dim, 0.55)):
+            info = _run(env, actions)
+            assert info["metrics"]["meets_budget"]
+            policies.append({n: lp.keep_ratio for n, lp in info["policy"].layers.items()})
+        picked.append(policies)
+        if batched_table:
+            alone, batched = device.alone - start_alone, sum(device.batches) - start_batched
+            print("COUNTS", alone, batched, len(device.batches))
+            assert batched > 0 and alone <= batched / 4, (alone, batched, device.batches)
+            assert table.measured == len(table.entries())
+    assert picked[0] == picked[1]
+
+
 def test_a_cold_latency_table_measures_each_steps_candidates_together(workspace, tmp_path):
     """Where fewer bits can cost more, the cap prices every candidate of a step, and free precision every bit choice
     at each candidate's shape; on a cold table those entries are measured in batches (a target that compiles many
     workloads at once, TVM, pays its fixed compile cost once), not one by one as each is first asked for (session
     16's first version left free precision's lookups one by one: 507 alone to 622 batched here). The device is
     simulated (a true boundary); the table and the environment are real."""
-    from test_latency_calibration import SIM, SimulatedDevice
+    from test_latency_calibration import SIM
 
     from compression.search.latency import TableLatency
     from compression.targets import LatencyTable
-    from compression.targets.workloads import FusedLayer, OpModule, OverheadModule
 
-    class Batching(SimulatedDevice):
-        def __init__(self) -> None:
-            self.alone = 0
-            self.batches: list[int] = []
-
-        def measure(self, module, example_input, **kwargs):
-            # one-layer workloads measured alone (the calibration's whole models are measured alone anyway)
-            self.alone += isinstance(module, (FusedLayer, OpModule, OverheadModule))
-            return super().measure(module, example_input, **kwargs)
-
-        def measure_many(self, items, *, warmup, repeats, timeout_s):
-            self.batches.append(len(items))
-            return [SimulatedDevice.measure(self, m, x, warmup=warmup, repeats=repeats) for m, x, _ in items]
-
-    device = Batching()
+    device = _Batching.make()
     table = LatencyTable(SIM, tmp_path / "t.sqlite", backend=device, warmup=0, repeats=1)
     x = workspace.artifact.example_input(1)
     lat = TableLatency(table, workspace.graph, x, quantized=True, reuse_s=0)

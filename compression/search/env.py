@@ -113,6 +113,10 @@ class LatencyModel:
         together); how many entries that measured. Nothing to do here."""
         return 0
 
+    def priced(self, shapes: Iterable[tuple[str, int, int, float, int]]) -> bool:
+        """Have these ``(layer, in_c, out_c, w_bits, a_bits)`` been priced before (nothing to measure)? Always here."""
+        return True
+
     def per_layer(self, costs: Costs) -> dict[str, float]:
         return {
             name: self.layer_ms(name, c.in_channels, c.out_channels, c.w_bits, c.a_bits)
@@ -789,10 +793,6 @@ class CompressionEnvironment:
             trial.layers[later] = self._most_compressed(later)
         return compute_costs(self.graph, trial, self.settings.round_to)
 
-    def _lookahead_cost(self, name: str, entry: LayerPolicy) -> float:
-        """Cost of the policy so far with ``entry`` here and the layers after it compressed as far as allowed."""
-        return self._objective(self._lookahead_costs(name, entry))
-
     def _prefetch(self, all_costs: Sequence[Costs]) -> None:
         """Let the latency model measure the entries these costs will be priced with in one go (a cold table)."""
         if self.settings.objective != "latency" or self.latency is None:
@@ -805,9 +805,13 @@ class CompressionEnvironment:
             }
         )
 
-    def _fits(self, name: str, entry: LayerPolicy) -> bool:
-        """Can the budget still be met with ``entry`` here and the rest compressed as far as allowed?"""
-        return self._lookahead_cost(name, entry) <= self.budget_cost * (1 + 1e-9)
+    def _priced(self, costs: Costs) -> bool:
+        """Has the latency model priced every layer of these costs before (nothing to measure)?"""
+        if self.settings.objective != "latency" or self.latency is None:
+            return True
+        return self.latency.priced(
+            (n, c.in_channels, c.out_channels, c.w_bits, c.a_bits) for n, c in costs.layers.items()
+        )
 
     def _lower_bits(self, w: int, a: int) -> tuple[int, int] | None:
         """One bit level less for the wider of (w, a) (weights first on a tie), or None at the lowest level."""
@@ -932,15 +936,30 @@ class CompressionEnvironment:
                     return c
             return candidates[min(range(len(costs)), key=costs.__getitem__)]  # unreachable: the cheapest
         # the cap: the least-compressed candidate with which the budget stays reachable (binary search on
-        # a list ordered from least to most compressed; cost is monotone along it)
+        # a list ordered from least to most compressed; cost is monotone along it). Each answer picks the next
+        # probe, so on a table still filling the probes' entries would be measured one probe at a time: a probe
+        # not priced yet is measured together with the probes that can follow it (a batch costs a fraction of
+        # one-by-one measurements on TVM), and a warm table pays one look-up per probe for this
+        looks: dict[int, Costs] = {}
+
+        def look(i: int) -> Costs:
+            if i not in looks:
+                looks[i] = self._lookahead_costs(name, candidates[i])
+            return looks[i]
+
+        def fits(i: int, *then: int) -> bool:
+            if not self._priced(look(i)):
+                self._prefetch([look(i), *(look(j) for j in then)])
+            return self._objective(look(i)) <= self.budget_cost * (1 + 1e-9)
+
         lo, hi = 0, len(candidates) - 1
-        if self._fits(name, candidates[0]):
-            return candidates[0]
-        if not self._fits(name, candidates[hi]):
+        if fits(lo, hi):
+            return candidates[lo]
+        if not fits(hi):
             return candidates[hi]  # unreachable budget: compress as far as allowed
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            if self._fits(name, candidates[mid]):
+            if fits(mid, *({(lo + mid) // 2, (mid + hi) // 2} - {lo, mid, hi})):
                 hi = mid
             else:
                 lo = mid

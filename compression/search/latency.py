@@ -396,6 +396,16 @@ class TableLatency(LatencyModel):
             )
         return self.table.normalize(w.with_bits(int(round(w_bits)), int(a_bits)))
 
+    @staticmethod
+    def _key(shape: tuple[str, int, int, float, int]) -> tuple[str, int, int, int, int]:
+        """The ``_cache`` key of a ``(layer, in_c, out_c, w_bits, a_bits)``."""
+        return shape[0], shape[1], shape[2], int(round(shape[3])), int(shape[4])
+
+    def priced(self, shapes: Iterable[tuple[str, int, int, float, int]]) -> bool:
+        """Has every one of these shapes been priced by this model before (a set look-up each)?"""
+        cache, key = self._cache, self._key
+        return all(key(sh) in cache for sh in shapes)
+
     def prefetch(self, shapes: Iterable[tuple[str, int, int, float, int]]) -> int:
         """Measure, together, the table entries ``_layer_ms`` will need for these ``(layer, in_c, out_c, w_bits,
         a_bits)``; how many were measured.
@@ -405,15 +415,14 @@ class TableLatency(LatencyModel):
         caller that knows it will price several shapes (every candidate of a step) asks for them first."""
         from compression.targets.workloads import overhead_workload
 
-        cache = self._cache
+        cache, key = self._cache, self._key
         # the common case, a warm table: every shape was priced before (a set look-up each, nothing else)
-        todo = [sh for sh in shapes if (sh[0], sh[1], sh[2], int(round(sh[3])), int(sh[4])) not in cache]
+        todo = [sh for sh in shapes if key(sh) not in cache]
         if not todo:
             return 0
         need: dict[str, LayerWorkload] = {}
         for name, in_c, out_c, w_bits, a_bits in self._entries_for(todo):
-            key = (name, in_c, out_c, int(round(w_bits)), int(a_bits))
-            if key in self._cache:
+            if key((name, in_c, out_c, w_bits, a_bits)) in cache:
                 continue
             w = self._layer_workload(name, in_c, out_c, w_bits, a_bits)
             if w in self._entry_ms:
@@ -440,7 +449,7 @@ class TableLatency(LatencyModel):
 
     def _raw_layer_ms(self, name: str, in_c: int, out_c: int, w_bits: float, a_bits: int) -> float:
         """One layer's table entry at this shape and bits, less the per-call overhead (measured if missing)."""
-        key = (name, in_c, out_c, int(round(w_bits)), int(a_bits))
+        key = self._key((name, in_c, out_c, w_bits, a_bits))
         v = self._cache.get(key)
         if v is not None:
             return v
