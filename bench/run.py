@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         help="memory: comma-separated parts to run: web,worker; throughput: quantizer runs only the activation "
         "quantizer's side-by-side measurement, layout only channels-last against NCHW scoring, apply only the apply "
         "step's batch-norm re-estimation in the re-fit's pass against a calibration pass, tvm-fill only a cold TVM "
-        "latency table filled with workloads compiled together against one by one (and a cold Galen search each way)",
+        "latency table filled with workloads compiled together against one by one (and a cold Galen search each way), "
+        "tvm-cap a cold AMC search whose cap measures probe by probe against probes together",
     )
     p.add_argument(
         "--tiles", help="schedules: comma-separated register tiles CxR (channels x rows) to compare"

@@ -721,6 +721,77 @@ def _tvm_fill_speed(
     return out
 
 
+def _tvm_cap_speed(ctx: Context, model: str, episodes: int = 8, budget: float = 0.5) -> dict[str, Any]:
+    """A cold AMC search on TVM, its binary-search cap measuring probe by probe (session 16: each probe's missing
+    entries as it is asked; emulated by telling the environment every probe is priced, so it never measures ahead)
+    against probes together (session 17: a probe not priced yet is measured with the probes that can follow it),
+    each from an empty table, the order alternating between the two runs of each (``--rounds``, default 1 pair).
+    Both fill their tables in batches where a batch has more than one entry. Wall time, entries measured, and
+    whether the two searches chose the same policies (same rewards)."""
+    from compression.search import env as env_module
+
+    methods = ("probe by probe", "probes together")
+    base = fresh_dir(ctx.work_dir / "throughput" / "tvm-cap")
+    pairs = int(ctx.options.get("rounds") or 1)
+    saved_cache = os.environ.get("COMPRESSION_CACHE_DIR")
+    original = env_module.CompressionEnvironment._priced
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
+    try:
+        for r in range(pairs):
+            for name in methods if r % 2 == 0 else methods[::-1]:
+                slug = f"{name.replace(' ', '-')}-{r}"
+                os.environ["COMPRESSION_CACHE_DIR"] = str(fresh_dir(base / f"cache-{slug}"))
+                env_module.CompressionEnvironment._priced = (
+                    (lambda self, costs: True) if name == "probe by probe" else original
+                )
+                try:
+                    res = _search(ctx, model, "amc", "local-tvm", budget, episodes, base / f"search-{slug}")
+                finally:
+                    env_module.CompressionEnvironment._priced = original
+                runs[name].append(
+                    {
+                        k: res[k]
+                        for k in ("total_s", "episodes", "table_entries_measured", "meets_budget", "rewards")
+                    }
+                )
+                log(
+                    ctx,
+                    f"cold AMC search on TVM, {name}: {res['total_s']:.0f} s for {res['episodes']} episodes, "
+                    f"{res['table_entries_measured']} entries",
+                )
+    finally:
+        if saved_cache is None:
+            os.environ.pop("COMPRESSION_CACHE_DIR", None)
+        else:
+            os.environ["COMPRESSION_CACHE_DIR"] = saved_cache
+    one, two = runs[methods[0]], runs[methods[1]]
+    return {
+        "agent": "amc",
+        "budget": budget,
+        "episodes": episodes,
+        "runs": runs,
+        "total_s": {m: [x["total_s"] for x in runs[m]] for m in methods},
+        "entries": {m: [x["table_entries_measured"] for x in runs[m]] for m in methods},
+        "ratio": sum(x["total_s"] for x in two) / sum(x["total_s"] for x in one),
+        "same_rewards": all(a["rewards"] == b["rewards"] for a, b in zip(one, two, strict=True)),
+    }
+
+
+def _tvm_cap_table(tc: dict[str, Any]) -> str:
+    one, two = (tc["runs"][m] for m in ("probe by probe", "probes together"))
+    rows = [
+        [
+            f"cold AMC search, {tc['episodes']} episodes, {tc['budget']:.0%} budget, run {i + 1}",
+            f"{a['total_s']:.0f} s ({a['table_entries_measured']} entries)",
+            f"{b['total_s']:.0f} s ({b['table_entries_measured']} entries)",
+            f"{b['total_s'] / a['total_s']:.3f}",
+        ]
+        for i, (a, b) in enumerate(zip(one, two, strict=True))
+    ]
+    rows.append(["all runs", "", "", f"{tc['ratio']:.3f} (same rewards: {tc['same_rewards']})"])
+    return table(["TVM, AMC's cap", "probe by probe", "probes together", "ratio"], rows)
+
+
 def _tvm_fill_table(tf: dict[str, Any]) -> str:
     rows = [
         [
@@ -811,12 +882,13 @@ def _run(ctx: Context) -> dict[str, Any]:
     episodes = int(ctx.opt("episodes", 10, 40))
     agents = ctx.options.get("agents") or list(AGENTS)
     model = ctx.options.get("model") or resnet20_digits(ctx).spec
-    # --parts layout / apply / quantizer / tvm-fill: only that side-by-side measurement (minutes), in a result of its own
+    # --parts layout / apply / quantizer / tvm-fill / tvm-cap: only that side-by-side measurement (minutes), in a result of its own
     only = {
         "layout": {"layout": _layout_speed},
         "apply": {"apply": _apply_speed},
         "quantizer": {"quantizer": _quantizer_speed, "fold": _fold_speed},
         "tvm-fill": {"tvm_fill": _tvm_fill_speed},
+        "tvm-cap": {"tvm_cap": _tvm_cap_speed},
     }
     parts = ctx.options.get("parts") or []
     if len(parts) == 1 and parts[0] in only:
@@ -994,6 +1066,7 @@ def summarize(r: dict[str, Any]) -> str:
             "layout": _layout_table,
             "apply": _apply_table,
             "tvm_fill": _tvm_fill_table,
+            "tvm_cap": _tvm_cap_table,
         }
         return "\n\n".join(f(r[k]) for k, f in parts.items() if r.get(k))
     rows = []
