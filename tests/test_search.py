@@ -493,7 +493,7 @@ class _Batching:
 def test_amcs_binary_search_measures_its_probes_with_the_ones_that_can_follow(workspace, tmp_path):
     """AMC's cap is a binary search: each answer picks the next probe. On a cold table a probe not priced yet is
     measured together with the two probes that can follow it; before, every probe's entries were measured alone
-    as first asked for (126 alone here, and 0 in batches). The policies the cap picks are the same either way."""
+    as first asked for (170 alone here and none in batches; now 19 alone and 232 in 52 batches). The policies the cap picks are the same either way."""
     from test_latency_calibration import SIM
 
     from compression.search.latency import TableLatency
@@ -518,7 +518,6 @@ def test_amcs_binary_search_measures_its_probes_with_the_ones_that_can_follow(wo
         picked.append(policies)
         if batched_table:
             alone, batched = device.alone - start_alone, sum(device.batches) - start_batched
-            print("COUNTS", alone, batched, len(device.batches))
             assert batched > 0 and alone <= batched / 4, (alone, batched, device.batches)
             assert table.measured == len(table.entries())
     assert picked[0] == picked[1]
