@@ -493,7 +493,8 @@ class _Batching:
 def test_amcs_binary_search_measures_its_probes_with_the_ones_that_can_follow(workspace, tmp_path):
     """AMC's cap is a binary search: each answer picks the next probe. On a cold table a probe not priced yet is
     measured together with the two probes that can follow it; before, every probe's entries were measured alone
-    as first asked for (170 alone here and none in batches; now 19 alone and 232 in 52 batches). The policies the cap picks are the same either way."""
+    as first asked for (170 alone here and none in batches; now 19 alone and 232 in 52 batches). The policies
+    the cap picks are the same either way."""
     from test_latency_calibration import SIM
 
     from compression.search.latency import TableLatency
