@@ -91,8 +91,9 @@ def register_tile(target: Target) -> tuple[int, int]:
 
     The tile's accumulators must stay in registers while the reduction runs, beside the input vectors and the
     broadcast weights. x86 with AVX/AVX2 has 16 vector registers: 4 channels x 2 rows (8 accumulators) ran
-    ResNet-20 1.3-1.4x faster than 8 rows of one vector, and 8 x 2 (every register) was slower than both
-    (an AMD EPYC Zen 3; docs/targets-tvm.md, ``bench/run.py schedules``). With AVX-512 (32 registers) and
+    ResNet-20 1.7x faster than 8 rows of one vector (its pruned copies 1.1-1.3x, the depthwise net 1.5x), and
+    8 x 2 (every register) was slower than both (an AMD EPYC Zen 3; docs/targets-tvm.md, ``bench/run.py
+    schedules``). With AVX-512 (32 registers) and
     on other architectures (NEON: 32) the tile stays 8 rows of one vector, what every TVM result before
     session 17 was measured with (ResNet-20 in 0.76 ms on an EPYC Zen 4, within 2.1% of the latency table).
     """
