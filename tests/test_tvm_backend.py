@@ -535,6 +535,52 @@ def test_rpc_measurement_goes_through_the_tracker(farm: _Farm) -> None:
     assert m.runs == 10 and m.median_ms > 0 and "on the device" in d["timer"]
 
 
+def test_rpc_batch_is_uploaded_once_and_each_workload_timed_on_the_device(farm: _Farm, monkeypatch) -> None:
+    from compression.targets import tvm_rpc
+
+    sessions: list[str] = []
+    real = tvm_rpc.run_on_device
+
+    def counted(settings, fn, **kw):  # the real session, counted
+        sessions.append(settings["key"])
+        return real(settings, fn, **kw)
+
+    monkeypatch.setattr(tvm_rpc, "run_on_device", counted)
+    backend = make_backend(farm.spec("test-device"))
+    items = [
+        (_conv_block(4, 8), torch.randn(1, 4, 8, 8), None),
+        (_Add(), (torch.randn(1, 8, 4, 4), torch.randn(1, 8, 4, 4)), None),
+        (_conv_block(32, 32), torch.randn(1, 32, 16, 16), {"0": (4, 8)}),
+    ]
+    results = backend.measure_many(items, warmup=2, repeats=10, timeout_s=60)
+    assert all(r.__class__.__name__ == "Measurement" for r in results), results
+    assert sessions == ["test-device"]  # one session (one upload) for the three
+    for r in results:
+        d = r.details
+        assert d["compiled_with"] == 3 and d["device"] == f"rpc://127.0.0.1:{farm.port}/test-device"
+        assert "on the device" in d["timer"] and d["max_abs_diff"] < 1e-3 and d["representative"] is True
+        assert r.runs == 10 and 0 < r.min_ms <= r.median_ms and r.compile_s > 0
+    assert results[1].details["max_abs_diff"] == 0.0  # the addition, exactly
+    assert results[2].details["bits_run"] == {"0": "float32"} and "bits_run" not in results[0].details
+    assert results[2].min_ms > 3 * results[0].min_ms  # each function timed on its own
+
+
+def test_rpc_batch_without_a_device_gives_each_item_the_error(farm: _Farm) -> None:
+    backend = make_backend(farm.spec("nobody-here", timeout_s=3.0))
+    items = [
+        (_conv_block(4, 4), torch.randn(1, 4, 8, 8), None),
+        (_conv_block(4, 8), torch.randn(1, 4, 8, 8), None),
+    ]
+    t0 = time.monotonic()
+    results = backend.measure_many(items, warmup=1, repeats=2, timeout_s=3.0)
+    assert time.monotonic() - t0 < 60
+    assert len(results) == 2
+    for r in results:
+        assert isinstance(r, TargetError) and "no device server is registered under key 'nobody-here'" in str(
+            r
+        )
+
+
 def test_rpc_check_reports_the_queue(farm: _Farm) -> None:
     from compression.targets.tvm_rpc import tracker_summary
 

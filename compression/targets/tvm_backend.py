@@ -587,14 +587,15 @@ class TvmBackend:
         """Measure many small models (``(module, example_input, bits)``): compiled together, timed one by one.
 
         What a latency table measures: one-layer modules, most of whose compile time is fixed (PyTorch's
-        decomposition tables are rebuilt on every import, LLVM and the pass pipeline start once per build). On
-        this CPU they are exported, imported, fused, scheduled and built as one module with one function each
+        decomposition tables are rebuilt on every import, LLVM and the pass pipeline start once per build). They
+        are exported, imported, fused, scheduled and built as one module with one function each
         (``tvm_compile.import_many``), then each function is checked against PyTorch and timed on its own, as
-        ``measure`` would time it. ``compile_s`` is the batch's compile time shared equally
-        (``details["compiled_with"]`` says among how many). Returns one result per item, in order: a
-        ``Measurement``, or the exception measuring that item raised (others still get measured). Where the
-        batch cannot be compiled together, on an RPC device and in ``metaschedule`` mode, each item is measured
-        with ``measure`` instead (``timeout_s`` is per item throughout).
+        ``measure`` would time it: on this CPU under the device lock, or on an RPC device in one session (one
+        library linked, uploaded and loaded for the batch). ``compile_s`` is the batch's compile time shared
+        equally (``details["compiled_with"]`` says among how many). Returns one result per item, in order: a
+        ``Measurement``, or the exception measuring that item raised (others still get measured; when an RPC
+        session fails part way, the items it had not measured get its error). In ``metaschedule`` mode each
+        item is measured with ``measure`` instead (``timeout_s`` is per item throughout).
         """
 
         def one_by_one(indices: Sequence[int]) -> dict[int, Measurement | Exception]:
@@ -609,7 +610,7 @@ class TvmBackend:
                     out[i] = exc
             return out
 
-        if len(items) < 2 or self.rpc or self.mode == "metaschedule":
+        if len(items) < 2 or self.mode == "metaschedule":
             done = one_by_one(range(len(items)))
             return [done[i] for i in range(len(items))]
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
@@ -617,87 +618,25 @@ class TvmBackend:
         if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
             raise TargetError(f"repeats must be an integer >= 1, got {repeats!r}")
         _positive("timeout_s", timeout_s)
-        import tvm
-        from tvm import relax
-
-        from compression.targets.tvm_compile import fuse, import_many
-
-        self._check_local_target()
+        if not self.rpc:
+            self._check_local_target()
         results: dict[int, Measurement | Exception] = {}
-        prepared: list[tuple[int, tuple[torch.Tensor, ...], list[np.ndarray], float, dict[str, Any]]] = []
+        prepared: list[_Prepared] = []
         for i, (module, example, bits) in enumerate(items):
             inputs = as_inputs(example)
-            bits_details = _bits_details(bits)
             try:
                 reference, rtol = _reference(module, inputs)
             except Exception:  # the module itself fails: its own measurement says how
                 results.update(one_by_one([i]))
                 continue
-            prepared.append((i, inputs, reference, rtol, bits_details))
+            prepared.append(_Prepared(i, module, inputs, reference, rtol, _bits_details(bits)))
         if len(prepared) < 2:
-            results.update(one_by_one([p[0] for p in prepared]))
+            results.update(one_by_one([p.index for p in prepared]))
             return [results[i] for i in range(len(items))]
-        what = f"target {self.spec.name}"
-        started = threading.Event()
-
-        def job(cancel: threading.Event) -> tuple[dict[int, Measurement | Exception] | None, str]:
-            # compiling holds the device like timing does: it would disturb another process's measurement
-            with device_lock(self.device, self.wait_s) as waited:
-                started.set()
-                t0 = time.perf_counter()
-                try:
-                    mod, names = import_many(
-                        [(items[i][0], inputs) for i, inputs, *_ in prepared],
-                        [len(r) for _, _, r, _, _ in prepared],
-                    )
-                    fused = fuse(mod, self.target)
-                except Exception as exc:
-                    return None, first_line(exc)
-                import_s = time.perf_counter() - t0
-                compiled = self._build_fused(fused)
-                compile_s = (import_s + compiled.compile_s) / len(prepared)
-                _config_threads(self.threads)
-                dev = tvm.cpu(0)
-                vm = relax.VirtualMachine(compiled.executable, dev)
-                out: dict[int, Measurement | Exception] = {}
-                for (i, inputs, reference, rtol, bits_details), name in zip(prepared, names, strict=True):
-                    if cancel.is_set():
-                        raise DeadlineExceeded(f"{what}: measuring {len(prepared)} workloads was cancelled")
-                    deadline = time.monotonic() + timeout_s
-                    try:
-                        stats, details = self._check_and_time(
-                            vm,
-                            dev,
-                            compiled,
-                            inputs,
-                            reference,
-                            rtol,
-                            warmup,
-                            repeats,
-                            deadline,
-                            cancel,
-                            timeout_s,
-                            func=name,
-                        )
-                    except TargetError as exc:
-                        out[i] = exc
-                        continue
-                    stats["lock_wait_s"] = waited
-                    details.update(
-                        compiled_with=len(prepared),
-                        tuning_s=0.0,
-                        dtype="float32",
-                        target_fingerprint=target_fingerprint(self.target_dict),
-                    )
-                    details.update(bits_details)
-                    out[i] = make_measurement(
-                        self.spec, stats, compile_s, details, warmup, repeats, inputs[0].shape[0]
-                    )
-                return out, ""
-
-        done, failed = run_with_deadline(
-            job, timeout_s * len(prepared), what, started=started, wait_s=self.wait_s
-        )
+        if self.rpc:
+            done, failed = self._measure_many_remote(prepared, warmup, repeats, timeout_s)
+        else:
+            done, failed = self._measure_many_local(prepared, warmup, repeats, timeout_s)
         if done is None:
             # one operation TVM cannot take spoils the batch: measuring each alone says which, with its own error
             log.info(
@@ -706,9 +645,183 @@ class TvmBackend:
                 len(prepared),
                 failed,
             )
-            done = one_by_one([p[0] for p in prepared])
+            done = one_by_one([p.index for p in prepared])
         results.update(done)
         return [results[i] for i in range(len(items))]
+
+    def _compile_many(self, prepared: Sequence[_Prepared]) -> tuple[Compiled, list[str], float] | str:
+        """Import, fuse and build the batch as one module: (compiled, function names, compile seconds per item),
+        or why the batch could not be imported together."""
+        from compression.targets.tvm_compile import fuse, import_many
+
+        t0 = time.perf_counter()
+        try:
+            mod, names = import_many(
+                [(p.module, p.inputs) for p in prepared], [len(p.reference) for p in prepared]
+            )
+            fused = fuse(mod, self.target)
+        except Exception as exc:
+            return first_line(exc)
+        import_s = time.perf_counter() - t0
+        compiled = self._build_fused(fused)
+        return compiled, names, (import_s + compiled.compile_s) / len(prepared)
+
+    def _batch_measurement(
+        self,
+        p: _Prepared,
+        stats: dict[str, float],
+        details: dict[str, Any],
+        compile_s: float,
+        n: int,
+        warmup: int,
+        repeats: int,
+    ) -> Measurement:
+        details.update(
+            compiled_with=n,
+            tuning_s=0.0,
+            dtype="float32",
+            target_fingerprint=target_fingerprint(self.target_dict),
+        )
+        details.update(p.bits_details)
+        return make_measurement(self.spec, stats, compile_s, details, warmup, repeats, p.inputs[0].shape[0])
+
+    def _measure_many_local(
+        self, prepared: Sequence[_Prepared], warmup: int, repeats: int, timeout_s: float
+    ) -> tuple[dict[int, Measurement | Exception] | None, str]:
+        import tvm
+        from tvm import relax
+
+        what = f"target {self.spec.name}"
+        started = threading.Event()
+
+        def job(cancel: threading.Event) -> tuple[dict[int, Measurement | Exception] | None, str]:
+            # compiling holds the device like timing does: it would disturb another process's measurement
+            with device_lock(self.device, self.wait_s) as waited:
+                started.set()
+                built = self._compile_many(prepared)
+                if isinstance(built, str):
+                    return None, built
+                compiled, names, compile_s = built
+                _config_threads(self.threads)
+                dev = tvm.cpu(0)
+                vm = relax.VirtualMachine(compiled.executable, dev)
+                out: dict[int, Measurement | Exception] = {}
+                for p, name in zip(prepared, names, strict=True):
+                    if cancel.is_set():
+                        raise DeadlineExceeded(f"{what}: measuring {len(prepared)} workloads was cancelled")
+                    deadline = time.monotonic() + timeout_s
+                    try:
+                        stats, details = self._check_and_time(
+                            vm,
+                            dev,
+                            compiled,
+                            p.inputs,
+                            p.reference,
+                            p.rtol,
+                            warmup,
+                            repeats,
+                            deadline,
+                            cancel,
+                            timeout_s,
+                            func=name,
+                        )
+                    except TargetError as exc:
+                        out[p.index] = exc
+                        continue
+                    stats["lock_wait_s"] = waited
+                    out[p.index] = self._batch_measurement(
+                        p, stats, details, compile_s, len(prepared), warmup, repeats
+                    )
+                return out, ""
+
+        return run_with_deadline(job, timeout_s * len(prepared), what, started=started, wait_s=self.wait_s)
+
+    def _measure_many_remote(
+        self, prepared: Sequence[_Prepared], warmup: int, repeats: int, timeout_s: float
+    ) -> tuple[dict[int, Measurement | Exception] | None, str]:
+        """The batch on the RPC device: built and linked here, then one session uploads the library once and
+        checks and times each function on the device."""
+        import tvm
+        from tvm import relax
+
+        from compression.targets import tvm_rpc
+
+        assert self.rpc is not None
+        what = f"target {self.spec.name}"
+        deadline = time.monotonic() + timeout_s * len(prepared)
+        built = self._compile_many(prepared)
+        if isinstance(built, str):
+            return None, built
+        compiled, names, compile_s = built
+        timed: dict[int, tuple[list[float], int, float] | TargetError] = {}
+        with tempfile.TemporaryDirectory(prefix="compression-tvm-") as tmp:
+            lib_path = Path(tmp) / "batch.so"
+            self._export_library(compiled.executable, lib_path)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TargetError(
+                    f"{what}: compiling {len(prepared)} workloads took longer than their timeout of "
+                    f"{timeout_s * len(prepared):g} s"
+                )
+
+            def remote_job(sess: Any) -> None:
+                sess.upload(str(lib_path))
+                lib = sess.load_module(lib_path.name)
+                dev = sess.cpu(0)
+                vm = relax.VirtualMachine(lib, dev)
+                for p, name in zip(prepared, names, strict=True):
+                    item_deadline = time.monotonic() + timeout_s
+                    args = [tvm.runtime.tensor(t.detach().cpu().numpy(), dev) for t in p.inputs]
+                    try:
+                        diff = _check_output(vm, args, p.reference, what, p.rtol, func=name)
+                        times, number = _time_vm(
+                            vm,
+                            dev,
+                            args,
+                            warmup,
+                            repeats,
+                            self.min_run_ms,
+                            item_deadline,
+                            None,
+                            timeout_s,
+                            func=name,
+                        )
+                    except TargetError as exc:  # this workload's own failure; the session goes on
+                        timed[p.index] = exc
+                        continue
+                    timed[p.index] = (times, number, diff)
+
+            t_wait = time.monotonic()
+            session_error: TargetError | None = None
+            try:
+                tvm_rpc.run_on_device(self.rpc, remote_job, timeout_s=remaining, what=what)
+            except TargetError as exc:  # the device died or did not answer: what it measured before stays
+                session_error = exc
+            session_s = time.monotonic() - t_wait
+        timed = dict(timed)  # a session abandoned at its deadline may still be writing
+        out: dict[int, Measurement | Exception] = {}
+        device = f"rpc://{self.rpc['host']}:{self.rpc['port']}/{self.rpc['key']}"
+        for p in prepared:
+            got = timed.get(p.index)
+            if got is None:
+                assert session_error is not None
+                out[p.index] = session_error
+            elif isinstance(got, TargetError):
+                out[p.index] = got
+            else:
+                times, number, diff = got
+                details = dict(compiled.details)
+                details.update(
+                    device=device,
+                    calls_per_run=number,
+                    max_abs_diff=diff,
+                    session_s=session_s,
+                    timer="tvm time_evaluator (on the device)",
+                )
+                out[p.index] = self._batch_measurement(
+                    p, summarize(times), details, compile_s, len(prepared), warmup, repeats
+                )
+        return out, ""
 
     def measure_interleaved(
         self,
@@ -1000,6 +1113,18 @@ def _config_threads(threads: int) -> None:
 
     # affinity mode 0 = default: the pool is resized for the calling thread (the measuring thread)
     tvm.get_global_func("runtime.config_threadpool")(0, int(threads))
+
+
+@dataclass
+class _Prepared:
+    """One item of ``measure_many``: its position, the module, its inputs and PyTorch's outputs."""
+
+    index: int
+    module: Any
+    inputs: tuple[Any, ...]
+    reference: list[np.ndarray]
+    rtol: float
+    bits_details: dict[str, Any]
 
 
 def _check_output(
