@@ -371,7 +371,7 @@ def _scheduled_loops(model: nn.Module, x: torch.Tensor, target: dict) -> tuple[l
 
 
 def test_vector_width_and_register_tile_follow_the_instruction_set() -> None:
-    """TVM's LLVM query says 512 bits for every x86 CPU; AVX2 has 256-bit registers, 16 of them."""
+    """TVM's LLVM query says 512 bits for every x86 CPU; AVX2 has 256-bit registers, 16 of them; AVX-512 32."""
     import tvm
 
     from compression.targets.tvm_schedules import register_tile, vector_lanes
@@ -381,29 +381,32 @@ def test_vector_width_and_register_tile_follow_the_instruction_set() -> None:
 
     for mcpu in ("haswell", "znver3"):
         assert (vector_lanes(target(mcpu)), register_tile(target(mcpu))) == (8, (4, 2))
-    for mcpu in ("skylake-avx512", "znver4"):
-        assert (vector_lanes(target(mcpu)), register_tile(target(mcpu))) == (16, (1, 8))
+    for mcpu in ("skylake-avx512", "znver4", "emeraldrapids"):
+        assert (vector_lanes(target(mcpu)), register_tile(target(mcpu))) == (16, (8, 2))
     arm = target("cortex-a72", "aarch64-linux-gnu")
     assert (vector_lanes(arm), register_tile(arm)) == (4, (1, 8))
 
 
-def test_avx2_convolutions_are_tiled_over_channels_and_rows() -> None:
+def test_x86_convolutions_are_tiled_over_channels_and_rows() -> None:
     """At batch 1 the batch loop is gone from the scheduled block: the tile must still block output channels
-    (it blocked rows twice over, with vectors of 16 floats, before session 17) and fit AVX2's registers."""
+    (it blocked rows twice over, with vectors of 16 floats, before session 17) and fit the registers: 8
+    accumulators of AVX2's 16 registers, 16 of AVX-512's 32."""
     x = torch.randn(1, 8, 16, 16)
     unrolled, vectorized = _scheduled_loops(_conv_block(8, 16), x, {"kind": "llvm", "mcpu": "haswell"})
     assert sorted(set(unrolled)) == [2, 4] and set(vectorized) == {8}
     unrolled, vectorized = _scheduled_loops(_conv_block(8, 16), x, {"kind": "llvm", "mcpu": "skylake-avx512"})
-    assert set(unrolled) == {8} and set(vectorized) == {16}
+    assert sorted(set(unrolled)) == [2, 8] and set(vectorized) == {16}
     # a pruned width that 4 does not divide: the largest divisor instead, no tail
     unrolled, _ = _scheduled_loops(_conv_block(8, 6), x, {"kind": "llvm", "mcpu": "haswell"})
     assert sorted(set(unrolled)) == [2, 3]
 
 
-@pytest.mark.skipif(not _host_has("avx2"), reason="runs AVX2 code")
-@pytest.mark.parametrize("cout", [16, 13])
-def test_avx2_tiled_convolutions_stay_exact(cout: int) -> None:
-    backend = make_backend(_spec(target={"kind": "llvm", "mcpu": "haswell"}, threads=2))
+@pytest.mark.parametrize("cout", [16, 13, 24])
+@pytest.mark.parametrize("mcpu, feature", [("haswell", "avx2"), ("skylake-avx512", "avx512f")])
+def test_x86_tiled_convolutions_stay_exact(mcpu: str, feature: str, cout: int) -> None:
+    if not _host_has(feature):
+        pytest.skip(f"runs {feature} code")
+    backend = make_backend(_spec(target={"kind": "llvm", "mcpu": mcpu}, threads=2))
     m = backend.measure(_conv_block(8, cout), torch.randn(1, 8, 16, 16), warmup=1, repeats=3, timeout_s=60)
     assert m.details["max_abs_diff"] < 1e-4
 

@@ -90,15 +90,23 @@ def register_tile(target: Target) -> tuple[int, int]:
     """(output channels, output rows) of a convolution's register tile on ``target``, one vector wide.
 
     The tile's accumulators must stay in registers while the reduction runs, beside the input vectors and the
-    broadcast weights. x86 with AVX/AVX2 has 16 vector registers: 4 channels x 2 rows (8 accumulators) ran
-    ResNet-20 1.7x faster than 8 rows of one vector (its pruned copies 1.1-1.3x, the depthwise net 1.5x), and
-    8 x 2 (every register) was slower than both (an AMD EPYC Zen 3; docs/targets-tvm.md, ``bench/run.py
-    schedules``). With AVX-512 (32 registers) and
-    on other architectures (NEON: 32) the tile stays 8 rows of one vector, what every TVM result before
-    session 17 was measured with (ResNet-20 in 0.76 ms on an EPYC Zen 4, within 2.1% of the latency table).
+    broadcast weights; on both x86 machines measured the best tile holds about half the register file
+    (docs/targets-tvm.md, ``bench/run.py schedules``):
+
+    - AVX/AVX2 (16 vector registers): 4 channels x 2 rows (8 accumulators) ran ResNet-20 1.7x faster than 8
+      rows of one vector (its pruned copies 1.1-1.3x, the depthwise net 1.3x), and 8 x 2 (every register) was
+      slower than both (an AMD EPYC Zen 3, session 17).
+    - AVX-512 (32 registers): 8 channels x 2 rows (16 accumulators) ran ResNet-20 1.2x faster than 8 rows of
+      one vector, its pruned copies 1.05-1.08x, the depthwise net 1.4x; 4 x 4 was level with it, 24
+      accumulators (8 x 3, 4 x 6) no faster, 8 accumulators slower (an Intel Xeon, Emerald Rapids, session
+      18). 8 x 2 is also the tile the rule gave AVX-512 at batch > 1 before session 17.
+    - Other architectures (NEON: 32 registers of 4 floats) keep 8 rows of one vector: not measured there.
     """
-    if _x86_vector_bits(target) in (128, 256):
+    bits = _x86_vector_bits(target)
+    if bits in (128, 256):
         return 4, 2
+    if bits == 512:
+        return 8, 2
     return 1, 8
 
 
