@@ -142,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         "quantizer's side-by-side measurement, layout only channels-last against NCHW scoring, apply only the apply "
         "step's batch-norm re-estimation in the re-fit's pass against a calibration pass, tvm-fill only a cold TVM "
         "latency table filled with workloads compiled together against one by one (and a cold Galen search each way), "
+        "tvm-fill-rpc the same fill on an RPC device (a tracker and server started on loopback), "
         "tvm-cap a cold AMC search whose cap measures probe by probe against probes together",
     )
     p.add_argument(

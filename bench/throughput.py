@@ -604,10 +604,17 @@ def _env_batch(value: str | None) -> Any:
 
 
 def _tvm_fill_speed(
-    ctx: Context, model: str, rounds: int = 3, per_round: int = 3, episodes: int = 8, budget: float = 0.6
+    ctx: Context,
+    model: str,
+    rounds: int = 3,
+    per_round: int = 3,
+    episodes: int = 8,
+    budget: float = 0.6,
+    target: Any = "local-tvm",
+    label: str = "tvm-fill",
 ) -> dict[str, Any]:
     """A cold TVM latency table, filled with the workloads compiled together (``TvmBackend.measure_many``, since
-    session 16) against one at a time as before (``COMPRESSION_TABLE_BATCH=1``).
+    session 16; on an RPC device since session 18) against one at a time as before (``COMPRESSION_TABLE_BATCH=1``).
 
     (a) Side by side: per round, ``per_round`` random pruning policies of the model at rounding 1 (what a TVM
     search meets) and their workloads; each method fills them into an empty table of its own, with the search's
@@ -628,10 +635,10 @@ def _tvm_fill_speed(
     x = ws.artifact.example_input(1)
     g = torch.Generator().manual_seed(16)
     methods = {"one by one": "1", "together": None}
-    base = fresh_dir(ctx.work_dir / "throughput" / "tvm-fill")
+    base = fresh_dir(ctx.work_dir / "throughput" / label)
 
     def workloads_of(policies: list[Policy]) -> list[Any]:
-        probe = LatencyTable("local-tvm", base / "probe.sqlite")
+        probe = LatencyTable(target, base / "probe.sqlite")
         out: dict[str, Any] = {}
         for p in policies:
             m = prune_module(ws.graph, group_keeps(ws.graph, p, 1))
@@ -649,7 +656,7 @@ def _tvm_fill_speed(
         )
 
     # the process's first export and compile pay one-off warm-ups: not part of either side
-    LatencyTable("local-tvm", base / "warm.sqlite", warmup=1, repeats=2).fill_workloads(
+    LatencyTable(target, base / "warm.sqlite", warmup=1, repeats=2).fill_workloads(
         workloads_of([policy()])[:4]
     )
     seconds: dict[str, list[float]] = {m: [] for m in methods}
@@ -662,14 +669,14 @@ def _tvm_fill_speed(
             for name in list(methods) if r % 2 == 0 else list(methods)[::-1]:
                 saved = _env_batch(methods[name])
                 try:
-                    t = LatencyTable("local-tvm", base / f"r{r}-{name}.sqlite", warmup=5, repeats=40)
+                    t = LatencyTable(target, base / f"r{r}-{name}.sqlite", warmup=5, repeats=40)
                     t0 = time.perf_counter()
                     n = t.fill_workloads(ws_round)
                     seconds[name].append((time.perf_counter() - t0) / max(1, n))
                 finally:
                     _env_batch(saved)
                 values[name] = {w.key: t.lookup(t.normalize(w)) for w in ws_round}
-                log(ctx, f"tvm fill round {r + 1}: {name}, {n} workloads, {seconds[name][-1]:.3f} s each")
+                log(ctx, f"{label} round {r + 1}: {name}, {n} workloads, {seconds[name][-1]:.3f} s each")
             counts.append(n)
             a, b = values.values()
             diffs += [b[k] / a[k] - 1 for k in a if a[k] and b.get(k)]
@@ -677,6 +684,7 @@ def _tvm_fill_speed(
     together = statistics.median(seconds["together"])
     abs_diffs = sorted(abs(d) for d in diffs)
     out: dict[str, Any] = {
+        "target": target if isinstance(target, str) else {"name": target.name, **target.settings},
         "rounds": rounds,
         "workloads_per_round": counts,
         "one_by_one_s_per_workload": alone,
@@ -690,7 +698,7 @@ def _tvm_fill_speed(
     }
     log(
         ctx,
-        f"tvm fill: {together:.3f} s per workload together vs {alone:.3f} s one by one, ratio {together / alone:.3f}; "
+        f"{label}: {together:.3f} s per workload together vs {alone:.3f} s one by one, ratio {together / alone:.3f}; "
         f"entries differ by {out['entry_diff_median_abs']:.1%} (median), {out['entry_diff_p90_abs']:.1%} (p90)",
     )
     if episodes:
@@ -719,6 +727,92 @@ def _tvm_fill_speed(
         out["cold_search"] = {"agent": "galen-pq", "budget": budget, **searches}
         out["cold_search"]["ratio"] = searches["together"]["total_s"] / searches["one by one"]["total_s"]
     return out
+
+
+def _tvm_fill_rpc_speed(ctx: Context, model: str) -> dict[str, Any]:
+    """``_tvm_fill_speed``'s side-by-side fill on an RPC device: a TVM tracker and one ``rpc_server`` started on
+    loopback (the device is this CPU, reached the way a board on the network is: each batch, or each workload
+    one by one, is linked into a library, uploaded, loaded and timed in a session of its own)."""
+    import socket
+    import subprocess
+    import sys
+
+    from compression.targets.base import TargetSpec
+    from compression.targets.tvm_rpc import servers_for_key, tracker_summary
+
+    def free_port() -> int:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return sock.getsockname()[1]
+
+    logs = fresh_dir(ctx.work_dir / "throughput" / "tvm-fill-rpc-logs")
+    port, server_port, key = free_port(), free_port(), "bench-device"
+    procs = []
+    try:
+        for name, args in (
+            (
+                "tracker",
+                [
+                    "tvm.exec.rpc_tracker",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--port-end",
+                    str(port + 1),
+                ],
+            ),
+            (
+                "server",
+                [
+                    "tvm.exec.rpc_server",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(server_port),
+                    "--port-end",
+                    str(server_port + 20),
+                    f"--tracker=127.0.0.1:{port}",
+                    "--key",
+                    key,
+                ],
+            ),
+        ):
+            with open(logs / f"{name}.log", "wb") as f:
+                procs.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", *args],
+                        stdout=f,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
+                )
+            end = time.monotonic() + 60
+            while name == "server":
+                try:
+                    if servers_for_key(tracker_summary("127.0.0.1", port, 2.0), key):
+                        break
+                except Exception:
+                    pass
+                if time.monotonic() > end:
+                    raise RuntimeError(f"the loopback RPC server never registered (see {logs})")
+                time.sleep(0.3)
+        spec = TargetSpec(
+            "bench-rpc-tvm",
+            "tvm",
+            {"rpc": {"host": "127.0.0.1", "port": port, "key": key, "timeout_s": 120.0}},
+        )
+        log(ctx, f"tvm-fill-rpc: tracker on 127.0.0.1:{port}, device {key!r} registered")
+        return _tvm_fill_speed(ctx, model, episodes=0, target=spec, label="tvm-fill-rpc")
+    finally:
+        import signal
+
+        for proc in reversed(procs):
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(10)
 
 
 def _tvm_cap_speed(ctx: Context, model: str, episodes: int = 8, budget: float = 0.5) -> dict[str, Any]:
@@ -814,7 +908,9 @@ def _tvm_fill_table(tf: dict[str, Any]) -> str:
                 "",
             ]
         )
-    return table(["TVM latency table", "one by one", "compiled together", "ratio", ""], rows)
+    where = tf.get("target", "local-tvm")
+    where = where if isinstance(where, str) else f"{where['name']} (RPC)"
+    return table([f"TVM latency table, {where}", "one by one", "compiled together", "ratio", ""], rows)
 
 
 def _profile(ctx: Context, model: str, target: str, episodes: int, budget: float = 0.5) -> dict[str, Any]:
@@ -882,12 +978,13 @@ def _run(ctx: Context) -> dict[str, Any]:
     episodes = int(ctx.opt("episodes", 10, 40))
     agents = ctx.options.get("agents") or list(AGENTS)
     model = ctx.options.get("model") or resnet20_digits(ctx).spec
-    # --parts layout / apply / quantizer / tvm-fill / tvm-cap: only that side-by-side measurement (minutes), in a result of its own
+    # --parts layout / apply / quantizer / tvm-fill / tvm-fill-rpc / tvm-cap: only that side-by-side measurement (minutes), in a result of its own
     only = {
         "layout": {"layout": _layout_speed},
         "apply": {"apply": _apply_speed},
         "quantizer": {"quantizer": _quantizer_speed, "fold": _fold_speed},
         "tvm-fill": {"tvm_fill": _tvm_fill_speed},
+        "tvm-fill-rpc": {"tvm_fill": _tvm_fill_rpc_speed},
         "tvm-cap": {"tvm_cap": _tvm_cap_speed},
     }
     parts = ctx.options.get("parts") or []
