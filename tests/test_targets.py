@@ -501,6 +501,23 @@ def test_table_rejects_unknown_statistic(tmp_path: Path) -> None:
         LatencyTable(TORCH_1, tmp_path / "t.sqlite", statistic="p99")
 
 
+def test_a_tvm_table_sums_each_entrys_fastest_run(tmp_path: Path) -> None:
+    """TVM's entries are read by their minimum (a disturbance moves a short measurement's median); other backends'
+    by their median; an explicit statistic wins. The statistic is part of TVM's fingerprint: calibrations stored
+    with a table were fitted on it."""
+    pytest.importorskip("tvm")
+    from compression.targets.base import Measurement
+
+    tvm_spec = {"name": "tvm-min", "backend": "tvm", "settings": {}}
+    table = LatencyTable(tvm_spec, tmp_path / "t.sqlite")
+    assert table.statistic == "min" and table.fingerprint_data["table_statistic"] == "min"
+    assert LatencyTable(TORCH_1, tmp_path / "u.sqlite").statistic == "median"
+    assert LatencyTable(tvm_spec, tmp_path / "v.sqlite", statistic="median").statistic == "median"
+    w = table.normalize(table.required(SmallResNet(), small_input())[0])
+    table._store(w, Measurement("tvm-min", "tvm", 2.0, 1.5, 0.2, 1.0, 40, 5, 0.0))
+    assert table.lookup(w) == 1.0
+
+
 # ------------------------------------------------------------------------------------------ side by side
 def test_time_interleaved_alternates_the_models_and_rotates_their_order() -> None:
     from compression.targets.measure import time_interleaved

@@ -155,7 +155,8 @@ class LatencyTable:
     target: a target name, description or ``TargetSpec``. path: the SQLite file (created if missing).
     backend: measure with this backend object instead of ``make_backend(target)`` (tests, custom setups).
     warmup / repeats / timeout_s: the timing protocol of each entry. statistic: which statistic of an entry
-    is summed (``median``, ``min`` or ``mean``).
+    is summed (``median``, ``min`` or ``mean``); default the backend's ``table_statistic`` (TVM: ``min``, see
+    ``tvm_backend``), else ``median``. Calibration measurements use the same statistic.
     Counters: ``hits`` and ``misses`` (lookups of workload occurrences by ``predict``), ``measured`` (entries
     measured by this object) and ``measure_s`` (seconds spent measuring).
     """
@@ -169,10 +170,12 @@ class LatencyTable:
         warmup: int = 10,
         repeats: int = 100,
         timeout_s: float = 120.0,
-        statistic: str = "median",
+        statistic: str | None = None,
     ) -> None:
         self.spec = get_target(target)
         self.backend = backend if backend is not None else make_backend(self.spec)
+        if statistic is None:  # the backend's choice (TVM: min), else the median
+            statistic = getattr(self.backend, "table_statistic", "median")
         if statistic not in STATISTICS:
             raise TargetError(f"unknown table statistic {statistic!r}", f"use one of {', '.join(STATISTICS)}")
         self.statistic = statistic
