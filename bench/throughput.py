@@ -807,12 +807,16 @@ def _tvm_fill_rpc_speed(ctx: Context, model: str) -> dict[str, Any]:
     finally:
         import signal
 
-        for proc in reversed(procs):
+        for proc in procs:  # every group first (the server's session processes with it), then reap them
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-            proc.wait(10)
+        for proc in procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                log(ctx, f"tvm-fill-rpc: process {proc.pid} did not exit after SIGKILL")
 
 
 def _tvm_cap_speed(ctx: Context, model: str, episodes: int = 8, budget: float = 0.5) -> dict[str, Any]:

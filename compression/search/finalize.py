@@ -408,8 +408,13 @@ def _latency_summary(
         ratio = after.median_ms / before.median_ms
     out["speedup"] = 1.0 / ratio if ratio else None
     if cand.latency_ms:
+        # the table predicts the statistic it sums and calibrates on (TVM: a model's fastest runs): compare like with like
+        stat = getattr(getattr(run.latency, "table", None), "statistic", "median")
+        measured = getattr(after, f"{stat}_ms", after.median_ms)
         out["predicted_ms"] = cand.latency_ms
-        out["prediction_error"] = (cand.latency_ms - after.median_ms) / after.median_ms
+        out["prediction_statistic"] = stat
+        if measured > 0:
+            out["prediction_error"] = (cand.latency_ms - measured) / measured
     cfg = run.config
     if cfg.objective == "latency" and ratio is not None:
         out["measured_ratio"] = ratio

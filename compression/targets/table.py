@@ -141,10 +141,15 @@ class _Entry:
         return {"median": self.median_ms, "min": self.min_ms, "mean": self.mean_ms}[statistic]
 
 
-def backend_fingerprint(spec: TargetSpec, backend: Backend) -> tuple[str, dict[str, Any]]:
-    """A short hash of what latencies on this target depend on, and the data it hashes."""
+def backend_fingerprint(
+    spec: TargetSpec, backend: Backend, statistic: str = "median"
+) -> tuple[str, dict[str, Any]]:
+    """A short hash of what latencies on this target depend on, and the data it hashes. A table that sums another
+    statistic than the median has its own fingerprint: the calibrations stored with it are fitted on that one."""
     fp = getattr(backend, "fingerprint", None)
     data = fp() if callable(fp) else {"backend": spec.backend, "settings": spec.settings}
+    if statistic != "median":
+        data = {**data, "table_statistic": statistic}
     text = json.dumps(data, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16], data
 
@@ -183,7 +188,7 @@ class LatencyTable:
         self.path = Path(path)
         self.analytic = self.spec.backend == "analytic"
         self.unit = getattr(self.backend, "unit", "ms") if self.analytic else "ms"
-        self.fingerprint, self.fingerprint_data = backend_fingerprint(self.spec, self.backend)
+        self.fingerprint, self.fingerprint_data = backend_fingerprint(self.spec, self.backend, self.statistic)
         # calibrations time their models side by side where the backend can (``_measure_rounds``);
         # COMPRESSION_SIDE_BY_SIDE=0 measures them one by one instead (to compare the two, bench/fidelity.py)
         self.side_by_side = os.environ.get("COMPRESSION_SIDE_BY_SIDE", "1") != "0" and bool(
@@ -430,7 +435,7 @@ class LatencyTable:
     def fill_workloads(self, workloads: list[LayerWorkload]) -> int:
         """Measure the workloads (normalised first) that have no entry yet; returns how many were measured.
 
-        Where the backend can compile many workloads together (``measure_many``: TVM on this CPU), they are
+        Where the backend can compile many workloads together (``measure_many``: TVM, on this CPU or an RPC device), they are
         measured in batches of up to ``BATCH`` (each timed on its own); elsewhere one by one. Operations that
         cannot be rebuilt or exported for this backend are skipped, logged once and kept in
         ``self.unmeasurable`` (key -> reason); ``predict`` keeps listing them as missing.

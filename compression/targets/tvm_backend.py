@@ -274,8 +274,8 @@ class TvmBackend:
     # length moves its median, not its minimum. On a cloud Xeon whose TVM timings moved 13-16% within a run, the
     # same entries measured twice differed by 5-37% at the 90th percentile by median and 4-9% by minimum, and
     # section 3 (docs/BENCHMARKS.md, session 18) measured 15.9% and 17.7% by median, 5.4% and 7.9% by minimum.
-    # End-to-end measurements keep their medians, side by side with the original; the calibration line maps one
-    # onto the other.
+    # The table's calibration measures its end-to-end models by the same statistic, so its calibrated predictions
+    # estimate a model's fastest runs; the search compares them as ratios to the original's.
     table_statistic = "min"
 
     def __init__(self, spec: TargetSpec) -> None:
@@ -330,8 +330,6 @@ class TvmBackend:
             "target": _target_json(self.target),
             "tuning": self.mode,
             "schedules": "tvm_schedules-3",
-            # calibrations stored with a table are fitted on this statistic of its entries
-            "table_statistic": self.table_statistic,
         }
         if self.mode == "metaschedule":
             fp["trials_per_task"] = self.trials_per_task
@@ -662,7 +660,7 @@ class TvmBackend:
 
     def _compile_many(self, prepared: Sequence[_Prepared]) -> tuple[Compiled, list[str], float] | str:
         """Import, fuse and build the batch as one module: (compiled, function names, compile seconds per item),
-        or why the batch could not be imported together."""
+        or why the batch could not be compiled together."""
         from compression.targets.tvm_compile import fuse, import_many
 
         t0 = time.perf_counter()
@@ -674,7 +672,10 @@ class TvmBackend:
         except Exception as exc:
             return first_line(exc)
         import_s = time.perf_counter() - t0
-        compiled = self._build_fused(fused)
+        try:
+            compiled = self._build_fused(fused)
+        except TargetError as exc:  # one function LLVM cannot build: measured alone, each gets its own error
+            return exc.what
         return compiled, names, (import_s + compiled.compile_s) / len(prepared)
 
     def _batch_measurement(
@@ -765,15 +766,22 @@ class TvmBackend:
             return None, built
         compiled, names, compile_s = built
         timed: dict[int, tuple[list[float], int, float] | TargetError] = {}
+        stop = (
+            threading.Event()
+        )  # set when the session is abandoned at its deadline: the loop stops between items
         with tempfile.TemporaryDirectory(prefix="compression-tvm-") as tmp:
             lib_path = Path(tmp) / "batch.so"
-            self._export_library(compiled.executable, lib_path)
+            try:
+                self._export_library(compiled.executable, lib_path)
+            except TargetError as exc:
+                return None, exc.what
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise TargetError(
+                late = DeadlineExceeded(
                     f"{what}: compiling {len(prepared)} workloads took longer than their timeout of "
                     f"{timeout_s * len(prepared):g} s"
                 )
+                return {p.index: late for p in prepared}, ""
 
             def remote_job(sess: Any) -> None:
                 sess.upload(str(lib_path))
@@ -781,6 +789,8 @@ class TvmBackend:
                 dev = sess.cpu(0)
                 vm = relax.VirtualMachine(lib, dev)
                 for p, name in zip(prepared, names, strict=True):
+                    if stop.is_set():
+                        return
                     item_deadline = time.monotonic() + timeout_s
                     args = [tvm.runtime.tensor(t.detach().cpu().numpy(), dev) for t in p.inputs]
                     try:
@@ -793,27 +803,39 @@ class TvmBackend:
                             repeats,
                             self.min_run_ms,
                             item_deadline,
-                            None,
+                            stop,
                             timeout_s,
                             func=name,
                         )
                     except TargetError as exc:  # this workload's own failure; the session goes on
                         timed[p.index] = exc
                         continue
+                    except Exception as exc:  # a remote error in this function (or the session's end): named
+                        timed[p.index] = TargetError(
+                            f"{what}: workload {p.index} failed on the device: {type(exc).__name__}: {first_line(exc)}"
+                        )
+                        continue
                     timed[p.index] = (times, number, diff)
 
+            # the session lasts the whole batch: a session timeout sized for one model must not cut it short
+            settings = dict(self.rpc)
+            settings["session_timeout_s"] = max(
+                float(settings.get("session_timeout_s", 0.0)), remaining + 30.0
+            )
             t_wait = time.monotonic()
             session_error: TargetError | None = None
             try:
-                tvm_rpc.run_on_device(self.rpc, remote_job, timeout_s=remaining, what=what)
+                tvm_rpc.run_on_device(settings, remote_job, timeout_s=remaining, what=what)
             except TargetError as exc:  # the device died or did not answer: what it measured before stays
                 session_error = exc
+            finally:
+                stop.set()
             session_s = time.monotonic() - t_wait
-        timed = dict(timed)  # a session abandoned at its deadline may still be writing
+        done = dict(timed)  # what the session measured by now (an abandoned one stops at its next item)
         out: dict[int, Measurement | Exception] = {}
         device = f"rpc://{self.rpc['host']}:{self.rpc['port']}/{self.rpc['key']}"
         for p in prepared:
-            got = timed.get(p.index)
+            got = done.get(p.index)
             if got is None:
                 assert session_error is not None
                 out[p.index] = session_error
@@ -826,7 +848,7 @@ class TvmBackend:
                     device=device,
                     calls_per_run=number,
                     max_abs_diff=diff,
-                    session_s=session_s,
+                    batch_session_s=session_s,  # the batch's whole session, shared by its items
                     timer="tvm time_evaluator (on the device)",
                 )
                 out[p.index] = self._batch_measurement(
