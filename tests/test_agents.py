@@ -500,12 +500,24 @@ def learned(outcome: SearchOutcome, optimum: float, random_reward: float, random
 
 @pytest.mark.parametrize("name", RL_AGENTS)
 def test_rl_agent_learns_beyond_random_search(name):
+    """The criterion must hold in at least 2 of 3 seeds (seeds run until that is decided). One seed is one RL
+    run, and its trajectory depends on the CPU's floating-point kernels: on an Emerald Rapids Xeon AMC's seed 0
+    closed only 18% of the gap (seeds 1 and 2: 77% and 55%) where on the machines before it passed."""
     env_kwargs = learning_env_kwargs(name)
     optimum = SyntheticCompressionEnv(**env_kwargs).optimum().reward
     random_reward, random_distance = random_baseline(env_kwargs)
-    outcome = search(name, env_kwargs, 0, {**LEARN_CONFIG, **LEARN_OVERRIDES.get(name, {})})
-    print(f"{name}: optimum {optimum:.4f} random {random_reward:.4f}/{random_distance:.3f} -> {outcome}")
-    assert learned(outcome, optimum, random_reward, random_distance), outcome
+    outcomes = []
+    for seed in (0, 1, 2):
+        outcome = search(name, env_kwargs, seed, {**LEARN_CONFIG, **LEARN_OVERRIDES.get(name, {})})
+        ok = learned(outcome, optimum, random_reward, random_distance)
+        print(
+            f"{name} seed {seed}: optimum {optimum:.4f} random {random_reward:.4f}/{random_distance:.3f} -> {outcome}"
+        )
+        outcomes.append((ok, outcome))
+        passed = sum(o for o, _ in outcomes)
+        if passed >= 2 or len(outcomes) - passed >= 2:
+            break
+    assert sum(o for o, _ in outcomes) >= 2, outcomes
 
 
 def test_the_learning_check_fails_for_an_agent_that_ignores_its_rewards():

@@ -409,7 +409,8 @@ def _latency_summary(
     out["speedup"] = 1.0 / ratio if ratio else None
     if cand.latency_ms:
         # the table predicts the statistic it sums and calibrates on (TVM: a model's fastest runs): compare like with like
-        stat = getattr(getattr(run.latency, "table", None), "statistic", "median")
+        table = getattr(getattr(run, "latency", None), "table", None)
+        stat = getattr(table, "statistic", "median")
         measured = getattr(after, f"{stat}_ms", after.median_ms)
         out["predicted_ms"] = cand.latency_ms
         out["prediction_statistic"] = stat
