@@ -833,7 +833,6 @@ class TvmBackend:
             session_s = time.monotonic() - t_wait
         done = dict(timed)  # what the session measured by now (an abandoned one stops at its next item)
         out: dict[int, Measurement | Exception] = {}
-        device = f"rpc://{self.rpc['host']}:{self.rpc['port']}/{self.rpc['key']}"
         for p in prepared:
             got = done.get(p.index)
             if got is None:
@@ -843,14 +842,8 @@ class TvmBackend:
                 out[p.index] = got
             else:
                 times, number, diff = got
-                details = dict(compiled.details)
-                details.update(
-                    device=device,
-                    calls_per_run=number,
-                    max_abs_diff=diff,
-                    batch_session_s=session_s,  # the batch's whole session, shared by its items
-                    timer="tvm time_evaluator (on the device)",
-                )
+                # the batch's whole session, shared by its items
+                details = self._remote_details(compiled, number, diff, batch_session_s=session_s)
                 out[p.index] = self._batch_measurement(
                     p, summarize(times), details, compile_s, len(prepared), warmup, repeats
                 )
@@ -996,6 +989,21 @@ class TvmBackend:
         )
         return details
 
+    def _remote_details(
+        self, compiled: Compiled, number: int, diff: float, **session: float
+    ) -> dict[str, Any]:
+        """An RPC measurement's details: how the code was compiled, the device, how it was checked and timed."""
+        assert self.rpc is not None
+        details = dict(compiled.details)
+        details.update(
+            device=f"rpc://{self.rpc['host']}:{self.rpc['port']}/{self.rpc['key']}",
+            calls_per_run=number,
+            max_abs_diff=diff,
+            timer="tvm time_evaluator (on the device)",
+            **session,
+        )
+        return details
+
     def _export_library(self, executable: Any, path: Path) -> None:
         kwargs: dict[str, Any] = {}
         if self.cc:
@@ -1053,14 +1061,7 @@ class TvmBackend:
             times, number, diff = tvm_rpc.run_on_device(self.rpc, remote_job, timeout_s=remaining, what=what)
             session_s = time.monotonic() - t_wait
         stats = summarize(times)
-        details = dict(compiled.details)
-        details.update(
-            device=f"rpc://{self.rpc['host']}:{self.rpc['port']}/{self.rpc['key']}",
-            calls_per_run=number,
-            max_abs_diff=diff,
-            session_s=session_s,
-            timer="tvm time_evaluator (on the device)",
-        )
+        details = self._remote_details(compiled, number, diff, session_s=session_s)
         return stats, compiled.compile_s, details
 
     # ---------------------------------------------------------------------------------- deploy
