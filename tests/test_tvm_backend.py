@@ -585,6 +585,55 @@ def test_rpc_batch_without_a_device_gives_each_item_the_error(farm: _Farm) -> No
         )
 
 
+def test_rpc_device_dying_mid_batch_keeps_what_it_measured(farm: _Farm, tmp_path: Path, monkeypatch) -> None:
+    """The device is killed after the batch's first workload is timed: that entry is stored, the table fill
+    raises the session's error naming the device, and a fill on a new device measures only the rest."""
+    from compression.targets import tvm_backend
+    from compression.targets.table import LatencyTable
+
+    key = "dies-mid-batch"
+    proc = farm.add_server(key)
+    real = tvm_backend._time_vm
+    timed: list[str] = []
+
+    def time_then_kill(*args, **kw):  # the real timing; after the first workload the device dies
+        out = real(*args, **kw)
+        timed.append(kw.get("func", "main"))
+        if len(timed) == 1:
+            _signal_group(proc, signal.SIGKILL)  # the server and its session process
+            proc.wait(10)
+        return out
+
+    monkeypatch.setattr(tvm_backend, "_time_vm", time_then_kill)
+    table = LatencyTable(
+        farm.spec(key, timeout_s=60.0), tmp_path / "t.sqlite", warmup=1, repeats=5, timeout_s=60.0
+    )
+    model = nn.Sequential(
+        nn.Conv2d(4, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 8, 1),
+    ).eval()
+    need = [table.normalize(w) for w in table.required(model, torch.randn(1, 4, 8, 8))]
+    need = list({w.key: w for w in need}.values())
+    assert len(need) >= 3
+    t0 = time.monotonic()
+    with pytest.raises(TargetError, match=f"device '{key}' failed") as err:
+        table.fill_workloads(need)
+    assert time.monotonic() - t0 < 120  # the dead session fails at once, not at its timeout
+    assert "may have died" in (err.value.hint or "")
+    assert len(timed) == 1  # nothing was timed after the device died
+    stored = [w for w in need if table.lookup(w) is not None]
+    assert len(stored) == 1 and table.measured == 1  # the entry measured before the death is kept
+
+    monkeypatch.setattr(tvm_backend, "_time_vm", real)
+    _wait_for_server(farm.port, key, present=False, timeout=30)
+    farm.add_server(key)  # the device comes back
+    assert table.fill_workloads(need) == len(need) - 1  # only what was lost is measured again
+    assert all(table.lookup(w) is not None for w in need)
+
+
 def test_rpc_check_reports_the_queue(farm: _Farm) -> None:
     from compression.targets.tvm_rpc import tracker_summary
 

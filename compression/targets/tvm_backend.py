@@ -753,9 +753,6 @@ class TvmBackend:
     ) -> tuple[dict[int, Measurement | Exception] | None, str]:
         """The batch on the RPC device: built and linked here, then one session uploads the library once and
         checks and times each function on the device."""
-        import tvm
-        from tvm import relax
-
         from compression.targets import tvm_rpc
 
         assert self.rpc is not None
@@ -784,38 +781,34 @@ class TvmBackend:
                 return {p.index: late for p in prepared}, ""
 
             def remote_job(sess: Any) -> None:
-                sess.upload(str(lib_path))
-                lib = sess.load_module(lib_path.name)
-                dev = sess.cpu(0)
-                vm = relax.VirtualMachine(lib, dev)
+                vm, dev = _load_on_device(sess, lib_path)
                 for p, name in zip(prepared, names, strict=True):
                     if stop.is_set():
                         return
-                    item_deadline = time.monotonic() + timeout_s
-                    args = [tvm.runtime.tensor(t.detach().cpu().numpy(), dev) for t in p.inputs]
                     try:
-                        diff = _check_output(vm, args, p.reference, what, p.rtol, func=name)
-                        times, number = _time_vm(
+                        timed[p.index] = self._time_on_device(
                             vm,
                             dev,
-                            args,
+                            p,
+                            what,
                             warmup,
                             repeats,
-                            self.min_run_ms,
-                            item_deadline,
+                            time.monotonic() + timeout_s,
                             stop,
                             timeout_s,
-                            func=name,
+                            name,
                         )
                     except TargetError as exc:  # this workload's own failure; the session goes on
                         timed[p.index] = exc
-                        continue
-                    except Exception as exc:  # a remote error in this function (or the session's end): named
+                    except Exception as exc:
+                        if not _session_alive(dev):
+                            # the device died: this item and the rest get the session's error (what was
+                            # measured before stays)
+                            raise
+                        # a remote error in this function alone: named, and the session goes on
                         timed[p.index] = TargetError(
                             f"{what}: workload {p.index} failed on the device: {type(exc).__name__}: {first_line(exc)}"
                         )
-                        continue
-                    timed[p.index] = (times, number, diff)
 
             # the session lasts the whole batch: a session timeout sized for one model must not cut it short
             settings = dict(self.rpc)
@@ -1004,6 +997,30 @@ class TvmBackend:
         )
         return details
 
+    def _time_on_device(
+        self,
+        vm: Any,
+        dev: Any,
+        item: _Prepared,
+        what: str,
+        warmup: int,
+        repeats: int,
+        deadline: float,
+        stop: threading.Event | None,
+        timeout_s: float,
+        func: str = "main",
+    ) -> tuple[list[float], int, float]:
+        """Check one function of a library loaded on the RPC device against PyTorch, then time it there:
+        (times in ms, calls averaged per run, largest absolute difference)."""
+        import tvm
+
+        args = [tvm.runtime.tensor(t.detach().cpu().numpy(), dev) for t in item.inputs]
+        diff = _check_output(vm, args, item.reference, what, item.rtol, func=func)
+        times, number = _time_vm(
+            vm, dev, args, warmup, repeats, self.min_run_ms, deadline, stop, timeout_s, func=func
+        )
+        return times, number, diff
+
     def _export_library(self, executable: Any, path: Path) -> None:
         kwargs: dict[str, Any] = {}
         if self.cc:
@@ -1029,9 +1046,6 @@ class TvmBackend:
         reference: list[np.ndarray],
         rtol: float = _OUTPUT_RTOL,
     ) -> tuple[dict[str, float], float, dict[str, Any]]:
-        import tvm
-        from tvm import relax
-
         from compression.targets import tvm_rpc
 
         assert self.rpc is not None
@@ -1046,16 +1060,9 @@ class TvmBackend:
                 raise TargetError(f"{what}: compiling took longer than the timeout of {timeout_s:g} s")
 
             def remote_job(sess: Any) -> tuple[list[float], int, float]:
-                sess.upload(str(lib_path))
-                lib = sess.load_module(lib_path.name)
-                dev = sess.cpu(0)
-                vm = relax.VirtualMachine(lib, dev)
-                args = [tvm.runtime.tensor(t.detach().cpu().numpy(), dev) for t in inputs]
-                diff = _check_output(vm, args, reference, what, rtol)
-                times, number = _time_vm(
-                    vm, dev, args, warmup, repeats, self.min_run_ms, deadline, None, timeout_s
-                )
-                return times, number, diff
+                vm, dev = _load_on_device(sess, lib_path)
+                item = _Prepared(0, module, inputs, reference, rtol, {})
+                return self._time_on_device(vm, dev, item, what, warmup, repeats, deadline, None, timeout_s)
 
             t_wait = time.monotonic()
             times, number, diff = tvm_rpc.run_on_device(self.rpc, remote_job, timeout_s=remaining, what=what)
@@ -1101,6 +1108,28 @@ def export_library(
 
 
 # ------------------------------------------------------------------------------------------ timing
+def _load_on_device(sess: Any, lib_path: Path) -> tuple[Any, Any]:
+    """Upload the library to the RPC session's device and load it: (virtual machine, device)."""
+    from tvm import relax
+
+    sess.upload(str(lib_path))
+    lib = sess.load_module(lib_path.name)
+    dev = sess.cpu(0)
+    return relax.VirtualMachine(lib, dev), dev
+
+
+def _session_alive(dev: Any) -> bool:
+    """Whether the RPC session behind ``dev`` still answers: a one-element allocation on the device (a device
+    attribute such as ``exist`` is answered locally, and reads True after the server died)."""
+    import tvm
+
+    try:
+        tvm.runtime.empty((1,), "float32", dev)
+    except Exception:
+        return False
+    return True
+
+
 def _bits_details(bits: Any) -> dict[str, Any]:
     """What a measurement records of a bits plan: every quantized layer ran in float32 here."""
     plan = normalize_bits(bits)
