@@ -570,6 +570,10 @@ def test_compare_models_times_models_side_by_side(target: dict) -> None:
     for i in (0, 1):
         m = c.measurements[i]
         assert m.runs == 30 and m.details["blocks"] == 3 and 0 < m.min_ms <= m.median_ms
+        # a blocked measurement's minimum is its blocks' median minimum (as a table calibrates), not the lowest run
+        blocks = m.details["block_min_ms"]
+        assert len(blocks) == 3 and min(blocks) == m.min_ms
+        assert m.statistic("min") == pytest.approx(sorted(blocks)[1]) and m.statistic("median") == m.median_ms
         assert c.block_ratios[i] == pytest.approx(
             [v / r for v, r in zip(c.block_ms[i], c.block_ms[0], strict=True)]
         )
@@ -586,6 +590,20 @@ def test_compare_models_falls_back_to_rounds_where_models_cannot_alternate() -> 
     c = targets.compare_models([big, small], small_input(), "analytic", blocks=2)
     assert c.method == "rounds" and len(c.block_ms[1]) == 2
     assert 0 < c.ratios[1] < 1  # BOPs: the narrower blocks cost less
+    assert len(c.measurements[1].details["block_min_ms"]) == 2  # every round's minimum, for ``statistic``
+
+
+def test_a_measurement_reads_the_statistic_a_table_sums() -> None:
+    from compression.targets.base import Measurement
+
+    one = Measurement("t", "torch", 2.0, 1.8, 0.3, 1.2, 50, 5, 0.0)
+    assert (one.statistic("median"), one.statistic("min"), one.statistic("mean")) == (1.8, 1.2, 2.0)
+    blocked = Measurement(
+        "t", "torch", 2.0, 1.8, 0.3, 0.9, 150, 5, 0.0, details={"block_min_ms": [1.3, 0.9, 1.1]}
+    )
+    assert blocked.statistic("min") == 1.1  # the median block's minimum: 0.9 is the luckiest of 150 runs
+    with pytest.raises(ValueError, match="unknown statistic"):
+        one.statistic("p90")
 
 
 def test_compare_models_that_does_not_answer_fails_within_its_timeout() -> None:

@@ -411,7 +411,7 @@ def _latency_summary(
         # the table predicts the statistic it sums and calibrates on (TVM: a model's fastest runs): compare like with like
         table = getattr(getattr(run, "latency", None), "table", None)
         stat = getattr(table, "statistic", "median")
-        measured = getattr(after, f"{stat}_ms", after.median_ms)
+        measured = after.statistic(stat)
         out["predicted_ms"] = cand.latency_ms
         out["prediction_statistic"] = stat
         if measured > 0:

@@ -23,7 +23,7 @@ import os
 os.environ.setdefault("TVM_BIND_THREADS", "0")
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -173,7 +173,7 @@ def compare_models(
                 spec,
                 summarize([t for b in per for t in b]),
                 c,
-                {**d, "blocks": blocks},
+                {**d, "blocks": blocks, "block_min_ms": [min(b) for b in per]},
                 warmup,
                 repeats * blocks,
                 batch,
@@ -192,7 +192,10 @@ def compare_models(
                     )
                 )
         block_ms = [[m.median_ms for m in per] for per in rounds]
-        measurements = [sorted(per, key=lambda m: m.median_ms)[(len(per) - 1) // 2] for per in rounds]
+        measurements = []
+        for per in rounds:  # the median round, with every round's minimum (``Measurement.statistic``)
+            m = sorted(per, key=lambda m: m.median_ms)[(len(per) - 1) // 2]
+            measurements.append(replace(m, details={**m.details, "block_min_ms": [r.min_ms for r in per]}))
         method = "rounds"
     ref = block_ms[0]
     block_ratios = [

@@ -7,6 +7,7 @@ A target is data, never code: a name, a backend and backend settings. Adding a d
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -64,6 +65,24 @@ class Measurement:
     @property
     def cv(self) -> float:
         return self.std_ms / self.mean_ms if self.mean_ms > 0 else 0.0
+
+    def statistic(self, name: str) -> float:
+        """The named statistic in ms: ``median``, ``min`` or ``mean``.
+
+        A measurement made in blocks (``compare_models``, whose details hold ``block_min_ms``) reads its minimum
+        as the median of its blocks' minima, as a latency table's calibration reads the models it measures: the
+        minimum over all runs falls with their number (by a third below the median, seen on a machine whose runs
+        vary by 13%), so it would not compare with a prediction calibrated block by block."""
+        if name == "min":
+            blocks = self.details.get("block_min_ms")
+            if blocks:
+                return float(statistics.median(blocks))
+            return self.min_ms
+        if name == "median":
+            return self.median_ms
+        if name == "mean":
+            return self.mean_ms
+        raise ValueError(f"unknown statistic {name!r}: use median, min or mean")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
