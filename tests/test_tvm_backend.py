@@ -588,7 +588,7 @@ def test_rpc_batch_without_a_device_gives_each_item_the_error(farm: _Farm) -> No
 def test_rpc_device_dying_mid_batch_keeps_what_it_measured(farm: _Farm, tmp_path: Path, monkeypatch) -> None:
     """The device is killed after the batch's first workload is timed: that entry is stored, the table fill
     raises the session's error naming the device, and a fill on a new device measures only the rest."""
-    from compression.targets import tvm_backend
+    from compression.targets import tvm_backend, tvm_rpc
     from compression.targets.table import LatencyTable
 
     key = "dies-mid-batch"
@@ -605,6 +605,15 @@ def test_rpc_device_dying_mid_batch_keeps_what_it_measured(farm: _Farm, tmp_path
         return out
 
     monkeypatch.setattr(tvm_backend, "_time_vm", time_then_kill)
+    monkeypatch.delenv("COMPRESSION_TABLE_BATCH", raising=False)  # the default batch: all in one session
+    sessions: list[str] = []
+    real_session = tvm_rpc.run_on_device
+
+    def counted(settings, fn, **kw):
+        sessions.append(settings["key"])
+        return real_session(settings, fn, **kw)
+
+    monkeypatch.setattr(tvm_rpc, "run_on_device", counted)
     table = LatencyTable(
         farm.spec(key, timeout_s=60.0), tmp_path / "t.sqlite", warmup=1, repeats=5, timeout_s=60.0
     )
@@ -622,8 +631,10 @@ def test_rpc_device_dying_mid_batch_keeps_what_it_measured(farm: _Farm, tmp_path
     with pytest.raises(TargetError, match=f"device '{key}' failed") as err:
         table.fill_workloads(need)
     assert time.monotonic() - t0 < 120  # the dead session fails at once, not at its timeout
-    assert "may have died" in (err.value.hint or "")
-    assert len(timed) == 1  # nothing was timed after the device died
+    assert "may have died" in (err.value.hint or "") and "the session ended during workload 1" in str(
+        err.value
+    )
+    assert len(timed) == 1 and sessions == [key]  # one session for the batch; nothing timed after the death
     stored = [w for w in need if table.lookup(w) is not None]
     assert len(stored) == 1 and table.measured == 1  # the entry measured before the death is kept
 
@@ -632,6 +643,29 @@ def test_rpc_device_dying_mid_batch_keeps_what_it_measured(farm: _Farm, tmp_path
     farm.add_server(key)  # the device comes back
     assert table.fill_workloads(need) == len(need) - 1  # only what was lost is measured again
     assert all(table.lookup(w) is not None for w in need)
+
+
+def test_rpc_batch_goes_on_after_one_workload_fails_on_a_live_device(farm: _Farm, monkeypatch) -> None:
+    """A remote error in one function (the device still answers) is that workload's error alone: the session
+    goes on and measures the others."""
+    from compression.targets import tvm_backend
+
+    real = tvm_backend._check_output
+    calls: list[str] = []
+
+    def fails_once(vm, args, reference, what, rtol=1e-4, func="main"):
+        calls.append(func)
+        if len(calls) == 2:  # the second workload: a remote error raised by TVM, the device alive
+            vm.invoke_stateful("no_such_function")
+        return real(vm, args, reference, what, rtol, func=func)
+
+    monkeypatch.setattr(tvm_backend, "_check_output", fails_once)
+    backend = make_backend(farm.spec("test-device"))
+    items = [(_conv_block(4, c), torch.randn(1, 4, 8, 8), None) for c in (4, 8, 16)]
+    results = backend.measure_many(items, warmup=1, repeats=3, timeout_s=60)
+    assert len(calls) == 3  # the session went on after the failure
+    assert isinstance(results[1], TargetError) and "workload 1 failed on the device" in str(results[1])
+    assert [r.__class__.__name__ for r in (results[0], results[2])] == ["Measurement", "Measurement"]
 
 
 def test_rpc_check_reports_the_queue(farm: _Farm) -> None:

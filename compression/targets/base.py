@@ -70,9 +70,10 @@ class Measurement:
         """The named statistic in ms: ``median``, ``min`` or ``mean``.
 
         A measurement made in blocks (``compare_models``, whose details hold ``block_min_ms``) reads its minimum
-        as the median of its blocks' minima, as a latency table's calibration reads the models it measures: the
-        minimum over all runs falls with their number (by a third below the median, seen on a machine whose runs
-        vary by 13%), so it would not compare with a prediction calibrated block by block."""
+        as the median of its blocks' minima, close to how a latency table's calibration reads the models it
+        measures (a minimum per block, the median over blocks; the calibration also rescales each block to the
+        reference's median state, and its blocks may hold another number of runs): the minimum over all runs falls
+        with their number, so it compares less well with a prediction calibrated block by block."""
         if name == "min":
             blocks = self.details.get("block_min_ms")
             if blocks:

@@ -802,9 +802,13 @@ class TvmBackend:
                         timed[p.index] = exc
                     except Exception as exc:
                         if not _session_alive(dev):
-                            # the device died: this item and the rest get the session's error (what was
-                            # measured before stays)
-                            raise
+                            # the device died: this item and the rest get the session's error, which names
+                            # the workload it died on (a kernel that crashes the device shows which); what was
+                            # measured before stays
+                            raise RuntimeError(
+                                f"the session ended during workload {p.index}: {type(exc).__name__}: "
+                                f"{first_line(exc)}"
+                            ) from exc
                         # a remote error in this function alone: named, and the session goes on
                         timed[p.index] = TargetError(
                             f"{what}: workload {p.index} failed on the device: {type(exc).__name__}: {first_line(exc)}"
@@ -1125,7 +1129,7 @@ def _session_alive(dev: Any) -> bool:
 
     try:
         tvm.runtime.empty((1,), "float32", dev)
-    except Exception:
+    except RuntimeError:  # TVM's errors (a broken socket: InternalError); anything else is a bug, raised
         return False
     return True
 
