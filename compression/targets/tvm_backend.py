@@ -786,7 +786,7 @@ class TvmBackend:
                     if stop.is_set():
                         return
                     try:
-                        timed[p.index] = self._time_on_device(
+                        timed[p.index] = self._check_then_time(
                             vm,
                             dev,
                             p,
@@ -968,13 +968,9 @@ class TvmBackend:
         func: str = "main",
     ) -> tuple[dict[str, float], dict[str, Any]]:
         """Check the VM's function ``func`` against PyTorch once, then time it here: (statistics, details)."""
-        import tvm
-
-        what = f"target {self.spec.name}"
-        args = [tvm.runtime.tensor(t.detach().cpu().numpy(), dev) for t in inputs]
-        diff = _check_output(vm, args, reference, what, rtol, func=func)
-        times, number = _time_vm(
-            vm, dev, args, warmup, repeats, self.min_run_ms, deadline, cancel, timeout_s, func=func
+        item = _Prepared(0, None, inputs, reference, rtol, {})
+        times, number, diff = self._check_then_time(
+            vm, dev, item, f"target {self.spec.name}", warmup, repeats, deadline, cancel, timeout_s, func
         )
         return summarize(times), self._local_details(compiled, number, diff, "tvm time_evaluator")
 
@@ -1001,7 +997,7 @@ class TvmBackend:
         )
         return details
 
-    def _time_on_device(
+    def _check_then_time(
         self,
         vm: Any,
         dev: Any,
@@ -1014,8 +1010,8 @@ class TvmBackend:
         timeout_s: float,
         func: str = "main",
     ) -> tuple[list[float], int, float]:
-        """Check one function of a library loaded on the RPC device against PyTorch, then time it there:
-        (times in ms, calls averaged per run, largest absolute difference)."""
+        """Check one function of a loaded library against PyTorch once, then time it on ``dev`` (this CPU or an
+        RPC device): (times in ms, calls averaged per run, largest absolute difference)."""
         import tvm
 
         args = [tvm.runtime.tensor(t.detach().cpu().numpy(), dev) for t in item.inputs]
@@ -1066,7 +1062,7 @@ class TvmBackend:
             def remote_job(sess: Any) -> tuple[list[float], int, float]:
                 vm, dev = _load_on_device(sess, lib_path)
                 item = _Prepared(0, module, inputs, reference, rtol, {})
-                return self._time_on_device(vm, dev, item, what, warmup, repeats, deadline, None, timeout_s)
+                return self._check_then_time(vm, dev, item, what, warmup, repeats, deadline, None, timeout_s)
 
             t_wait = time.monotonic()
             times, number, diff = tvm_rpc.run_on_device(self.rpc, remote_job, timeout_s=remaining, what=what)
