@@ -733,90 +733,14 @@ def _tvm_fill_rpc_speed(ctx: Context, model: str) -> dict[str, Any]:
     """``_tvm_fill_speed``'s side-by-side fill on an RPC device: a TVM tracker and one ``rpc_server`` started on
     loopback (the device is this CPU, reached the way a board on the network is: each batch, or each workload
     one by one, is linked into a library, uploaded, loaded and timed in a session of its own)."""
-    import socket
-    import subprocess
-    import sys
+    from compression.targets.tvm_loopback import LoopbackFarm
 
-    from compression.targets.base import TargetSpec
-    from compression.targets.tvm_rpc import servers_for_key, tracker_summary
-
-    def free_port() -> int:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            return sock.getsockname()[1]
-
-    logs = fresh_dir(ctx.work_dir / "throughput" / "tvm-fill-rpc-logs")
-    port, server_port, key = free_port(), free_port(), "bench-device"
-    procs = []
-    try:
-        for name, args in (
-            (
-                "tracker",
-                [
-                    "tvm.exec.rpc_tracker",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(port),
-                    "--port-end",
-                    str(port + 1),
-                ],
-            ),
-            (
-                "server",
-                [
-                    "tvm.exec.rpc_server",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(server_port),
-                    "--port-end",
-                    str(server_port + 20),
-                    f"--tracker=127.0.0.1:{port}",
-                    "--key",
-                    key,
-                ],
-            ),
-        ):
-            with open(logs / f"{name}.log", "wb") as f:
-                procs.append(
-                    subprocess.Popen(
-                        [sys.executable, "-m", *args],
-                        stdout=f,
-                        stderr=subprocess.STDOUT,
-                        start_new_session=True,
-                    )
-                )
-            end = time.monotonic() + 60
-            while name == "server":
-                try:
-                    if servers_for_key(tracker_summary("127.0.0.1", port, 2.0), key):
-                        break
-                except Exception:
-                    pass
-                if time.monotonic() > end:
-                    raise RuntimeError(f"the loopback RPC server never registered (see {logs})")
-                time.sleep(0.3)
-        spec = TargetSpec(
-            "bench-rpc-tvm",
-            "tvm",
-            {"rpc": {"host": "127.0.0.1", "port": port, "key": key, "timeout_s": 120.0}},
-        )
-        log(ctx, f"tvm-fill-rpc: tracker on 127.0.0.1:{port}, device {key!r} registered")
+    key = "bench-device"
+    with LoopbackFarm(fresh_dir(ctx.work_dir / "throughput" / "tvm-fill-rpc-logs")) as farm:
+        farm.add_server(key, timeout_s=60.0)
+        log(ctx, f"tvm-fill-rpc: tracker on 127.0.0.1:{farm.port}, device {key!r} registered")
+        spec = farm.spec("bench-rpc-tvm", key, timeout_s=120.0)
         return _tvm_fill_speed(ctx, model, episodes=0, target=spec, label="tvm-fill-rpc")
-    finally:
-        import signal
-
-        for proc in procs:  # every group first (the server's session processes with it), then reap them
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        for proc in procs:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                log(ctx, f"tvm-fill-rpc: process {proc.pid} did not exit after SIGKILL")
 
 
 def _tvm_cap_speed(ctx: Context, model: str, episodes: int = 8, budget: float = 0.5) -> dict[str, Any]:

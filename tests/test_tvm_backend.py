@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from compression.targets.tvm_backend import (  # noqa: E402
     target_fingerprint,
     validate_settings,
 )
+from compression.targets.tvm_loopback import LoopbackFarm, free_port, kill, wait_for_server  # noqa: E402
 
 pytestmark = pytest.mark.tvm
 
@@ -419,117 +419,16 @@ def test_fingerprint_changes_with_what_latency_depends_on() -> None:
 
 
 # ------------------------------------------------------------------------------------------ RPC tracker
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawn(args: list[str], log: Path) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    with open(log, "wb") as f:
-        # a session of its own: rpc_server serves from a child process, and killing the group is what
-        # stops (or, in the killed-device test, kills) the whole device
-        return subprocess.Popen(
-            [sys.executable, "-m", *args], stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-
-
-def _signal_group(proc: subprocess.Popen, sig: int) -> None:
-    try:
-        os.killpg(proc.pid, sig)
-    except ProcessLookupError:
-        pass
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    _signal_group(proc, signal.SIGTERM)
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        pass
-    # the group's children (the server's worker process) may outlive the leader
-    _signal_group(proc, signal.SIGKILL)
-    if proc.poll() is None:
-        proc.wait(10)
-
-
-def _wait_for_server(port: int, key: str, present: bool, timeout: float = 90.0) -> None:
-    from compression.targets.tvm_rpc import servers_for_key, tracker_summary
-
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        try:
-            if (servers_for_key(tracker_summary("127.0.0.1", port, 2.0), key) > 0) == present:
-                return
-        except TargetError:
-            pass
-        time.sleep(0.3)
-    raise AssertionError(f"device {key!r} {'never registered' if present else 'never left'} at the tracker")
-
-
-class _Farm:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.port = _free_port()
-        self.procs: list[subprocess.Popen] = []
-        self.tracker = _spawn(
-            [
-                "tvm.exec.rpc_tracker",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--port-end",
-                str(self.port + 1),
-            ],
-            root / "tracker.log",
-        )
-        self.procs.append(self.tracker)
-
-    def add_server(self, key: str) -> subprocess.Popen:
-        port = _free_port()
-        proc = _spawn(
-            [
-                "tvm.exec.rpc_server",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--port-end",
-                str(port + 20),
-                f"--tracker=127.0.0.1:{self.port}",
-                "--key",
-                key,
-            ],
-            self.root / f"server-{key}.log",
-        )
-        self.procs.append(proc)
-        _wait_for_server(self.port, key, present=True)
-        return proc
-
-    def spec(self, key: str, timeout_s: float = 60.0, **extra) -> TargetSpec:
-        rpc = {"host": "127.0.0.1", "port": self.port, "key": key, "timeout_s": timeout_s}
-        return _spec("rpc-test", rpc=rpc, **extra)
-
-    def close(self) -> None:
-        for p in reversed(self.procs):
-            _stop(p)
-
-
 @pytest.fixture(scope="module")
 def farm(tmp_path_factory):
     """A TVM RPC tracker and one device server under the key ``test-device``, on loopback."""
-    f = _Farm(tmp_path_factory.mktemp("rpc"))
-    try:
+    with LoopbackFarm(tmp_path_factory.mktemp("rpc")) as f:
         f.add_server("test-device")
         yield f
-    finally:
-        f.close()
 
 
-def test_rpc_measurement_goes_through_the_tracker(farm: _Farm) -> None:
-    backend = make_backend(farm.spec("test-device"))
+def test_rpc_measurement_goes_through_the_tracker(farm: LoopbackFarm) -> None:
+    backend = make_backend(farm.spec("rpc-test", "test-device"))
     assert isinstance(backend, TvmBackend) and backend.remote
     m = backend.measure(_conv_block(), torch.randn(1, 8, 16, 16), warmup=2, repeats=10, timeout_s=120)
     d = m.details
@@ -538,7 +437,9 @@ def test_rpc_measurement_goes_through_the_tracker(farm: _Farm) -> None:
     assert m.runs == 10 and m.median_ms > 0 and "on the device" in d["timer"]
 
 
-def test_rpc_batch_is_uploaded_once_and_each_workload_timed_on_the_device(farm: _Farm, monkeypatch) -> None:
+def test_rpc_batch_is_uploaded_once_and_each_workload_timed_on_the_device(
+    farm: LoopbackFarm, monkeypatch
+) -> None:
     from compression.targets import tvm_rpc
 
     sessions: list[str] = []
@@ -549,7 +450,7 @@ def test_rpc_batch_is_uploaded_once_and_each_workload_timed_on_the_device(farm: 
         return real(settings, fn, **kw)
 
     monkeypatch.setattr(tvm_rpc, "run_on_device", counted)
-    backend = make_backend(farm.spec("test-device"))
+    backend = make_backend(farm.spec("rpc-test", "test-device"))
     items = [
         (_conv_block(4, 8), torch.randn(1, 4, 8, 8), None),
         (_Add(), (torch.randn(1, 8, 4, 4), torch.randn(1, 8, 4, 4)), None),
@@ -568,9 +469,9 @@ def test_rpc_batch_is_uploaded_once_and_each_workload_timed_on_the_device(farm: 
     assert results[2].min_ms > 3 * results[0].min_ms  # each function timed on its own
 
 
-def test_rpc_batch_without_a_device_gives_each_item_the_error(farm: _Farm) -> None:
+def test_rpc_batch_without_a_device_gives_each_item_the_error(farm: LoopbackFarm) -> None:
     # 6 s per item: the batch's compile comes out of its 12 s before the tracker is asked
-    backend = make_backend(farm.spec("nobody-here", timeout_s=6.0))
+    backend = make_backend(farm.spec("rpc-test", "nobody-here", timeout_s=6.0))
     items = [
         (_conv_block(4, 4), torch.randn(1, 4, 8, 8), None),
         (_conv_block(4, 8), torch.randn(1, 4, 8, 8), None),
@@ -585,7 +486,9 @@ def test_rpc_batch_without_a_device_gives_each_item_the_error(farm: _Farm) -> No
         )
 
 
-def test_rpc_device_dying_mid_batch_keeps_what_it_measured(farm: _Farm, tmp_path: Path, monkeypatch) -> None:
+def test_rpc_device_dying_mid_batch_keeps_what_it_measured(
+    farm: LoopbackFarm, tmp_path: Path, monkeypatch
+) -> None:
     """The device is killed after the batch's first workload is timed: that entry is stored, the table fill
     raises the session's error naming the device, and a fill on a new device measures only the rest."""
     from compression.targets import tvm_backend, tvm_rpc
@@ -600,7 +503,7 @@ def test_rpc_device_dying_mid_batch_keeps_what_it_measured(farm: _Farm, tmp_path
         out = real(*args, **kw)
         timed.append(kw.get("func", "main"))
         if len(timed) == 1:
-            _signal_group(proc, signal.SIGKILL)  # the server and its session process
+            kill(proc)  # the server and its session process
             proc.wait(10)
         return out
 
@@ -615,7 +518,7 @@ def test_rpc_device_dying_mid_batch_keeps_what_it_measured(farm: _Farm, tmp_path
 
     monkeypatch.setattr(tvm_rpc, "run_on_device", counted)
     table = LatencyTable(
-        farm.spec(key, timeout_s=60.0), tmp_path / "t.sqlite", warmup=1, repeats=5, timeout_s=60.0
+        farm.spec("rpc-test", key, timeout_s=60.0), tmp_path / "t.sqlite", warmup=1, repeats=5, timeout_s=60.0
     )
     model = nn.Sequential(
         nn.Conv2d(4, 8, 3, padding=1),
@@ -639,13 +542,13 @@ def test_rpc_device_dying_mid_batch_keeps_what_it_measured(farm: _Farm, tmp_path
     assert len(stored) == 1 and table.measured == 1  # the entry measured before the death is kept
 
     monkeypatch.setattr(tvm_backend, "_time_vm", real)
-    _wait_for_server(farm.port, key, present=False, timeout=30)
+    wait_for_server(farm.port, key, present=False, timeout_s=30)
     farm.add_server(key)  # the device comes back
     assert table.fill_workloads(need) == len(need) - 1  # only what was lost is measured again
     assert all(table.lookup(w) is not None for w in need)
 
 
-def test_rpc_batch_goes_on_after_one_workload_fails_on_a_live_device(farm: _Farm, monkeypatch) -> None:
+def test_rpc_batch_goes_on_after_one_workload_fails_on_a_live_device(farm: LoopbackFarm, monkeypatch) -> None:
     """A remote error in one function (the device still answers) is that workload's error alone: the session
     goes on and measures the others."""
     from compression.targets import tvm_backend
@@ -660,7 +563,7 @@ def test_rpc_batch_goes_on_after_one_workload_fails_on_a_live_device(farm: _Farm
         return real(vm, args, reference, what, rtol, func=func)
 
     monkeypatch.setattr(tvm_backend, "_check_output", fails_once)
-    backend = make_backend(farm.spec("test-device"))
+    backend = make_backend(farm.spec("rpc-test", "test-device"))
     items = [(_conv_block(4, c), torch.randn(1, 4, 8, 8), None) for c in (4, 8, 16)]
     results = backend.measure_many(items, warmup=1, repeats=3, timeout_s=60)
     assert len(calls) == 3  # the session went on after the failure
@@ -668,7 +571,7 @@ def test_rpc_batch_goes_on_after_one_workload_fails_on_a_live_device(farm: _Farm
     assert [r.__class__.__name__ for r in (results[0], results[2])] == ["Measurement", "Measurement"]
 
 
-def test_rpc_check_reports_the_queue(farm: _Farm) -> None:
+def test_rpc_check_reports_the_queue(farm: LoopbackFarm) -> None:
     from compression.targets.tvm_rpc import tracker_summary
 
     # a server re-registers as free a moment after its previous session ends (slower on a loaded machine)
@@ -676,12 +579,12 @@ def test_rpc_check_reports_the_queue(farm: _Farm) -> None:
     while not tracker_summary("127.0.0.1", farm.port)["queue_info"].get("test-device", {}).get("free"):
         assert time.monotonic() < end, "the device never became free after the previous session"
         time.sleep(0.2)
-    info = make_backend(farm.spec("test-device")).check()
+    info = make_backend(farm.spec("rpc-test", "test-device")).check()
     assert info["reachable"] is True and info["servers"] == 1 and info["device_cpu_exists"] is True
 
 
-def test_rpc_key_without_a_device_fails_within_its_timeout(farm: _Farm) -> None:
-    backend = make_backend(farm.spec("nobody-here", timeout_s=3.0))
+def test_rpc_key_without_a_device_fails_within_its_timeout(farm: LoopbackFarm) -> None:
+    backend = make_backend(farm.spec("rpc-test", "nobody-here", timeout_s=3.0))
     t0 = time.monotonic()
     with pytest.raises(TargetError, match="no device server is registered under key 'nobody-here'"):
         backend.measure(_conv_block(4, 4), torch.randn(1, 4, 8, 8), warmup=1, repeats=2, timeout_s=3.0)
@@ -689,26 +592,26 @@ def test_rpc_key_without_a_device_fails_within_its_timeout(farm: _Farm) -> None:
     assert time.monotonic() - t0 < 30
 
 
-def test_rpc_check_of_a_missing_key_fails_fast(farm: _Farm) -> None:
+def test_rpc_check_of_a_missing_key_fails_fast(farm: LoopbackFarm) -> None:
     t0 = time.monotonic()
     with pytest.raises(TargetError, match="within 2 s"):
-        make_backend(farm.spec("nobody-here", timeout_s=2.0)).check()
+        make_backend(farm.spec("rpc-test", "nobody-here", timeout_s=2.0)).check()
     assert time.monotonic() - t0 < 10
 
 
-def test_rpc_killed_device_is_a_clear_error(farm: _Farm) -> None:
+def test_rpc_killed_device_is_a_clear_error(farm: LoopbackFarm) -> None:
     proc = farm.add_server("doomed")
-    _signal_group(proc, signal.SIGKILL)  # the device dies: server and its session process
+    kill(proc)  # the device dies: server and its session process
     proc.wait(10)
-    _wait_for_server(farm.port, "doomed", present=False, timeout=30)
+    wait_for_server(farm.port, "doomed", present=False, timeout_s=30)
     t0 = time.monotonic()
     with pytest.raises(TargetError, match="no device server is registered under key 'doomed'"):
-        make_backend(farm.spec("doomed", timeout_s=2.0)).check()
+        make_backend(farm.spec("rpc-test", "doomed", timeout_s=2.0)).check()
     assert time.monotonic() - t0 < 10
 
 
 def test_rpc_tracker_down_is_a_clear_error() -> None:
-    port = _free_port()  # nothing listens there
+    port = free_port()  # nothing listens there
     backend = make_backend(_spec(rpc={"host": "127.0.0.1", "port": port, "key": "k", "timeout_s": 5.0}))
     t0 = time.monotonic()
     with pytest.raises(TargetError, match="tracker at 127.0.0.1:.* is not reachable"):
@@ -791,3 +694,10 @@ def test_a_remote_device_cannot_alternate_models_locally() -> None:
     backend = make_backend(_spec("tvm-remote", rpc={"host": "127.0.0.1", "port": 9, "key": "x"}))
     with pytest.raises(TargetError, match="local targets only"):
         backend.measure_interleaved([_conv_block()], torch.randn(1, 8, 16, 16))
+
+
+def test_rpc_device_that_never_registers_is_a_clear_error(farm: LoopbackFarm) -> None:
+    t0 = time.monotonic()
+    with pytest.raises(TargetError, match="device 'never-here' never registered at the tracker on 127.0.0.1"):
+        wait_for_server(farm.port, "never-here", present=True, timeout_s=1.0)
+    assert time.monotonic() - t0 < 10
