@@ -464,6 +464,9 @@ def test_rpc_batch_is_uploaded_once_and_each_workload_timed_on_the_device(
         assert d["compiled_with"] == 3 and d["device"] == f"rpc://127.0.0.1:{farm.port}/test-device"
         assert "on the device" in d["timer"] and d["max_abs_diff"] < 1e-3 and d["representative"] is True
         assert r.runs == 10 and 0 < r.min_ms <= r.median_ms and r.compile_s > 0
+        # each item's own time on the device covers its timed runs; the batch's session covers them all
+        assert r.min_ms * 10 / 1000 < d["on_device_s"] < d["batch_session_s"]
+    assert sum(r.details["on_device_s"] for r in results) < results[0].details["batch_session_s"]
     assert results[1].details["max_abs_diff"] == 0.0  # the addition, exactly
     assert results[2].details["bits_run"] == {"0": "float32"} and "bits_run" not in results[0].details
     assert results[2].min_ms > 3 * results[0].min_ms  # each function timed on its own

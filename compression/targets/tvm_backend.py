@@ -762,7 +762,7 @@ class TvmBackend:
         if isinstance(built, str):
             return None, built
         compiled, names, compile_s = built
-        timed: dict[int, tuple[list[float], int, float] | TargetError] = {}
+        timed: dict[int, tuple[list[float], int, float, float] | TargetError] = {}
         stop = (
             threading.Event()
         )  # set when the session is abandoned at its deadline: the loop stops between items
@@ -785,19 +785,21 @@ class TvmBackend:
                 for p, name in zip(prepared, names, strict=True):
                     if stop.is_set():
                         return
+                    t_item = time.monotonic()
                     try:
-                        timed[p.index] = self._check_then_time(
+                        times, number, diff = self._check_then_time(
                             vm,
                             dev,
                             p,
                             what,
                             warmup,
                             repeats,
-                            time.monotonic() + timeout_s,
+                            t_item + timeout_s,
                             stop,
                             timeout_s,
                             name,
                         )
+                        timed[p.index] = (times, number, diff, time.monotonic() - t_item)
                     except TargetError as exc:  # this workload's own failure; the session goes on
                         timed[p.index] = exc
                     except Exception as exc:
@@ -838,9 +840,12 @@ class TvmBackend:
             elif isinstance(got, TargetError):
                 out[p.index] = got
             else:
-                times, number, diff = got
-                # the batch's whole session, shared by its items
-                details = self._remote_details(compiled, number, diff, batch_session_s=session_s)
+                times, number, diff, item_s = got
+                # this item's check and timing on the device, and the batch's whole session (the wait for the
+                # device, the upload and every item), shared by its items
+                details = self._remote_details(
+                    compiled, number, diff, on_device_s=item_s, batch_session_s=session_s
+                )
                 out[p.index] = self._batch_measurement(
                     p, summarize(times), details, compile_s, len(prepared), warmup, repeats
                 )
