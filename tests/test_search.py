@@ -332,6 +332,31 @@ def test_latency_objective_on_a_measured_target(trained_small_cnn, tmp_path, mon
     assert "device check" in rec.phases and "measure" not in rec.phases  # the check's measurement is reused
 
 
+def test_without_the_device_check_the_chosen_model_is_measured_side_by_side(
+    trained_small_cnn, tmp_path, monkeypatch
+):
+    """With the device check off, finalize still measures the exported model against the original, the two
+    alternated run by run on the local target (not two separate measurements whose ratio a slow stretch skews)."""
+    monkeypatch.setenv("COMPRESSION_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = _config(
+        trained_small_cnn["weights_spec"],
+        "random",
+        target="local-torch",
+        objective="latency",
+        budget=1.0,
+        episodes=3,
+        round_to=8,
+        device_check_rounds=0,
+    )
+    rec = Record()
+    report = run_search(cfg, str(tmp_path / "run"), [rec])
+    lat = report["latency"]
+    assert "measure" in rec.phases and "device check" not in rec.phases and "device_check" not in lat
+    assert lat["method"] == "interleaved" and lat["original"]["details"]["blocks"] == 3
+    assert 0 < lat["measured_ratio"] < 2 and lat["speedup"] == pytest.approx(1 / lat["measured_ratio"])
+    assert lat["prediction_statistic"] in ("median", "min") and "prediction_error" in lat
+
+
 def test_two_stage_run_whose_quantization_stage_cannot_reach_the_budget_is_refused_before_it_starts(
     trained_small_cnn, tmp_path
 ):
@@ -917,30 +942,44 @@ def test_finalize_says_when_the_device_measures_the_chosen_model_over_the_budget
     trained_small_cnn, monkeypatch
 ):
     """The search meets a latency budget by its table; the end-to-end measurement is the device's word. A model that
-    measures over the budget (the device is the boundary here: it answers 1.0 ms for the original and 0.9 ms for the
-    compressed model, as ONNX Runtime did for an int8 model its table priced at 55%) is reported as such."""
+    measures over the budget (the device is the boundary here: side by side it answers 1.0 ms for the original and
+    0.9 ms for the compressed model in every block, as ONNX Runtime did for an int8 model its table priced at 55%)
+    is reported as such."""
     from types import SimpleNamespace
 
     import compression.targets as targets
     from compression.pipeline import open_workspace
-    from compression.search.finalize import _measure
+    from compression.search.finalize import MEASURE_BLOCKS, _measure
     from compression.targets.base import Measurement
 
     ws = open_workspace(trained_small_cnn["weights_spec"], "digits", seed=0)
     original = ws.artifact.module.eval()
     compressed = copy.deepcopy(original)
+    asked: list[tuple[list, int]] = []
 
-    def device(module, x, target, **kw):
-        ms = 1.0 if module is original else 0.9
-        return Measurement(target.name, "simulated", ms, ms, 0.0, ms, 10, 1, 0.0)
+    def device(modules, x, target, blocks=3, **kw):
+        asked.append((list(modules), blocks))
+        ms = [1.0 if m is original else 0.9 for m in modules]
+        per = [[v] * blocks for v in ms]
+        return targets.Comparison(
+            [Measurement(target.name, "simulated", v, v, 0.0, v, 10 * blocks, 1, 0.0) for v in ms],
+            per,
+            [[v / ms[0] for v in p] for p in per],
+            [v / ms[0] for v in ms],
+            "interleaved",
+        )
 
-    monkeypatch.setattr(targets, "bench_model", device)
+    monkeypatch.setattr(targets, "compare_models", device)
     cand = SimpleNamespace(latency_ms=0.55, cost_ratio=0.55)
     for budget, over in ((0.6, True), (0.85, False), (1.0, False)):
         cfg = SimpleNamespace(objective="latency", budget=budget)
         run = SimpleNamespace(ws=ws, target=targets.get_target("local-torch"), config=cfg)
         out = _measure(run, original, compressed, cand)
-        assert out["measured_ratio"] == pytest.approx(0.9)
+        # the two models side by side, the original first
+        assert (
+            asked[-1][0][0] is original and asked[-1][0][1] is compressed and asked[-1][1] == MEASURE_BLOCKS
+        )
+        assert out["measured_ratio"] == pytest.approx(0.9) and out["method"] == "interleaved"
         assert ("over_budget" in out) is over, (budget, out)
         if over:
             assert "90% of the original" in out["over_budget"] and "over the 60% budget" in out["over_budget"]

@@ -46,6 +46,8 @@ log = logging.getLogger("compression.search")
 BUDGET_SLACK = 0.10
 # the device check measures at most this many batches of top_k policies (by reward) looking for ones that fit
 CHECK_BATCHES = 3
+# the end-to-end measurement of the chosen model when no device check measured it: blocks side by side
+MEASURE_BLOCKS = 3
 
 
 @dataclass
@@ -380,17 +382,20 @@ def device_check(run: SearchRun, original: nn.Module, episodes: list[EpisodeResu
 
 
 def _measure(run: SearchRun, original, compressed, cand: EpisodeResult) -> dict[str, Any]:
-    """End-to-end latency of the original and the compressed model on the target (and table error)."""
-    from compression.targets import bench_model
+    """End-to-end latency of the original and the compressed model on the target, side by side
+    (``targets.compare_models``, ``MEASURE_BLOCKS`` blocks: the ratio is the median over blocks of the two
+    models' ratio in the same block, so a slow stretch of the machine slows both alike), and the table's error."""
+    import compression.targets as targets
 
     x = run.ws.artifact.example_input(1)
     try:
-        before = bench_model(original, x, run.target)
-        after = bench_model(compressed, x, run.target)
+        comp = targets.compare_models([original, compressed], x, run.target, blocks=MEASURE_BLOCKS)
     except CompressionError as exc:
         log.warning("end-to-end measurement failed: %s", exc)
         return {"error": str(exc)}
-    return _latency_summary(run, before, after, cand)
+    out = _latency_summary(run, comp.measurements[0], comp.measurements[1], cand, ratio=comp.ratios[1])
+    out["method"] = comp.method
+    return out
 
 
 def _latency_summary(
@@ -398,8 +403,8 @@ def _latency_summary(
 ) -> dict[str, Any]:
     """The report's latency entry: both measurements, the speed-up, the table's error, the budget verdict.
 
-    ``ratio`` is the compressed model's latency over the original's when it was measured side by side (the
-    device check); otherwise the ratio of the two medians.
+    ``ratio`` is the compressed model's latency over the original's measured side by side (the device check's,
+    or ``_measure``'s); without it, the ratio of the two medians.
     """
     out: dict[str, Any] = {}
     out["original"] = before.to_dict()
