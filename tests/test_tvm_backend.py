@@ -704,3 +704,118 @@ def test_rpc_device_that_never_registers_is_a_clear_error(farm: LoopbackFarm) ->
     with pytest.raises(TargetError, match="device 'never-here' never registered at the tracker on 127.0.0.1"):
         wait_for_server(farm.port, "never-here", present=True, timeout_s=1.0)
     assert time.monotonic() - t0 < 10
+
+
+# ------------------------------------------------------------------------------------------ a busy machine
+class _Readings:
+    """Stands in for ``CpuWatch`` (the boundary: what /proc says other programs did): one reading per window."""
+
+    def __init__(self, values: list[float]) -> None:
+        self.values = list(values)
+        self.used: list[float] = []
+
+    def __call__(self):
+        readings = self
+
+        class Watch:
+            others: float | None = None
+            seconds = 0.0
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                self.others = readings.values.pop(0) if readings.values else 0.0
+                readings.used.append(self.others)
+
+        return Watch()
+
+
+def _batch():
+    return [(_conv_block(4, c), torch.randn(1, 4, 8, 8), None) for c in (4, 8, 16)]
+
+
+def test_a_batch_timed_while_the_machine_was_busy_is_timed_again_when_it_is_quiet(
+    monkeypatch, caplog
+) -> None:
+    from compression.targets import tvm_backend
+
+    readings = _Readings([1.4, 0.05])  # busy during the first timing, quiet during the second
+    waits: list[float] = []
+    monkeypatch.setattr(tvm_backend, "CpuWatch", readings)
+    monkeypatch.setattr(tvm_backend, "wait_for_quiet", lambda s: (waits.append(s), (True, 0.1))[1])
+    monkeypatch.delenv("COMPRESSION_TABLE_QUIET_WAIT_S", raising=False)
+    calls: list[str] = []
+    real = TvmBackend._check_and_time
+
+    def counted(self, *args, **kw):
+        calls.append(kw["func"])
+        return real(self, *args, **kw)
+
+    monkeypatch.setattr(TvmBackend, "_check_and_time", counted)
+    backend = make_backend(_spec())
+    with caplog.at_level("INFO", logger="compression.targets.tvm_backend"):
+        results = backend.measure_many(_batch(), warmup=1, repeats=5, timeout_s=60)
+    assert len(calls) == 6 and calls[:3] == calls[3:]  # every workload timed twice, in the same order
+    assert waits and 1.0 <= waits[0] <= 10.0
+    for r in results:
+        assert r.details["busy_cores"] == 1.4 and r.details["timed_again"] is True
+        assert r.details["busy_cores_again"] == 0.05 and r.min_ms > 0
+    assert "other processes used 1.40 cores while 3 workloads were timed; timed again" in caplog.text
+
+
+def test_a_machine_that_stays_busy_is_not_waited_on_batch_after_batch(monkeypatch, caplog) -> None:
+    from compression.targets import tvm_backend
+
+    readings = _Readings([1.2, 1.3, 0.1, 1.1])
+    waits: list[float] = []
+    monkeypatch.setattr(tvm_backend, "CpuWatch", readings)
+    monkeypatch.setattr(tvm_backend, "wait_for_quiet", lambda s: (waits.append(s), (False, 1.5))[1])
+    monkeypatch.delenv("COMPRESSION_TABLE_QUIET_WAIT_S", raising=False)
+    backend = make_backend(_spec())
+    with caplog.at_level("WARNING", logger="compression.targets.tvm_backend"):
+        first = backend.measure_many(_batch(), warmup=1, repeats=3, timeout_s=60)
+        second = backend.measure_many(_batch(), warmup=1, repeats=3, timeout_s=60)
+    # the first busy batch waited and found no quiet second; the next busy one is kept as timed, without a wait
+    assert len(waits) == 1 and readings.used == [1.2, 1.3]
+    assert "no quiet second came within" in caplog.text and "(1.50 cores)" in caplog.text
+    assert all("timed_again" not in r.details for r in first + second)
+    assert [r.details["busy_cores"] for r in second] == [1.3] * 3
+    third = backend.measure_many(_batch(), warmup=1, repeats=3, timeout_s=60)  # a quiet batch resets it
+    assert [r.details["busy_cores"] for r in third] == [0.1] * 3
+    backend.measure_many(_batch(), warmup=1, repeats=3, timeout_s=60)  # busy again: waits again
+    assert len(waits) == 2
+
+
+def test_a_short_deadline_or_a_zero_wait_keeps_the_first_timing(monkeypatch) -> None:
+    from compression.targets import tvm_backend
+
+    waits: list[float] = []
+    monkeypatch.setattr(tvm_backend, "wait_for_quiet", lambda s: (waits.append(s), (True, 0.0))[1])
+    monkeypatch.setattr(tvm_backend, "CpuWatch", _Readings([2.0]))
+    monkeypatch.setenv("COMPRESSION_TABLE_QUIET_WAIT_S", "0")
+    results = make_backend(_spec()).measure_many(_batch(), warmup=1, repeats=3, timeout_s=60)
+    assert not waits and all(
+        r.details["busy_cores"] == 2.0 and "timed_again" not in r.details for r in results
+    )
+
+
+def test_a_real_busy_program_is_recorded_in_the_entries(monkeypatch) -> None:
+    """No stand-in: another program spins while a batch is timed, and the entries say how busy it was."""
+    monkeypatch.setenv(
+        "COMPRESSION_TABLE_QUIET_WAIT_S", "0"
+    )  # record only: the spinner would never let it be quiet
+    spin = "import time\nend = time.monotonic() + 60\nwhile time.monotonic() < end: pass"
+    out = subprocess.run(
+        ["bash", "-c", f'{sys.executable} -c "{spin}" >/dev/null 2>&1 & echo $!'],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    pid = int(out.stdout.strip())
+    try:
+        items = [(_conv_block(16, 16), torch.randn(1, 16, 16, 16), None) for _ in range(3)]
+        results = make_backend(_spec()).measure_many(items, warmup=2, repeats=100, timeout_s=60)
+    finally:
+        os.kill(pid, 9)
+    assert all(r.details["busy_cores"] > 0.25 for r in results), [r.details["busy_cores"] for r in results]

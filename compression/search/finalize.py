@@ -407,6 +407,9 @@ def _latency_summary(
     or ``_measure``'s); without it, the ratio of the two medians.
     """
     out: dict[str, Any] = {}
+    table = getattr(getattr(run, "latency", None), "table", None)
+    if table is not None and hasattr(table, "stats"):
+        out["table"] = table.stats()  # what this search measured (``busy_entries``: timed on a busy machine)
     out["original"] = before.to_dict()
     out["compressed"] = after.to_dict()
     if ratio is None and before.median_ms > 0:
@@ -414,7 +417,6 @@ def _latency_summary(
     out["speedup"] = 1.0 / ratio if ratio else None
     if cand.latency_ms:
         # the table predicts the statistic it sums and calibrates on (TVM: a model's fastest runs): compare like with like
-        table = getattr(getattr(run, "latency", None), "table", None)
         stat = getattr(table, "statistic", "median")
         measured = after.statistic(stat)
         out["predicted_ms"] = cand.latency_ms
@@ -433,6 +435,12 @@ def _latency_summary(
             )
             if getattr(cand, "episode", None) is not None:
                 out["over_budget"] = f"episode {cand.episode} " + out["over_budget"]
+            busy = getattr(table, "busy_entries", 0)
+            if busy:
+                out["over_budget"] += (
+                    f"; {busy} of the table entries this search measured were timed while other programs kept "
+                    "the machine busy: search again when it is quiet, or on a dedicated device"
+                )
             log.warning("finalize: %s", out["over_budget"])
     return out
 

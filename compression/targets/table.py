@@ -53,6 +53,7 @@ from torch import nn
 
 from compression.errors import ModelError, TargetError
 from compression.targets.base import Backend, Measurement, TargetSpec
+from compression.targets.contention import BUSY_CORES
 from compression.targets.registry import get_target, make_backend
 from compression.targets.workloads import (
     FLOAT_BITS,
@@ -198,6 +199,7 @@ class LatencyTable:
         self.misses = 0
         self.measured = 0
         self.measure_s = 0.0
+        self.busy_entries = 0
         self._cache: dict[str, _Entry] = {}
         self.unmeasurable: dict[str, str] = {}
         self._loaded = False
@@ -252,6 +254,8 @@ class LatencyTable:
         self._loaded = True
 
     def _store(self, w: LayerWorkload, m: Measurement) -> None:
+        if timed_busy(m.details):
+            self.busy_entries += 1
         with closing(self._connect()) as db:
             db.execute(
                 "INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -901,13 +905,22 @@ class LatencyTable:
         return (json.loads(row[0]), age) if 0 <= age < max_age_s else None
 
     def stats(self) -> dict[str, Any]:
-        """Counters of this object: hits, misses, entries measured, seconds spent measuring."""
+        """Counters of this object: hits, misses, entries measured, seconds spent measuring, and how many of the
+        entries it measured were timed while other programs kept the machine busy (``timed_busy``)."""
         return {
             "hits": self.hits,
             "misses": self.misses,
             "measured": self.measured,
             "measure_s": self.measure_s,
+            "busy_entries": self.busy_entries,
         }
+
+
+def timed_busy(details: dict[str, Any]) -> bool:
+    """Whether a measurement's kept timing ran while other processes used more than ``contention.BUSY_CORES``
+    (a busy batch timed again in a quiet moment keeps the faster timing; ``TvmBackend._time_again_when_quiet``)."""
+    busy = details.get("busy_cores_again") if details.get("timed_again") else details.get("busy_cores")
+    return isinstance(busy, (int, float)) and busy > BUSY_CORES
 
 
 def _batch_size() -> int:
