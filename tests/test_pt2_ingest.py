@@ -342,6 +342,22 @@ class NoisyInput(nn.Module):
         return self.conv(x + 0.1 * torch.randn_like(x)).mean((2, 3))
 
 
+class Recurrent(nn.Module):
+    """Convolutional features read as a sequence by an LSTM or GRU (found by a UI review: run at another batch size
+    to check it is batch-agnostic, its exported hidden state crashed PyTorch natively and took the worker with it)."""
+
+    def __init__(self, cell: type[nn.Module] = nn.LSTM) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.rnn = cell(8, 16, batch_first=True)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        seq = self.conv(x).flatten(2).transpose(1, 2)  # N, H*W, 8
+        out, _ = self.rnn(seq)
+        return self.fc(out[:, -1])
+
+
 class QuantizedAtABoundary(nn.Module):
     """A conv, then an activation quantizer in the form this tool exports (``clamp(round(x / s) + z, lo, hi)``,
     dequantized after), whose input lies half a step from a rounding boundary and moves by 1e-4 with the batch
@@ -401,6 +417,8 @@ def _save(model: nn.Module, path, *inputs: torch.Tensor) -> str:
         (CountsCalls(), (), "calls"),
         (DataDependentBranch(), (), "control flow"),
         (NoisyInput(), (), "random numbers"),
+        (Recurrent(nn.LSTM), (), r"lstm \(lstm.input\): is a recurrent layer"),
+        (Recurrent(nn.GRU), (), r"gru \(gru.input\): is a recurrent layer"),
     ],
     ids=lambda v: type(v).__name__ if isinstance(v, nn.Module) else "",
 )

@@ -77,8 +77,11 @@ class FakeEngine:
     """Stands in for compression.search.loop.run_search in the glue tests: calls the hooks in the same
     order, writes the same files, checkpoints, honours should_stop, and can replay or fail."""
 
-    def __init__(self, rewards=(0.1, 0.3, 0.2, 0.5, 0.4, 0.45), fail_with=None, replay_from=None, delay=0.0):
+    def __init__(
+        self, rewards=(0.1, 0.3, 0.2, 0.5, 0.4, 0.45), fail_with=None, replay_from=None, delay=0.0, chosen=4
+    ):
         self.rewards = rewards
+        self.chosen = chosen  # the episode the finalize step exports
         self.fail_with = fail_with
         self.replay_from = replay_from
         self.delay = delay
@@ -121,7 +124,7 @@ class FakeEngine:
         (out / "best_policy.json").write_text("{}")
         report = {
             "status": "finished",
-            "best_episode": 4,
+            "best_episode": self.chosen,
             "accuracy": {"compressed_test": 0.8},
             "files": [
                 {
@@ -184,6 +187,67 @@ def test_search_task_records_episodes_best_logs_and_artifacts(owner, fake_engine
     # idempotent: a redelivered task for a finished run does nothing
     assert tasks.run_search.run(run.pk) == f"run {run.pk} is already finished"
     assert len(engine.calls) == 1
+
+
+def test_a_finished_runs_best_is_the_episode_it_exported(owner, fake_engine):
+    """The device check dropped the highest reward (episode 4) as over the budget and episode 2 was exported: the
+    run's best (its headline cards, the runs list, the compare view) is episode 2, marked chosen."""
+    fake_engine(chosen=2)
+    run = make_run(owner)
+    assert tasks.run_search.run(run.pk) == "finished"
+    run.refresh_from_db()
+    assert run.best["number"] == 2 and run.best["chosen"] is True and run.best["highest_reward_episode"] == 4
+    assert run.best["reward"] == 0.3 and run.best["policy"] is not None
+
+
+def test_inspection_that_kills_the_worker_is_given_up_not_redelivered_for_ever(owner, monkeypatch):
+    """A model whose inspection crashes the worker process comes back redelivered (acks_late): the second start
+    after a lost one marks it failed, and inspecting it again from the page starts a fresh count."""
+    from workers import dispatch
+
+    m = UploadedModel.objects.create(owner=owner, name="crashes", kind="zoo", zoo_arch="small_cnn")
+    started: list[int] = []
+    import compression.pipeline as pipeline
+
+    def dies(spec, **kw):  # what a native crash looks like from here: the task never returns
+        started.append(1)
+        raise SystemExit("worker lost")
+
+    monkeypatch.setattr(pipeline, "inspect_model", dies)
+    for _ in range(tasks.INSPECT_MAX_ATTEMPTS):
+        with pytest.raises(SystemExit):
+            tasks.inspect_model.run(m.pk)
+    assert len(started) == tasks.INSPECT_MAX_ATTEMPTS
+    result = tasks.inspect_model.run(m.pk)  # the redelivery after the last lost worker
+    m.refresh_from_db()
+    assert len(started) == tasks.INSPECT_MAX_ATTEMPTS and result.startswith("failed: ")
+    assert m.status == "failed" and "the worker process died 2 times while inspecting this model" in m.error
+    monkeypatch.setattr(dispatch, "send", lambda *a, **k: "task-id")
+    dispatch.enqueue_inspect(m)  # the user asks again: a fresh count
+    m.refresh_from_db()
+    assert m.status == "pending" and "_inspect_attempts" not in (m.progress or {})
+
+
+def test_training_progress_counts_epochs_not_optimiser_steps(owner, monkeypatch):
+    """The engine reports steps (20 per run here); the page reads epoch of epochs (a UI review saw "epoch 1 ·
+    epochs 20" for a 2-epoch training)."""
+    import compression.pipeline as pipeline
+
+    m = UploadedModel.objects.create(
+        owner=owner, name="t", kind="zoo", zoo_arch="small_cnn", train_config={"epochs": 2}
+    )
+    seen: list[dict] = []
+
+    def train(arch, dataset, out, input_shape=None, progress=None, **params):
+        for step in (1, 10, 11, 20):
+            progress(step, 20, {"epoch": 1 + (step - 1) // 10, "loss": 0.5})
+            seen.append(dict(UploadedModel.objects.get(pk=m.pk).progress))
+        raise pipeline.CompressionError("stop here")
+
+    monkeypatch.setattr(pipeline, "train_baseline", train)
+    tasks.train_baseline.run(m.pk)
+    assert seen[0] == {"epoch": 1, "epochs": 2, "step": 1, "steps": 20, "loss": 0.5}
+    assert seen[-1]["epoch"] == 2 and seen[-1]["epochs"] == 2 and seen[-1]["step"] == 20
 
 
 def test_replayed_episodes_overwrite_themselves(owner, fake_engine):

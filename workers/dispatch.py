@@ -91,8 +91,9 @@ def resume_run(run: Run) -> str:
 
 
 def enqueue_inspect(model: UploadedModel) -> str:
-    """Inspect an uploaded model (layer table) in a worker."""
-    UploadedModel.objects.filter(pk=model.pk).update(status="pending", error="")
+    """Inspect an uploaded model (layer table) in a worker (a fresh count of attempts: ``tasks.inspect_model``)."""
+    progress = {k: v for k, v in (model.progress or {}).items() if k != "_inspect_attempts"}
+    UploadedModel.objects.filter(pk=model.pk).update(status="pending", error="", progress=progress)
     task_id = send("workers.tasks.inspect_model", [model.pk], "quick")
     UploadedModel.objects.filter(pk=model.pk).update(task_id=task_id)
     return task_id

@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 # A run whose worker crashed this many times in a row is failed instead of resumed again (a model that
 # crashes the process, e.g. a native segfault, would otherwise loop forever).
 MAX_ATTEMPTS = int(os.environ.get("RUN_MAX_ATTEMPTS", "5"))
+# starts of one model's inspection before it is marked failed (the first, and one redelivery after a lost worker)
+INSPECT_MAX_ATTEMPTS = 2
 NO_CHECKPOINT_MESSAGE = (
     "the worker running this search stopped (killed or crashed) before the first checkpoint; start it again"
 )
@@ -186,6 +188,21 @@ class RunRecorder:
         return self.heartbeat.stop_requested
 
 
+def _shipped_best(run: Run, report: dict[str, Any]) -> dict[str, Any]:
+    """``best`` for a finished run: the episode the finalize step chose and exported (``chosen``), not the highest
+    reward of the search, which the device check may have dropped as over the budget or the fine-tune may have
+    ranked below another candidate. Empty when the report names no episode that was recorded."""
+    number = report.get("best_episode")
+    episode = Episode.objects.filter(run=run, number=number).first() if number is not None else None
+    if episode is None:
+        return {}
+    event = episode.to_event()
+    event["chosen"] = True
+    if number != (run.best or {}).get("number"):
+        event["highest_reward_episode"] = (run.best or {}).get("number")
+    return {"best": event}
+
+
 def _jsonable(value: Any) -> Any:
     """Plain JSON types (tuples to lists, numpy scalars to Python numbers, NaN/inf to None)."""
     import math
@@ -319,6 +336,7 @@ def _run_search_holding(task, run_id: int, token: str, me: str) -> str:
                 finished_at=timezone.now(),
                 phase="",
                 episodes_done=run.episodes_total or run.episodes_done,
+                **_shipped_best(run, report),
             )
             recorder.log("finished")
             write_log_artifact(run)
@@ -495,7 +513,20 @@ def inspect_model(self, model_id: int) -> str:
     model = UploadedModel.objects.filter(pk=model_id).first()
     if model is None:
         return f"model {model_id} does not exist"
-    UploadedModel.objects.filter(pk=model_id).update(status="inspecting", error="")
+    # a model that kills the worker process (a native crash inside PyTorch) comes back redelivered: count the
+    # starts, and give up with a message instead of crashing worker after worker for ever
+    progress = dict(model.progress or {})
+    attempts = int(progress.get("_inspect_attempts", 0)) + 1
+    if attempts > INSPECT_MAX_ATTEMPTS:
+        message = (
+            f"the worker process died {attempts - 1} times while inspecting this model (a crash inside PyTorch, "
+            "or the machine ran out of memory): it cannot be inspected here; the workers are unaffected"
+        )
+        _model_fail(model_id, message)
+        log.error("model %s: %s", model_id, message)
+        return "failed: " + message
+    progress["_inspect_attempts"] = attempts
+    UploadedModel.objects.filter(pk=model_id).update(status="inspecting", error="", progress=progress)
     from compression.errors import CompressionError
     from compression.pipeline import inspect_model as engine_inspect
 
@@ -578,14 +609,22 @@ def train_baseline(
     )
     last = [0.0]
 
-    def progress(epoch: int, total: int, stats: dict) -> None:
+    def progress(step: int, total: int, stats: dict) -> None:
+        # the engine reports optimiser steps (``training.train``); the page shows the epoch among the epochs
         now = time.monotonic()
-        if now - last[0] < 1.0 and epoch < total:
+        if now - last[0] < 1.0 and step < total:
             return
         last[0] = now
         close_old_connections()
+        stats = _jsonable(stats or {})
         UploadedModel.objects.filter(pk=model_id).update(
-            progress={"epoch": epoch, "epochs": total, **_jsonable(stats or {})}
+            progress={
+                "epoch": stats.pop("epoch", None),
+                "epochs": params["epochs"],
+                "step": step,
+                "steps": total,
+                **stats,
+            }
         )
 
     try:

@@ -844,6 +844,10 @@ _SPATIAL = {
     "_upsample_bilinear2d_aa", "pad", "constant_pad_nd", "reflection_pad2d", "replication_pad2d",
 }  # fmt: skip
 _REDUCTIONS = {"mean", "sum", "amax", "amin", "max", "min", "var", "std", "logsumexp"}
+_RECURRENT = {
+    "lstm", "gru", "rnn_tanh", "rnn_relu", "lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell",
+    "_thnn_fused_lstm_cell", "_thnn_fused_gru_cell", "quantized_lstm", "quantized_gru",
+}  # fmt: skip
 _RANDOM = {
     "rand", "randn", "randint", "rand_like", "randn_like", "randint_like", "bernoulli", "normal", "uniform",
     "randperm", "multinomial", "exponential", "native_dropout",
@@ -859,6 +863,14 @@ def _classify(
         return None
     if name in _RANDOM:
         return ("draws random numbers, so the model's output is not repeatable", REFUSED)
+    if name in _RECURRENT:
+        # refused before anything runs: run at another batch size, the exported hidden state (sized for the
+        # export's batch) crashed PyTorch natively (free(): invalid next size), killing the worker process
+        return (
+            "is a recurrent layer (LSTM/GRU/RNN), whose hidden state is sized for the export's batch; this tool "
+            "compresses convolutional image models",
+            REFUSED,
+        )
     uses_layer_weight = [
         a.target
         for a in node.all_input_nodes

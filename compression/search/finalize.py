@@ -192,10 +192,11 @@ def finalize(run: SearchRun, episodes: list[EpisodeResult], *, search_s: float) 
             entry["measured_ratio"] = check.ratios[cand.episode]
         scored.append(entry)
         log.info(
-            "candidate episode %d: validation top-1 %.4f, test top-1 %.4f after fine-tuning",
+            "candidate episode %d: validation top-1 %.4f, test top-1 %.4f %s",
             cand.episode,
             val,
             test.top1,
+            "after fine-tuning" if cfg.fine_tune_epochs > 0 else "as applied (fine_tune_epochs 0)",
         )
         # chosen on the validation split; the test split only reports (choosing on it would overstate it)
         if best_model is None or val > max(s["val_accuracy_after_fine_tune"] for s in scored[:-1]):

@@ -34,7 +34,7 @@
           if (data && data.progress && el.querySelector("[data-progress]")) {
             var p = data.progress;
             el.querySelector("[data-progress]").textContent = Object.keys(p).filter(function (k) {
-              return typeof p[k] !== "object";
+              return typeof p[k] !== "object" && k.charAt(0) !== "_";  // _keys: the worker's own bookkeeping
             }).map(function (k) {
               var v = p[k];
               return k + " " + (typeof v === "number" && !Number.isInteger(v) ? v.toFixed(4) : v);
