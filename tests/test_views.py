@@ -241,7 +241,8 @@ def test_target_form_validation(client, alice, dispatch):
             "round_to": 1,
         },
     )
-    assert resp.content.count(b"needs the tracker host, port and device key together") == 2
+    # beside the port and the key, and again in the summary at the top of the form
+    assert resp.content.count(b"needs the tracker host, port and device key together") == 4
     resp = client.post(url, {"name": "local-tvm", "backend": "torch", "round_to": 1})
     assert b"exists already" in resp.content
     resp = client.post(
@@ -440,6 +441,7 @@ def test_new_run_can_turn_off_the_default_on_engine_switches(
         ({"agent": "haq", "objective": "macs"}, "objective", "changes bit-widths only"),
         ({"min_bits": "6", "max_bits": "4"}, "max_bits", "max bits must be at least min bits"),
         ({"tune_steps": "-1"}, "tune_steps", "greater than or equal to 0"),
+        ({"target": "analytic"}, "objective", "computes costs and measures no time"),
     ],
 )
 def test_new_run_errors_beside_fields(client, alice, dispatch, extra, field, message):
@@ -450,7 +452,84 @@ def test_new_run_errors_beside_fields(client, alice, dispatch, extra, field, mes
     block = html[html.index(f'id="field-{field}"') :]
     block = block[: block.index("</div>\n", block.index('<ul class="errors">'))]
     assert message in block
+    # and summarised at the top of the long form, each linking to its field (a UI review found errors off-screen)
+    summary = html[html.index('id="form-error-summary"') :]
+    summary = summary[: summary.index("</div></div>")]
+    assert f'href="#field-{field}"' in summary and message in summary
+    assert html.index('id="form-error-summary"') < html.index(f'id="field-{field}"')
     assert dispatch.calls == []
+
+
+def _field_html(html: str, name: str) -> str:
+    """The rendered element (input, or select with its options) whose name is ``name``."""
+    import re
+
+    m = re.search(rf'<(input|select)[^>]*name="{re.escape(name)}"[^>]*>', html)
+    assert m, name
+    if m.group(1) == "input":
+        return m.group(0)
+    return html[m.start() : html.index("</select>", m.end())]
+
+
+def test_run_again_copies_every_setting_of_the_source_run(
+    client, alice, dispatch, django_capture_on_commit_callbacks
+):
+    """ "Run again…" is the same experiment: the form comes back with every setting of the run, its agent's too."""
+    import re
+
+    from webapp.models import Run
+
+    m = make_model(alice)
+    post = run_post(
+        m,
+        agent_amc__warmup_episodes="4",
+        max_bits="6",
+        min_bits="3",
+        reconstruct="false",
+        free_precision="false",
+        layout="prune",
+        enforce_budget="true",
+        budget_mode="repair",
+        tune_steps="5",
+        export_formats=["pt2"],
+    )
+    with django_capture_on_commit_callbacks(execute=True):
+        client.post(reverse("ui:run-new"), post)
+    run = Run.objects.get()
+    html = client.get(reverse("ui:run-new") + f"?from={run.pk}").content.decode()
+    for name, value in (
+        ("agent_amc__warmup_episodes", "4"),
+        ("max_bits", "6"),
+        ("min_bits", "3"),
+        ("tune_steps", "5"),
+        ("episodes", "12"),
+        ("budget", "0.5"),
+    ):
+        assert f'value="{value}"' in _field_html(html, name), (name, _field_html(html, name))
+    for name, value in (
+        ("reconstruct", "false"),
+        ("free_precision", "false"),
+        ("layout", "prune"),
+        ("enforce_budget", "true"),
+        ("budget_mode", "repair"),
+        ("target", "local-ort"),
+        ("agent", "amc"),
+    ):
+        assert re.search(rf'<option value="{value}"[^>]*selected', _field_html(html, name)), name
+    formats = re.findall(r'<input[^>]*name="export_formats"[^>]*>', html)
+    assert [("checked" in f) for f in formats] == [True, False]  # pt2 only
+
+
+def test_an_agents_other_name_is_accepted(client, alice, dispatch, django_capture_on_commit_callbacks):
+    from webapp.models import Run
+
+    m = make_model(alice)
+    with django_capture_on_commit_callbacks(execute=True):
+        resp = client.post(
+            reverse("ui:run-new"), run_post(m, agent="galen-pq")
+        )  # the README's and CLI's name
+    run = Run.objects.get()
+    assert resp.status_code == 302 and run.agent == "galen" and run.config["agent"] == "galen"
 
 
 def test_new_run_refuses_dataset_with_more_classes(client, alice):
@@ -638,6 +717,8 @@ def test_compare_two_runs(client, alice):
     assert html.count('class="swatch"') == 2
     one = client.get(reverse("ui:compare") + f"?ids={a.pk}")
     assert b"Pick two or more runs" in one.content and b"compare-data" not in one.content
+    gone = client.get(reverse("ui:compare") + f"?ids={a.pk}&ids=99999").content.decode()
+    assert "no run #99999 to compare: it does not exist or is not yours to see" in gone
 
 
 # --- plumbing ------------------------------------------------------------------------------------------
@@ -676,3 +757,21 @@ def test_pages_and_api_do_not_import_torch(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_measurement_is_shown_in_its_own_unit() -> None:
+    """The analytic target's "measurements" are costs (a UI review saw "2 µs" for 2 GBOPs); a noisy time says so."""
+    from webapp.templatetags.ui import measured
+
+    analytic = {
+        "median_ms": 2.25,
+        "mean_ms": 2.25,
+        "std_ms": 0.0,
+        "details": {"analytic": True, "unit": "GBOPs"},
+    }
+    assert measured(analytic) == "2.25 GBOPs (analytic, not a time)"
+    assert measured({"median_ms": 15.36, "mean_ms": 70.1, "std_ms": 80.6, "details": {}}) == (
+        "15.36 ms (noisy: std 115% of the mean)"
+    )
+    assert measured({"median_ms": 0.42, "mean_ms": 0.43, "std_ms": 0.01}) == "420 µs"
+    assert measured(None) == "—" and measured({"median_ms": None}) == "—"

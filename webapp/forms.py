@@ -170,7 +170,7 @@ class ZooModelForm(OwnedForm):
     name = forms.CharField(max_length=200, required=False, help_text="defaults to the architecture")
     zoo_arch = forms.ChoiceField(label="architecture", choices=())
     weights_file = forms.FileField(
-        label="weights (optional)",
+        label="weights",
         required=False,
         help_text="a state_dict saved with torch.save (.pth / .pt)",
     )
@@ -627,6 +627,16 @@ class RunForm(OwnedForm):
         """(agent info, its bound fields) per agent, for rendering one fieldset per agent."""
         return [(a, [self[f] for f in self.agent_fields[a["name"]]]) for a in catalog.catalog()["agents"]]
 
+    def full_clean(self) -> None:
+        # an agent's other name (the CLI's and the README's galen-pq) is the agent itself
+        if self.is_bound and hasattr(self.data, "get"):
+            agent = self.data.get("agent")
+            canonical = catalog.catalog()["aliases"].get(agent) if isinstance(agent, str) else None
+            if canonical:
+                self.data = self.data.copy()
+                self.data["agent"] = canonical
+        super().full_clean()
+
     def clean_dataset(self) -> Dataset | None:
         ds = self.cleaned_data.get("dataset")
         if ds is None:
@@ -671,6 +681,13 @@ class RunForm(OwnedForm):
                     f"{agent} changes bit-widths only, and {d['objective']} do not depend on bits: "
                     "choose bops, bytes or latency",
                 )
+        target = d.get("target")
+        if d.get("objective") == "latency" and target is not None and target.backend == "analytic":
+            self.add_error(
+                "objective",
+                f"target {target.name} computes costs and measures no time: pick a hardware target for a latency "
+                "budget, or the macs, bops, params or bytes objective",
+            )
         if d.get("reward") == "galen":
             for key in ("beta", "rho"):
                 if d.get(key) is None:

@@ -102,7 +102,7 @@
   function lineLayout(id) {
     var m = METRICS[id];
     var extra = { yaxis: { title: { text: m.label, standoff: 4 }, gridcolor: "#eef1f5", zeroline: false, automargin: true } };
-    if (m.pct) { extra.yaxis.tickformat = ".0%"; }
+    if (m.pct) { extra.yaxis.tickformat = ".1%"; }
     if (id === "chart-latency" && !useLatency && finite(page.budget)) {
       extra.shapes = [{ type: "line", xref: "paper", x0: 0, x1: 1, y0: page.budget, y1: page.budget,
         line: { color: C.front, width: 1, dash: "dash" } }];
@@ -178,7 +178,7 @@
 
   function paretoLayout() {
     return layout({ xaxis: { title: { text: page.cost_label }, gridcolor: "#eef1f5", zeroline: false },
-      yaxis: { title: { text: "accuracy" }, tickformat: ".0%", gridcolor: "#eef1f5", zeroline: false } });
+      yaxis: { title: { text: "accuracy" }, tickformat: ".1%", gridcolor: "#eef1f5", zeroline: false } });
   }
 
   function updateFront() {
@@ -251,7 +251,8 @@
       out.line[id] = [{ x: [], y: [] }, { x: [], y: [] }, { x: [], y: [] }];
     });
     list.forEach(function (e) {
-      if (e.is_best) { state.best = e; }
+      // a finished run's best is the episode it exported (``chosen``): later records do not replace it
+      if (e.is_best && !(state.best && state.best.chosen)) { state.best = e; }
       Object.keys(METRICS).forEach(function (id) {
         var v = METRICS[id].get(e);
         var cols = out.line[id];
@@ -340,7 +341,8 @@
     phase.textContent = run.phase || "";
     phase.hidden = !run.phase;
     document.getElementById("ep-total").textContent = run.episodes_total;
-    if (run.best && (!state.best || run.best.number > state.best.number) && run.best.policy) {
+    var chosenNow = run.best && run.best.chosen && !(state.best && state.best.chosen);
+    if (run.best && run.best.policy && (chosenNow || !state.best || (!state.best.chosen && run.best.number > state.best.number))) {
       state.best = run.best;
       if (state.built) { drawBest(); updateFront(); }
     }

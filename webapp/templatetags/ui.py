@@ -144,3 +144,28 @@ def nav_active(context: dict, prefix: str, exact: bool = False) -> str:
     path = getattr(request, "path", "")
     hit = path == prefix if exact else path.startswith(prefix)
     return "active" if hit else ""
+
+
+@register.filter
+def fields_with_errors(form: Any) -> list[Any]:
+    """The visible bound fields of ``form`` that have errors, in the form's order (the error summary's list)."""
+    return [f for f in form.visible_fields() if f.errors]
+
+
+@register.filter
+def measured(result: Any) -> str:
+    """A stored measurement's median in its unit: a device's time (``ms``), or the analytic target's cost in its
+    own unit (GBOPs, ...), which is not a time; a noisy time (std/mean over 0.3) says so."""
+    if not isinstance(result, dict) or _num(result.get("median_ms")) is None:
+        return "—"
+    details = result.get("details") or {}
+    if details.get("analytic"):
+        return f"{float(result['median_ms']):.4g} {details.get('unit', '')} (analytic, not a time)"
+    text = ms(result["median_ms"])
+    mean, std = _num(result.get("mean_ms")), _num(result.get("std_ms"))
+    if mean and std is not None and std / mean > NOISY_CV:
+        text += f" (noisy: std {std / mean:.0%} of the mean)"
+    return text
+
+
+NOISY_CV = 0.3  # as the latency table's (compression.targets.table.NOISY_CV): flagged, not hidden

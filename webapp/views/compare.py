@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
@@ -34,6 +35,12 @@ def compare(request: HttpRequest) -> HttpResponse:
         for r in visible(Run, request.user).filter(pk__in=ids).select_related("model", "dataset", "target")
     }
     runs = [runs_by_id[i] for i in ids if i in runs_by_id]
+    missing = [i for i in ids if i not in runs_by_id]
+    if missing:  # not there, or not the user's to see: the same answer for both
+        messages.warning(
+            request,
+            f"no run {', '.join(f'#{i}' for i in missing)} to compare: it does not exist or is not yours to see",
+        )
     candidates = visible(Run, request.user).select_related("model", "target")[:200]
     if len(runs) < 2:
         return render(request, "runs/compare.html", {"runs": runs, "candidates": candidates, "picked": ids})
@@ -62,7 +69,7 @@ def compare(request: HttpRequest) -> HttpResponse:
         "picked": ids,
         "series": series,
         "summary_rows": rows,
-        "any_partial": any(row["fig"]["accuracy_kind"] != "test, fine-tuned" for row in rows),
+        "any_partial": any(not row["fig"]["accuracy_final"] for row in rows),
         "config_rows": runinfo.config_table(runs),
     }
     return render(request, "runs/compare.html", context)

@@ -105,6 +105,18 @@ def _search_set_label(sizes: dict[str, int] | None) -> str:
     return f"{v} validation + {t} training images" if t else f"{v} validation images"
 
 
+def _accuracy_kind(run: Any, acc: dict[str, Any], rep: dict[str, Any]) -> str:
+    """What the headline accuracy is: the exported model's test accuracy (fine-tuned or not), or, before the
+    search ends, the best episode's on the search set."""
+    if "compressed_test" not in acc:
+        return "search set, best so far"
+    chosen = next((c for c in rep.get("candidates") or [] if c.get("episode") == rep.get("best_episode")), {})
+    tuned = (
+        int((run.config or {}).get("fine_tune_epochs") or 0) > 0 and chosen.get("fine_tune_kept") is not False
+    )
+    return "test, fine-tuned" if tuned else "test, not fine-tuned"
+
+
 def summary_figures(run: Run) -> dict[str, Any]:
     """The headline numbers of a run, from its final report when there is one, else from the search so far.
 
@@ -125,7 +137,8 @@ def summary_figures(run: Run) -> dict[str, Any]:
     out: dict[str, Any] = {
         "original_accuracy": acc.get("original_test", start.get("original_accuracy")),
         "accuracy": acc.get("compressed_test", best.get("accuracy")),
-        "accuracy_kind": "test, fine-tuned" if "compressed_test" in acc else "search set, best so far",
+        "accuracy_kind": _accuracy_kind(run, acc, rep),
+        "accuracy_final": "compressed_test" in acc,
         "search_set": _search_set_label(start.get("search_set")),
         "latency_before_ms": orig_m.get("median_ms"),
         "latency_after_ms": comp_m.get("median_ms"),

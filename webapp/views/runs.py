@@ -14,7 +14,7 @@ from django.urls import reverse
 from django.views.decorators.http import require_POST
 
 from webapp import catalog
-from webapp.forms import REWARD_HELP, RunForm
+from webapp.forms import REWARD_HELP, RunForm, agent_field_name
 from webapp.models import Dataset, Episode, Run, UploadedModel
 from webapp.permissions import can_change, get_visible_or_404, visible
 from webapp.views import runinfo
@@ -80,28 +80,59 @@ def _initial(request: HttpRequest) -> dict[str, Any]:
     if request.GET.get("from", "").isdigit():
         src = visible(Run, request.user).filter(pk=int(request.GET["from"])).first()
         if src:
-            cfg = dict(src.config or {})
-            for key in ("objective", "budget", "reward", "episodes", "seed", "val_samples", "calib_samples"):
-                if key in cfg:
-                    initial[key] = cfg[key]
-            for key in (
-                "round_to",
-                "top_k",
-                "device_check_rounds",
-                "fine_tune_epochs",
-                "checkpoint_every",
-                "min_keep",
-                "min_bits",
-            ):
-                if key in cfg:
-                    initial[key] = cfg[key]
-            initial.update(
-                model=src.model_id, dataset=src.dataset_id, target=src.target.name, agent=src.agent
-            )
-            initial.update(
-                {k: v for k, v in (cfg.get("reward_params") or {}).items() if k in ("beta", "rho")}
-            )
+            initial.update(copied_settings(src))
     return initial
+
+
+# the run form's fields that take a stored config's value as it is
+_COPIED = (
+    "objective",
+    "budget",
+    "reward",
+    "episodes",
+    "seed",
+    "val_samples",
+    "calib_samples",
+    "round_to",
+    "top_k",
+    "device_check_rounds",
+    "fine_tune_epochs",
+    "fine_tune_augment",
+    "checkpoint_every",
+    "min_keep",
+    "min_bits",
+    "max_bits",
+    "tune_steps",
+    "budget_mode",
+)
+# yes/no switches the form holds as "true"/"false"
+_SWITCHES = ("train_top_up", "float_bits", "free_precision", "reconstruct")
+
+
+def copied_settings(src: Run) -> dict[str, Any]:
+    """The run form's initial values that repeat ``src``: every setting of its stored config, its agent's
+    settings included ("Run again…" is the same experiment unless the user changes something)."""
+    cfg = dict(src.config or {})
+    out: dict[str, Any] = {k: cfg[k] for k in _COPIED if cfg.get(k) is not None}
+    out.update({k: "true" if cfg[k] else "false" for k in _SWITCHES if k in cfg})
+    if cfg.get("enforce_budget") is not None:
+        out["enforce_budget"] = "true" if cfg["enforce_budget"] else "false"
+    if cfg.get("layout"):
+        out["layout"] = cfg["layout"]
+    if cfg.get("export_formats"):
+        out["export_formats"] = list(cfg["export_formats"])
+    out.update({k: v for k, v in (cfg.get("reward_params") or {}).items() if k in ("beta", "rho")})
+    out.update(model=src.model_id, dataset=src.dataset_id, target=src.target.name, agent=src.agent)
+    fields = {p["name"] for p in (catalog.agent_info(src.agent) or {"params": []})["params"]}
+    rest = {}
+    for key, value in (cfg.get("agent_config") or {}).items():
+        if key in fields:
+            out[agent_field_name(src.agent, key)] = value
+        else:  # a setting the page has no field for (set through the API): kept in the JSON box
+            rest[key] = value
+    if rest:
+        out["agent_config"] = rest
+    return out
 
 
 @login_required
