@@ -1,4 +1,4 @@
-"""Run the benchmarks: ``python bench/run.py [quality learning reconstruction search_set proxy finetune throughput fidelity schedules
+"""Run the benchmarks: ``python bench/run.py [quality learning reconstruction search_set proxy finetune throughput fidelity busy schedules
 speedup streaming memory]``.
 
 Without names every benchmark runs, in the order above. ``--quick`` is the minutes-long variant (fewer
@@ -31,6 +31,7 @@ BENCHMARKS = (
     "finetune",
     "throughput",
     "fidelity",
+    "busy",
     "repeatability",
     "schedules",
     "speedup",
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, help="seeds per configuration (quality)")
     p.add_argument("--fine-tune-epochs", type=int, help="fine-tune epochs (quality, speedup)")
     p.add_argument(
-        "--policies", type=int, help="random policies (fidelity, reconstruction, search_set, proxy)"
+        "--policies", type=int, help="random policies (fidelity, reconstruction, search_set, proxy, busy)"
     )
     p.add_argument(
         "--steps",
@@ -62,7 +63,9 @@ def main(argv: list[str] | None = None) -> int:
         help="proxy: comma-separated tune_steps of the search's own per-candidate fine-tune (default 4,8,16; none: skip)",
     )
     p.add_argument(
-        "--rounds", type=int, help="fidelity: interleaved measurement rounds per policy (default 3)"
+        "--rounds",
+        type=int,
+        help="fidelity: interleaved measurement rounds per policy (default 3); busy: busy fills of each kind",
     )
     p.add_argument(
         "--measure",
@@ -105,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         "default 0)",
     )
     p.add_argument("--agents", help="comma-separated agents (quality, throughput)")
+    p.add_argument(
+        "--load-on", type=float, help="busy: seconds of each burst of the load process (default 3)"
+    )
+    p.add_argument("--load-off", type=float, help="busy: seconds between its bursts (default 3)")
     p.add_argument(
         "--models",
         help="comma-separated models (quality, learning, reconstruction, search_set, proxy): resnet20,dwnet",
@@ -212,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         "rounding": args.rounding,
         "kinds": kinds,
         "model": args.model,
+        "load_on": args.load_on,
+        "load_off": args.load_off,
         "round_to": args.round_to,
         "fresh": args.fresh,
         "skip_extra": args.skip_extra,
