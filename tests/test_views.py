@@ -156,6 +156,8 @@ def test_zoo_model_form(client, alice, dispatch, django_capture_on_commit_callba
 
 def test_train_baseline_form(client, alice, dispatch, django_capture_on_commit_callbacks):
     ds = digits()
+    page = client.get(reverse("ui:models") + "?form=train").content.decode()
+    assert f'<option value="{ds.pk}" selected>' in _field_html(page, "dataset")  # ready to submit as it comes
     with django_capture_on_commit_callbacks(execute=True):
         resp = client.post(
             reverse("ui:models") + "?form=train",
