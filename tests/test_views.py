@@ -558,6 +558,15 @@ def test_haq_bool_setting_can_be_switched_off(client, alice, dispatch, django_ca
 # --- the run page ----------------------------------------------------------------------------------------
 
 
+def test_a_run_without_episodes_shows_no_policy(client, alice):
+    """A run that failed before its first episode: no table of unpruned float layers as its "best policy"."""
+    run = make_run(alice, episodes=0, status="failed")
+    html = client.get(reverse("ui:run", args=[run.pk])).content.decode()
+    table = html[html.index('id="best-policy"') :]
+    table = table[: table.index("</table>")]
+    assert "No episode within budget yet." in table and "<code>" not in table
+
+
 def test_run_page_carries_what_the_live_script_needs(client, alice):
     run = make_run(alice, episodes=30)
     resp = client.get(reverse("ui:run", args=[run.pk]))

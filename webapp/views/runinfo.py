@@ -35,8 +35,11 @@ def layer_names(run: Run) -> list[str]:
 def policy_rows(
     policy: dict[str, Any] | None, names: list[str], inspection: dict[str, Any] | None
 ) -> list[dict]:
-    """One row per layer of a policy dict: keep ratio, bits, sparsity, and the channels that remain."""
-    layers = (policy or {}).get("layers") or {}
+    """One row per layer of a policy dict: keep ratio, bits, sparsity, and the channels that remain; none without
+    a policy (a run with no episode yet: not a table of unpruned float layers)."""
+    if not policy:
+        return []
+    layers = policy.get("layers") or {}
     by_name = {r["name"]: r for r in (inspection or {}).get("layers") or []}
     order = list(names) + [n for n in layers if n not in names]
     rows = []
