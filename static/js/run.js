@@ -379,7 +379,7 @@
     else if (active && state.walls.length && total > done) {
       var mean = state.walls.reduce(function (a, b) { return a + b; }, 0) / state.walls.length;
       eta = "≈ " + fmtDuration(mean * (total - done));
-    } else if (!active) { eta = "none"; }
+    } else if (!active) { eta = run.status === "finished" ? "none" : "— (" + run.status + ")"; }
     document.getElementById("eta").textContent = eta;
   }
 
@@ -472,7 +472,9 @@
     state.socket = ws;
     ws.onopen = function () {
       state.retries = 0;
-      setConn("● live", "live");
+      // a run that is over streams nothing more: say what it is rather than "live"
+      var over = state.run && ACTIVE.indexOf(state.run.status) < 0;
+      setConn(over ? "● connected (run " + state.run.status + ")" : "● live", "live");
       stopPolling();
     };
     ws.onmessage = function (ev) {
