@@ -212,6 +212,21 @@ def test_model_with_layer_table_and_delete(client, alice):
     assert get(client, f"/api/models/{m.pk}/", alice).status_code == 404
 
 
+def test_a_model_with_a_running_search_is_not_deleted_and_a_finished_ones_files_go_with_it(client, alice):
+    """Deleting under a worker left the run's directory behind and the worker confused (a UI review)."""
+    from webapp.models import Run, UploadedModel
+
+    running = make_run(alice, episodes=2, status="running")
+    add_artifact(running, "model.pt2", b"x")
+    resp = client.delete(f"/api/models/{running.model.pk}/", **basic(alice))
+    assert resp.status_code == 409 and f"runs still queued or running (#{running.pk})" in resp.json()["error"]
+    assert Run.objects.filter(pk=running.pk).exists() and running.out_path.exists()
+    Run.objects.filter(pk=running.pk).update(status="finished")
+    assert client.delete(f"/api/models/{running.model.pk}/", **basic(alice)).status_code == 204
+    assert not Run.objects.filter(pk=running.pk).exists() and not running.out_path.exists()
+    assert not UploadedModel.objects.filter(pk=running.model.pk).exists()
+
+
 def test_datasets_targets_benchmarks(client, alice, dispatch, django_capture_on_commit_callbacks):
     with django_capture_on_commit_callbacks(execute=True):
         ds = client.post(

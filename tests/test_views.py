@@ -786,3 +786,13 @@ def test_a_measurement_is_shown_in_its_own_unit() -> None:
     )
     assert measured({"median_ms": 0.42, "mean_ms": 0.43, "std_ms": 0.01}) == "420 µs"
     assert measured(None) == "—" and measured({"median_ms": None}) == "—"
+
+
+def test_deleting_a_model_with_a_running_search_says_to_cancel_it_first(client, alice):
+    from webapp.models import UploadedModel
+
+    run = make_run(alice, episodes=1, status="running")
+    resp = client.post(reverse("ui:model-delete", args=[run.model.pk]), follow=True)
+    html = resp.content.decode()
+    assert f"has runs still queued or running (#{run.pk}): cancel them first" in html
+    assert UploadedModel.objects.filter(pk=run.model.pk).exists()

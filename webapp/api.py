@@ -256,10 +256,9 @@ def model(request: HttpRequest, pk: int) -> HttpResponse:
     if request.method == "DELETE":
         if not can_change(m, request.user):
             return api_error(404, "no model matches")
-        for f in (m.file, m.weights_file):
-            if f:
-                f.delete(save=False)
-        m.delete()
+        refused = m.delete_everything()
+        if refused:
+            return api_error(409, refused)
         return HttpResponse(status=204)
     return JsonResponse(model_json(m, full=True))
 

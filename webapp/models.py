@@ -121,6 +121,26 @@ class UploadedModel(models.Model):
         shape = tuple(int(v) for v in self.input_shape) if self.input_shape else None
         return {"num_classes": self.num_classes, "input_shape": shape}
 
+    def delete_everything(self) -> str | None:
+        """Delete the model, its files, its runs and their output directories; or, while one of its runs is
+        queued or running, nothing, and say why (deleting under a worker left its directory behind)."""
+        import shutil
+
+        active = list(self.runs.filter(status__in=Run.ACTIVE).values_list("pk", flat=True))
+        if active:
+            listing = ", ".join(f"#{pk}" for pk in active)
+            return f"{self.name} has runs still queued or running ({listing}): cancel them first"
+        root = Path(dj_settings.RUNS_ROOT).resolve()
+        dirs = [r.out_path.resolve() for r in self.runs.all()]
+        for f in (self.file, self.weights_file):
+            if f:
+                f.delete(save=False)
+        self.delete()
+        for d in dirs:
+            if d != root and root in d.parents:  # never outside the runs root
+                shutil.rmtree(d, ignore_errors=True)
+        return None
+
 
 class Dataset(models.Model):
     """A dataset: the built-in ``digits`` (owner null, visible to all) or an uploaded file."""

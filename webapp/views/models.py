@@ -62,9 +62,9 @@ def model_delete(request: HttpRequest, pk: int) -> HttpResponse:
     if not can_change(m, request.user):
         raise Http404("no model matches")
     name = m.name
-    for f in (m.file, m.weights_file):
-        if f:
-            f.delete(save=False)
-    m.delete()
+    refused = m.delete_everything()
+    if refused:
+        messages.error(request, refused)
+        return redirect("ui:model", pk)
     messages.success(request, f"deleted {name}")
     return redirect("ui:models")
