@@ -742,6 +742,14 @@ def test_plotly_is_served_locally_with_caching(client):
     assert "javascript" in resp["Content-Type"] and "max-age=86400" in resp["Cache-Control"]
     again = client.get(reverse("ui:plotly"), HTTP_IF_NONE_MATCH=resp["ETag"])
     assert again.status_code == 304
+    import gzip
+
+    zipped = client.get(reverse("ui:plotly"), HTTP_ACCEPT_ENCODING="gzip, deflate")
+    packed = b"".join(zipped.streaming_content)
+    assert zipped["Content-Encoding"] == "gzip" and len(packed) < len(body) / 2
+    assert gzip.decompress(packed) == body
+    again = client.get(reverse("ui:plotly"), HTTP_ACCEPT_ENCODING="gzip", HTTP_IF_NONE_MATCH=zipped["ETag"])
+    assert again.status_code == 304
 
 
 def test_agent_catalog_snapshot_matches_engine():

@@ -9,6 +9,7 @@ from pathlib import Path
 from django.contrib.auth.decorators import login_required
 from django.http import FileResponse, Http404, HttpRequest
 from django.views.decorators.cache import cache_control
+from django.views.decorators.gzip import gzip_page
 from django.views.decorators.http import condition
 
 from webapp.models import RunArtifact, UploadedModel
@@ -62,8 +63,10 @@ def _plotly_etag(request: HttpRequest) -> str:
     return f"{st.st_size}-{int(st.st_mtime)}"
 
 
+@gzip_page
 @condition(etag_func=_plotly_etag)
 @cache_control(max_age=86400, public=True)
 def plotly_js(request: HttpRequest) -> FileResponse:
-    """Serve Plotly.js from the installed package (cached a day; revalidated by ETag)."""
+    """Serve Plotly.js from the installed package (cached a day; revalidated by ETag; gzipped for a browser that
+    accepts it: 4.8 MB become about 1.4 MB)."""
     return FileResponse(open(plotly_path(), "rb"), content_type="text/javascript; charset=utf-8")
