@@ -299,6 +299,7 @@ class TvmBackend:
         self.wait_s = float(s.get("wait_s", DEFAULT_WAIT_S))
         self.min_run_ms = float(s.get("min_run_ms", 1.0))
         self._stays_busy = False  # the last busy batch found no quiet moment (``_time_again_when_quiet``)
+        self._busy_kept = 0  # workloads timed busy and kept since then
         self.cc: str | None = s.get("cc")
         if self.rpc is None and self.mode == "metaschedule" and self.target.kind.name != "llvm":
             raise TargetError(
@@ -760,7 +761,7 @@ class TvmBackend:
                         pairs, timed, busy, time_all, time.monotonic() - t_timing, job_deadline
                     )
                 elif busy is not None:
-                    self._stays_busy = False
+                    self._quiet_again()
                 out: dict[int, Measurement | Exception] = {}
                 for p in prepared:
                     got = timed[p.index]
@@ -1003,13 +1004,22 @@ class TvmBackend:
         info: dict[str, Any] = {"busy_cores": round(busy, 3)}
         # the second timing takes about as long as the first: leave it (and a margin) out of the deadline
         wait_s = min(quiet_wait_s(), deadline - time.monotonic() - 2 * timing_s - 1.0)
-        if wait_s < 1.0 or self._stays_busy:
-            self._warn_busy(len(pairs), busy, "")
+        if self._stays_busy:  # said once already: one warning per busy stretch, not one per batch
+            self._busy_kept += len(pairs)
+            log.debug("%s: %d workloads timed busy (%.2f cores), kept", self.spec.name, len(pairs), busy)
+            return info
+        if wait_s < 1.0:
+            self._warn_busy(len(pairs), busy, "; too little of the batch's time was left to wait")
             return info
         quiet, seen = wait_for_quiet(wait_s)
         if not quiet or deadline - time.monotonic() < 1.5 * timing_s + 0.5:
             self._stays_busy = not quiet
-            why = f"; no quiet second came within {wait_s:.0f} s ({seen:.2f} cores)" if not quiet else ""
+            why = ""
+            if not quiet:
+                why = (
+                    f"; no quiet second came within {wait_s:.0f} s ({seen:.2f} cores), so busy batches are kept as "
+                    "timed, without waiting, until one is timed quiet"
+                )
             self._warn_busy(len(pairs), busy, why)
             return info
         again, busy2 = time_all([(p, n) for p, n in pairs if not isinstance(timed[p.index], Exception)])
@@ -1030,8 +1040,17 @@ class TvmBackend:
             faster,
         )
         if busy2 is not None and busy2 <= BUSY_CORES:
-            self._stays_busy = False
+            self._quiet_again()
         return {**info, "timed_again": True, "busy_cores_again": None if busy2 is None else round(busy2, 3)}
+
+    def _quiet_again(self) -> None:
+        if self._stays_busy and self._busy_kept:
+            log.info(
+                "%s: the machine is quiet again; %d more workloads were timed busy and kept meanwhile",
+                self.spec.name,
+                self._busy_kept,
+            )
+        self._stays_busy, self._busy_kept = False, 0
 
     def _warn_busy(self, n: int, busy: float, why: str) -> None:
         log.warning(
