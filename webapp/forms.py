@@ -235,9 +235,6 @@ class TrainBaselineForm(OwnedForm):
         super().__init__(*args, **kwargs)
         self.fields["zoo_arch"].choices = [(a, a) for a in catalog.catalog()["zoo"]]
         self.fields["dataset"].queryset = visible(Dataset, self.user).filter(status="ready")
-        builtin = Dataset.objects.filter(kind="builtin", name="digits").first()
-        if builtin is not None and not self.is_bound:  # the built-in dataset, so the form is ready to submit
-            self.fields["dataset"].initial = builtin.pk
 
     def clean_input_shape(self) -> list[int] | None:
         text = self.cleaned_data.get("input_shape") or ""

@@ -9,7 +9,7 @@ from django.shortcuts import redirect, render
 from django.views.decorators.http import require_POST
 
 from webapp.forms import BenchmarkForm, ModelUploadForm, TrainBaselineForm, ZooModelForm
-from webapp.models import UploadedModel
+from webapp.models import Dataset, UploadedModel
 from webapp.permissions import can_change, get_visible_or_404, visible
 from webapp.views.common import saved
 
@@ -23,6 +23,9 @@ def model_list(request: HttpRequest) -> HttpResponse:
     if active not in ADD_FORMS:
         active = "upload"
     forms = {key: cls(user=request.user) for key, cls in ADD_FORMS.items()}
+    builtin = Dataset.objects.filter(kind="builtin", name="digits").first()
+    if builtin is not None:  # the built-in dataset preselected, so the training form is ready to submit
+        forms["train"].initial["dataset"] = builtin.pk
     if request.method == "POST":
         form = ADD_FORMS[active](request.POST, request.FILES, user=request.user)
         if form.is_valid():
