@@ -805,17 +805,11 @@ def test_a_short_deadline_or_a_zero_wait_keeps_the_first_timing(monkeypatch) -> 
 
 def test_a_real_busy_program_is_recorded_in_the_entries(monkeypatch) -> None:
     """No stand-in: another program spins while a batch is timed, and the entries say how busy it was."""
-    monkeypatch.setenv(
-        "COMPRESSION_TABLE_QUIET_WAIT_S", "0"
-    )  # record only: the spinner would never let it be quiet
-    spin = "import time\nend = time.monotonic() + 60\nwhile time.monotonic() < end: pass"
-    out = subprocess.run(
-        ["bash", "-c", f'{sys.executable} -c "{spin}" >/dev/null 2>&1 & echo $!'],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    pid = int(out.stdout.strip())
+    from test_contention import _orphan_spinner
+
+    # record only: the spinner would never let it be quiet
+    monkeypatch.setenv("COMPRESSION_TABLE_QUIET_WAIT_S", "0")
+    pid = _orphan_spinner()
     try:
         items = [(_conv_block(16, 16), torch.randn(1, 16, 16, 16), None) for _ in range(3)]
         results = make_backend(_spec()).measure_many(items, warmup=2, repeats=100, timeout_s=60)
