@@ -332,7 +332,7 @@ class TvmBackend:
             "tvm": tvm.__version__,
             "target": _target_json(self.target),
             "tuning": self.mode,
-            "schedules": "tvm_schedules-3",
+            "schedules": "tvm_schedules-4",
         }
         if self.mode == "metaschedule":
             fp["trials_per_task"] = self.trials_per_task

@@ -96,17 +96,19 @@ def register_tile(target: Target) -> tuple[int, int]:
     - AVX/AVX2 (16 vector registers): 4 channels x 2 rows (8 accumulators) ran ResNet-20 1.7x faster than 8
       rows of one vector (its pruned copies 1.1-1.3x, the depthwise net 1.3x), and 8 x 2 (every register) was
       slower than both (an AMD EPYC Zen 3, session 17).
-    - AVX-512 (32 registers): 8 channels x 2 rows (16 accumulators) ran ResNet-20 1.2x faster than 8 rows of
-      one vector, its pruned copies 1.05-1.08x, the depthwise net 1.4x; 4 x 4 was level with it, 24
-      accumulators (8 x 3, 4 x 6) no faster, 8 accumulators slower (an Intel Xeon, Emerald Rapids, session
-      18). 8 x 2 is also the tile the rule gave AVX-512 at batch > 1 before session 17.
+    - AVX-512 (32 registers): 16 accumulators. On an Intel Xeon (Emerald Rapids, session 18) 8 channels x 2
+      rows ran ResNet-20 1.2x faster than 8 rows of one vector, its pruned copies 1.05-1.08x, the depthwise
+      net 1.4x; 4 x 4 was level with 8 x 2 (0.98-1.00 of it), 24 accumulators (8 x 3, 4 x 6) no faster, 8
+      accumulators slower. On an AMD EPYC Zen 4 (whose AVX-512 runs in 256-bit halves, session 21) 4 x 4 ran
+      ResNet-20 0.96 of 8 x 2's time, its pruned copies and the depthwise net 0.98-0.99, in two runs: 4 x 4
+      is shipped, the tile at least as fast on both.
     - Other architectures (NEON: 32 registers of 4 floats) keep 8 rows of one vector: not measured there.
     """
     bits = _x86_vector_bits(target)
     if bits in (128, 256):
         return 4, 2
     if bits == 512:
-        return 8, 2
+        return 4, 4
     return 1, 8
 
 
