@@ -497,3 +497,70 @@ def test_a_noisy_calibration_is_measured_again_and_not_handed_on(tmp_path: Path,
     assert "warning" in noisy.calibration and len(waits) == 2
     again = TableLatency(table2, graph, x, quantized=False, reuse_s=3600)  # measures afresh: clean this time
     assert not again.calibration.get("reused") and "warning" not in again.calibration and not answers
+
+
+class BusySideBySideDevice(SideBySideDevice):
+    """The side-by-side device whose measurements report other processes' CPU use during the timing, as the real
+    backends' do (``measure_interleaved_locked`` records ``busy_cores``): the next of ``busy`` per measurement."""
+
+    def __init__(self, busy: list[float]) -> None:
+        super().__init__()
+        self.busy = list(busy)
+
+    def measure_interleaved(self, modules, example_input, **kwargs):
+        times, compile_s, details = super().measure_interleaved(modules, example_input, **kwargs)
+        reading = self.busy.pop(0)
+        return times, compile_s, [{"busy_cores": reading} for _ in details]
+
+
+def test_a_calibration_timed_while_the_machine_was_busy_is_measured_again(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """Other processes busy while the calibration's models were timed (the table did not flag it: the blocks
+    agreed, all slow alike) is a reason to wait and measure again, and not to hand the calibration on."""
+    from compression.models.graph import LayerGraph
+    from compression.search import latency as latency_module
+    from compression.search.latency import TableLatency
+
+    x = small_input()
+    graph = LayerGraph.build(SmallResNet().eval(), tuple(x.shape[1:]), num_classes=10)
+    waits: list[float] = []
+    monkeypatch.setattr(latency_module, "wait_for_quiet", lambda s: (waits.append(s), (True, 0.1))[1])
+    monkeypatch.delenv("COMPRESSION_TABLE_QUIET_WAIT_S", raising=False)
+
+    device = BusySideBySideDevice([1.4, 0.05])  # busy, then quiet
+    table = LatencyTable(SIM, tmp_path / "t.sqlite", backend=device, warmup=0, repeats=2)
+    cal = TableLatency(table, graph, x, quantized=False, reuse_s=3600).calibration
+    assert waits == [10.0] and len(device.calls) == 2 and cal["calibrated_twice"]
+    assert cal["busy_cores"] == 0.05 and cal["first"]["busy_cores"] == 1.4 and "warning" not in cal
+    assert TableLatency(table, graph, x, quantized=False, reuse_s=3600).calibration["reused"]
+
+    device = BusySideBySideDevice([1.4, 0.9, 0.0])  # busy both times: used, the best there is...
+    table = LatencyTable(SIM, tmp_path / "busy.sqlite", backend=device, warmup=0, repeats=2)
+    busy = TableLatency(table, graph, x, quantized=False, reuse_s=3600).calibration
+    assert busy["busy_cores"] == 0.9 and len(waits) == 2
+    again = TableLatency(table, graph, x, quantized=False, reuse_s=3600).calibration
+    assert not again.get("reused") and again["busy_cores"] == 0.0  # ...but not handed on: measured afresh
+    assert not device.busy
+
+
+def test_models_timed_side_by_side_record_other_processes_cpu_use() -> None:
+    """``measure_interleaved_locked`` counts other processes' CPU use over the timing (real ``/proc`` readings:
+    nothing here spins beside it, so the reading is a number, whatever the machine is doing)."""
+    from compression.targets.measure import measure_interleaved_locked
+
+    def prepare():
+        return (lambda: sum(range(200))), {"backend": "plain python"}
+
+    times, _, details, _ = measure_interleaved_locked(
+        [prepare, prepare],
+        what="two functions",
+        device="test-busy-cores",
+        warmup=1,
+        repeats=20,
+        blocks=2,
+        timeout_s=30,
+    )
+    assert len(times) == 2 and all(len(per) == 2 for per in times)
+    for d in details:
+        assert d["backend"] == "plain python" and isinstance(d["busy_cores"], float) and d["busy_cores"] >= 0

@@ -26,7 +26,7 @@ from compression.models.artifact import ModelArtifact
 from compression.models.graph import LayerGraph
 from compression.search.env import LatencyModel
 from compression.targets.base import TargetSpec
-from compression.targets.contention import quiet_wait_s, wait_for_quiet
+from compression.targets.contention import BUSY_CORES, quiet_wait_s, wait_for_quiet
 
 if TYPE_CHECKING:
     from compression.targets.workloads import LayerWorkload
@@ -201,13 +201,16 @@ class TableLatency(LatencyModel):
                     variants.append(prune_module(graph, group_keeps(graph, p, round_to)))
             rounds = CALIBRATION_ROUNDS.get(table.spec.backend, 3)
             self.calibration = table.calibrate(graph.module, x, variants=variants, rounds=rounds)
-            if "warning" in self.calibration and quiet_wait_s() > 0:
-                # noisy or inconsistent (seen when it ran beside a test suite: a scale of 0.52 where a quiet
-                # machine gives 1.06, every later prediction skewed): wait for a quiet moment and measure once more
+            if _disturbed(self.calibration) and quiet_wait_s() > 0:
+                # noisy or inconsistent, or timed while other processes were busy (seen beside a test suite: a
+                # scale of 0.52 where a quiet machine gives 1.06, every later prediction skewed): wait for a
+                # quiet moment and measure once more
+                first = self.calibration
                 quiet, seen = wait_for_quiet(quiet_wait_s())
                 log.info(
-                    "%s: calibrating again after %s",
+                    "%s: calibrating again (%s) after %s",
                     table.spec.name,
+                    _why_disturbed(first),
                     "a quiet second"
                     if quiet
                     else f"waiting {quiet_wait_s():g} s ({seen:.2f} cores still busy)",
@@ -215,9 +218,17 @@ class TableLatency(LatencyModel):
                 self.calibration = {
                     **table.calibrate(graph.module, x, variants=variants, rounds=rounds),
                     "calibrated_twice": True,
+                    "first": {k: first[k] for k in ("scale", "warning", "busy_cores") if k in first},
                 }
+                if _disturbed(self.calibration):
+                    log.warning(
+                        "%s: the calibration is still disturbed after a second measurement (%s): it is used for "
+                        "this search only; predictions may be off until the machine is quiet",
+                        table.spec.name,
+                        _why_disturbed(self.calibration),
+                    )
             self.calibration.pop("measurement", None)
-            if "warning" not in self.calibration:  # a noisy calibration is not handed to the next search
+            if not _disturbed(self.calibration):  # a disturbed calibration is not handed to the next search
                 table.remember(memo_key, {k: v for k, v in self.calibration.items() if k != "measurement"})
         measured = [float(pt["measured_ms"]) for pt in self.calibration["points"]]
         thin = Policy(layers={n: LayerPolicy(keep_ratio=MIN_KEEP) for n in graph.prunable_leaders})
@@ -490,6 +501,23 @@ class TableLatency(LatencyModel):
         self._cache[key] = v
         self._entry_ms[w] = v
         return v
+
+
+def _disturbed(calibration: dict) -> bool:
+    """Whether a calibration is suspect: the table flagged it noisy or inconsistent, or other processes used more
+    than ``BUSY_CORES`` while its models were timed side by side on this machine (``busy_cores``, recorded by the
+    measurement; a device behind RPC and models timed one by one record none)."""
+    return "warning" in calibration or float(calibration.get("busy_cores") or 0.0) > BUSY_CORES
+
+
+def _why_disturbed(calibration: dict) -> str:
+    reasons = []
+    if "warning" in calibration:
+        reasons.append(str(calibration["warning"]))
+    busy = float(calibration.get("busy_cores") or 0.0)
+    if busy > BUSY_CORES:
+        reasons.append(f"other processes used {busy:.2f} cores while it was measured")
+    return "; ".join(reasons)
 
 
 def _per_channel(shape: tuple[int, ...], kind: str) -> int:

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from compression.errors import TargetError
+from compression.targets.contention import CpuWatch
 
 if TYPE_CHECKING:
     from compression.targets.base import Measurement, TargetSpec
@@ -426,16 +427,22 @@ def measure_interleaved_locked(
                         raise DeadlineExceeded(
                             f"{what}: preparing {len(prepares)} models took longer than the timeout of {timeout_s:g} s"
                         )
-                times = time_interleaved(
-                    runs,
-                    warmup=warmup,
-                    repeats=repeats,
-                    blocks=blocks,
-                    deadline=deadline,
-                    cancel=cancel,
-                    timeout_s=timeout_s,
-                    chunk=chunk,
-                )
+                # the models are timed on this machine: count what other processes used meanwhile (the
+                # timing alone, not the lock wait or the compiles; contention.CpuWatch)
+                with CpuWatch() as watch:
+                    times = time_interleaved(
+                        runs,
+                        warmup=warmup,
+                        repeats=repeats,
+                        blocks=blocks,
+                        deadline=deadline,
+                        cancel=cancel,
+                        timeout_s=timeout_s,
+                        chunk=chunk,
+                    )
+                if watch.others is not None:
+                    for d in details:
+                        d["busy_cores"] = round(watch.others, 3)
             finally:
                 if undo is not None:
                     undo()

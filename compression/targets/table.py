@@ -781,6 +781,16 @@ class LatencyTable:
             "residuals": residuals,
             "measurement": ref_m,
         }
+        # other processes' CPU use while the models were timed side by side on this machine (the backend's
+        # measurement records it: contention.CpuWatch); not known for models measured one by one
+        busy = [
+            float(m.details["busy_cores"])
+            for runs in all_runs
+            for m, _ in runs
+            if isinstance(m.details, dict) and m.details.get("busy_cores") is not None
+        ]
+        if busy:
+            result["busy_cores"] = round(max(busy), 3)
         if warnings:
             # a calibration from a noisy measurement skews every variant's prediction: say so
             result["warning"] = (
