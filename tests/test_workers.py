@@ -63,7 +63,7 @@ def result(number: int, reward: float) -> dict:
         "bytes": 400.0,
         "cost_ratio": 0.5,
         "meets_budget": True,
-        "policy": {"layers": {"conv1": {"keep": 0.5, "w_bits": 8}}},
+        "policy": {"layers": {"conv1": {"keep_ratio": 0.5, "w_bits": 8}}},
         "raw_actions": [[0.2]],
         "enforced_actions": [[0.2]],
         "wall_time_s": 0.01,
@@ -269,6 +269,32 @@ def test_engine_error_fails_the_run_with_its_message(owner, fake_engine):
     assert out == "failed: " + run.error and run.lease == ""
     assert RunLog.objects.filter(run=run, level="error", message=run.error).exists()
     assert run.episodes.count() == 2  # what was recorded before the failure stays
+    # a device's error may pass once the device is back: the run can be resumed
+    from webapp.views.runs import can_resume
+
+    assert run.error_kind == "device" and can_resume(run)
+
+
+def test_a_run_that_fails_on_its_input_cannot_be_resumed_and_keeps_what_it_found(owner, fake_engine):
+    from compression.errors import DatasetError
+    from compression.policy import Policy
+    from webapp.views.runs import can_resume
+
+    fake_engine(
+        fail_with=DatasetError("the dataset has 3 classes, the model 10", "upload a matching dataset")
+    )
+    run = make_run(owner)
+    tasks.run_search.run(run.pk)
+    run.refresh_from_db()
+    assert run.status == "failed" and run.error_kind == "input"
+    assert not can_resume(run)  # the same input fails the same way: a new run with other settings instead
+    # the best policy found before the failure (episode 2 of 2), every episode and the log are downloads
+    files = {a.path: a for a in RunArtifact.objects.filter(run=run)}
+    assert set(files) == {"best_policy.json", "episodes.csv", "episodes.jsonl", "run.log"}
+    assert "the highest-reward policy within the budget so far (episode 2)" in files["best_policy.json"].note
+    policy = Policy.from_json((run.out_path / "best_policy.json").read_text())
+    assert policy.layers["conv1"].keep_ratio == 0.5 and policy.layers["conv1"].w_bits == 8
+    assert "the dataset has 3 classes" in (run.out_path / "run.log").read_text()
 
 
 def test_unexpected_error_is_reported_not_raised(owner, fake_engine):
@@ -280,7 +306,7 @@ def test_unexpected_error_is_reported_not_raised(owner, fake_engine):
     assert RunLog.objects.filter(run=run, message__contains="Traceback").exists()
 
 
-def test_cancel_stops_between_episodes(owner, fake_engine):
+def test_cancel_stops_between_episodes(owner, fake_engine, monkeypatch):
     fake_engine(rewards=tuple(0.01 * i for i in range(1, 201)), delay=0.02)
     run = make_run(owner, episodes=200)
     done = {}
@@ -294,6 +320,41 @@ def test_cancel_stops_between_episodes(owner, fake_engine):
     run.refresh_from_db()
     assert done["out"] == "cancelled" and run.status == "cancelled" and latency < 5
     assert run.episodes.count() < 200
+    # what it found so far is downloadable: the best policy, every episode, the log
+    files = {a.path: a for a in RunArtifact.objects.filter(run=run)}
+    assert {"best_policy.json", "episodes.csv", "episodes.jsonl", "run.log"} <= set(files)
+    assert f"within the budget so far (episode {run.best['number']})" in files["best_policy.json"].note
+    # a resume forgets them (the resumed run offers its own) but keeps the engine's files
+    sent = []
+    monkeypatch.setattr(dispatch, "send", lambda name, args, queue, kwargs=None: sent.append(name) or "task-2")
+    stale = Run.objects.get(pk=run.pk)  # a second click's request, loaded while the run was still cancelled
+    dispatch.resume_run(run)
+    dispatch.resume_run(stale)  # already queued: not queued twice, its stopped time not counted twice
+    left = set(RunArtifact.objects.filter(run=run).values_list("path", flat=True))
+    assert sent == ["workers.tasks.run_search"] and left == {"run.log"}  # the log goes on
+    assert not (run.out_path / "best_policy.json").exists() and (run.out_path / "episodes.jsonl").exists()
+    with open(run.out_path / "episodes.csv") as f:
+        assert len(list(csv.reader(f))) == run.episodes.count() + 1
+
+
+def test_resume_does_not_count_the_time_a_run_stood_stopped(owner, monkeypatch):
+    sent = []
+    monkeypatch.setattr(
+        dispatch, "send", lambda name, args, queue, kwargs=None: sent.append(name) or "task-1"
+    )
+    now = timezone.now()
+    run = make_run(owner)
+    Run.objects.filter(pk=run.pk).update(
+        status="cancelled",
+        started_at=now - timezone.timedelta(seconds=1000),
+        finished_at=now - timezone.timedelta(seconds=900),
+    )
+    run.refresh_from_db()
+    assert 99 < run.elapsed_s() < 101
+    dispatch.resume_run(run)
+    run.refresh_from_db()
+    assert run.status == "queued" and 899 < run.idle_s < 910 and sent == ["workers.tasks.run_search"]
+    assert 99 < run.elapsed_s() < 110  # 100 s of work (plus the time since the resume), not 1000
 
 
 def test_cancel_of_a_queued_run_is_immediate(owner, fake_engine):

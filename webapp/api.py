@@ -425,6 +425,11 @@ def run_resume(request: HttpRequest, pk: int) -> JsonResponse:
     if not can_change(r, request.user):
         return api_error(404, "no run matches")
     if not can_resume(r):
+        if r.status == "failed" and r.error_kind == "input":
+            return api_error(
+                409,
+                "this run failed on its model, dataset or settings and would fail the same way again: start a new run",
+            )
         return api_error(409, f"a {r.status} run without a checkpoint cannot be resumed")
     from workers import dispatch
 

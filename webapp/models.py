@@ -260,6 +260,14 @@ class Run(models.Model):
     ]
     ACTIVE = ("queued", "running", "finalizing")
     TERMINAL = ("finished", "failed", "cancelled")
+    # what a failure was: the same input fails the same way again (start a new run with other settings), the
+    # others may pass on a resume (the device is back, the worker restarted, a bug was fixed)
+    ERROR_KINDS = [
+        ("input", "the model, dataset or settings"),
+        ("device", "the hardware target"),
+        ("worker", "the worker stopped"),
+        ("internal", "an internal error"),
+    ]
 
     owner = models.ForeignKey(dj_settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="runs")
     name = models.CharField(max_length=200, blank=True)
@@ -279,6 +287,12 @@ class Run(models.Model):
     start_info = models.JSONField(null=True, blank=True, help_text="baseline accuracy and cost (on_start)")
     summary = models.JSONField(null=True, blank=True, help_text="the final report")
     error = models.TextField(blank=True)
+    error_kind = models.CharField(
+        max_length=16,
+        blank=True,
+        choices=ERROR_KINDS,
+        help_text="why a failed run failed: resuming helps after device, worker and internal errors, not input",
+    )
     cancel_requested = models.BooleanField(default=False)
     task_id = models.CharField(max_length=64, blank=True)
     worker = models.CharField(max_length=200, blank=True)
@@ -290,6 +304,9 @@ class Run(models.Model):
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     out_dir = models.CharField(max_length=500, blank=True, help_text="relative to settings.RUNS_ROOT")
+    idle_s = models.FloatField(
+        default=0.0, help_text="seconds the run spent stopped (cancelled or failed) before a resume"
+    )
 
     class Meta:
         ordering = ["-created_at"]
@@ -315,11 +332,12 @@ class Run(models.Model):
         return self.status in self.ACTIVE
 
     def elapsed_s(self) -> float | None:
-        """Seconds since the run started (until it finished)."""
+        """Seconds the run has been going: since it started (until it ended), less the time it spent stopped
+        between a cancel or a failure and a resume."""
         if not self.started_at:
             return None
         end = self.finished_at or timezone.now()
-        return max(0.0, (end - self.started_at).total_seconds())
+        return max(0.0, (end - self.started_at).total_seconds() - (self.idle_s or 0.0))
 
     def status_event(self) -> dict[str, Any]:
         """The run's state as the live stream and the API send it."""
@@ -332,6 +350,7 @@ class Run(models.Model):
             "episodes_total": self.episodes_total,
             "best": self.best,
             "error": self.error,
+            "error_kind": self.error_kind,
             "cancel_requested": self.cancel_requested,
             "attempts": self.attempts,
             "checkpoint_episode": self.checkpoint_episode,
@@ -432,6 +451,9 @@ class Episode(models.Model):
 
 class RunArtifact(models.Model):
     """A file a run produced (compressed model, report, episodes.csv, log), with its real size."""
+
+    # how the notes of a stopped (cancelled or failed) run's downloads begin; a resume removes those rows
+    PARTIAL_NOTE = "found before the run stopped"
 
     KIND_CHOICES = [
         ("pt2", ".pt2 (torch.export)"),

@@ -489,6 +489,11 @@ def _components() -> dict[str, Any]:
                 "episodes_total": INT,
                 "best": {"oneOf": [_ref("Episode"), {"type": "null"}]},
                 "error": S,
+                "error_kind": {
+                    "type": "string",
+                    "enum": ["", "input", "device", "worker", "internal"],
+                    "description": "why a failed run failed; resume helps after device, worker and internal errors",
+                },
                 "agent": S,
                 "model": INT,
                 "dataset": INT,

@@ -14,10 +14,11 @@ from typing import Any
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import F
 from django.utils import timezone
 
 from webapp import events
-from webapp.models import Benchmark, Dataset, Run, RunLog, Target, UploadedModel
+from webapp.models import Benchmark, Dataset, Run, RunArtifact, RunLog, Target, UploadedModel
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,10 @@ def request_cancel(run: Run) -> None:
         Run.objects.filter(pk=run.pk).update(cancel_requested=True)
         Run.objects.filter(pk=run.pk, status="queued").update(status="cancelled", finished_at=timezone.now())
     run.refresh_from_db()
+    if run.status == "cancelled" and run.episodes_done:  # a requeued run (its worker died) had episodes
+        from workers.tasks import store_partial_artifacts
+
+        store_partial_artifacts(run)
     line = RunLog.append(run, "cancel requested")
     events.publish_log(run, [line])
     events.publish_status(run)
@@ -83,11 +88,39 @@ def resume_run(run: Run) -> str:
     """Queue a failed or cancelled run again; the search continues from its last checkpoint if it has one."""
     if run.status not in ("failed", "cancelled"):
         raise ValueError(f"run {run.pk} is {run.status}; only failed or cancelled runs can be resumed")
-    Run.objects.filter(pk=run.pk).update(
-        status="queued", cancel_requested=False, error="", finished_at=None, attempts=0, lease=""
+    stopped_s = 0.0
+    if run.started_at and run.finished_at:  # the time it stood stopped does not count as the run's time
+        stopped_s = max(0.0, (timezone.now() - run.finished_at).total_seconds())
+    # only a run that is still stopped: two resumes at once (a double click, the page and the API) queue it once
+    resumed = Run.objects.filter(pk=run.pk, status__in=("failed", "cancelled")).update(
+        status="queued",
+        cancel_requested=False,
+        error="",
+        error_kind="",
+        finished_at=None,
+        attempts=0,
+        lease="",
+        idle_s=F("idle_s") + stopped_s,
     )
     run.refresh_from_db()
+    if not resumed:
+        return run.task_id
+    _drop_partial_artifacts(run)
     return enqueue_run(run)
+
+
+def _drop_partial_artifacts(run: Run) -> None:
+    """Forget what a stopped run offered as downloads (``RunArtifact.PARTIAL_NOTE``): the resumed run will offer
+    its own. The best-so-far ``best_policy.json`` goes too (a finalize step that fails later must not find it and
+    take it for its own choice); the engine's files (episodes.jsonl, the checkpoint) stay."""
+    partial = RunArtifact.objects.filter(run=run, note__startswith=RunArtifact.PARTIAL_NOTE)
+    for a in partial:
+        if a.kind == "policy" and "the finalize step chose" not in a.note:
+            try:
+                (run.out_path / a.path).unlink(missing_ok=True)
+            except OSError:
+                log.warning("run %s: could not remove %s", run.pk, a.path)
+    partial.delete()
 
 
 def enqueue_inspect(model: UploadedModel) -> str:

@@ -55,14 +55,20 @@ def _resume_or_fail(run: Run) -> str | None:
             log.warning("run %s: %s (the next reaper pass sends it)", run.pk, exc)
         events.publish_status(run)
         return f"run {run.pk}: worker gone, resuming from checkpoint"
-    from workers.tasks import NO_CHECKPOINT_MESSAGE
+    from workers.tasks import NO_CHECKPOINT_MESSAGE, store_partial_artifacts
 
     if not base.update(
-        status="failed", error=NO_CHECKPOINT_MESSAGE, finished_at=timezone.now(), lease="", phase=""
+        status="failed",
+        error=NO_CHECKPOINT_MESSAGE,
+        error_kind="worker",
+        finished_at=timezone.now(),
+        lease="",
+        phase="",
     ):
         return None
     run.refresh_from_db()
     line = RunLog.append(run, NO_CHECKPOINT_MESSAGE, "error")
+    store_partial_artifacts(run)
     events.publish_log(run, [line])
     events.publish_status(run)
     return f"run {run.pk}: worker gone before the first checkpoint, failed"

@@ -232,14 +232,28 @@ def search_config(run: Run) -> dict[str, Any]:
     return config
 
 
-def _fail(run_id: int, message: str, token: str | None = None) -> None:
-    """Mark a run failed (under the lease when one is held) and tell viewers."""
+def error_kind(exc: BaseException) -> str:
+    """``Run.error_kind`` of an exception: ``device`` for a target's error (it may pass once the device is back),
+    ``input`` for the model, dataset or settings (the same run fails the same way again), else ``internal``."""
+    from compression.errors import CompressionError, TargetError
+
+    if isinstance(exc, TargetError):
+        return "device"
+    if isinstance(exc, CompressionError):
+        return "input"
+    return "internal"
+
+
+def _fail(run_id: int, message: str, token: str | None = None, kind: str = "internal") -> None:
+    """Mark a run failed (under the lease when one is held), keep what it found so far, and tell viewers."""
     qs = Run.objects.filter(pk=run_id)
     if token:
         qs = qs.filter(lease=token)
-    qs.update(status="failed", error=message, finished_at=timezone.now(), phase="")
+    failed = qs.update(status="failed", error=message, error_kind=kind, finished_at=timezone.now(), phase="")
     run = Run.objects.get(pk=run_id)
     line = RunLog.append(run, message, "error")
+    if failed:  # not when another worker holds the run now: its directory is that worker's
+        store_partial_artifacts(run)
     events.publish_log(run, [line])
     events.publish_status(run)
 
@@ -270,15 +284,16 @@ def _run_search_holding(task, run_id: int, token: str, me: str) -> str:
     checkpoint = out / "checkpoint.pt"
     if run.status in ("running", "finalizing") and not checkpoint.exists():
         # The previous holder vanished (its heartbeat went stale) before writing a checkpoint.
-        _fail(run_id, NO_CHECKPOINT_MESSAGE, token)
+        _fail(run_id, NO_CHECKPOINT_MESSAGE, token, "worker")
         return "failed: " + NO_CHECKPOINT_MESSAGE
     if run.attempts >= MAX_ATTEMPTS:
         msg = f"the worker stopped {run.attempts} times while running this search; not resuming it again"
-        _fail(run_id, msg, token)
+        _fail(run_id, msg, token, "worker")
         return "failed: " + msg
     if run.cancel_requested:
         leases.update_run(run_id, token, status="cancelled", finished_at=timezone.now(), phase="")
         run.refresh_from_db()
+        store_partial_artifacts(run)  # a requeued run (its worker died) may have episodes already
         events.publish_status(run)
         return "cancelled before it started"
 
@@ -327,6 +342,8 @@ def _run_search_holding(task, run_id: int, token: str, me: str) -> str:
                     f"cancelled after episode {report.get('episodes_done')} of {report.get('episodes_total')}"
                     " (the checkpoint is kept: resume continues from it)"
                 )
+                run.refresh_from_db()
+                store_partial_artifacts(run)
                 recorder.publish_status()
                 return "cancelled"
             store_artifacts(run, report)
@@ -355,7 +372,7 @@ def _run_search_holding(task, run_id: int, token: str, me: str) -> str:
             log.exception("run %s failed", run_id)
             RunLog.append(run, traceback.format_exc()[-8000:], "error")
             message = f"internal error in the worker: {type(exc).__name__}: {exc}"
-        _fail(run_id, message, token)
+        _fail(run_id, message, token, error_kind(exc))
         write_log_artifact(run)
         return "failed: " + message
     finally:
@@ -498,6 +515,58 @@ def store_artifacts(run: Run, report: dict[str, Any]) -> None:
         p = (out / name).resolve()
         if p not in seen:
             _record_artifact(run, p, KIND_BY_NAME[name], note)
+
+
+def _partial_policy_note(best: dict[str, Any]) -> str:
+    """What the best-so-far ``best_policy.json`` of a stopped run is (``RunArtifact.PARTIAL_NOTE`` first)."""
+    number = best.get("number")
+    if best.get("is_best") or best.get("meets_budget"):
+        what = f"the highest-reward policy within the budget so far (episode {number})"
+    else:
+        what = f"episode {number}'s policy: no episode had met the budget yet"
+    return (
+        f"{RunArtifact.PARTIAL_NOTE}: {what}; not checked on the device, fine-tuned or exported "
+        "(python -m compression apply MODEL --policy best_policy.json applies it)"
+    )
+
+
+def store_partial_artifacts(run: Run) -> None:
+    """What a cancelled or failed run found before it stopped, as downloads: the best policy so far
+    (``best_policy.json``, unless the finalize step already wrote the chosen one), every episode as CSV, the
+    engine's ``episodes.jsonl`` and the log. Their notes start with ``RunArtifact.PARTIAL_NOTE``; a resume removes
+    them (``dispatch.resume_run``) and a finished run records its own. Never raises: a run that stops must stop
+    even when its directory cannot be written, and one download that fails does not take the others with it."""
+    out = run.out_path
+    best = run.best or {}
+    path = out / "best_policy.json"
+
+    def policy() -> None:
+        if path.exists():
+            # the finalize step had chosen (and written) its policy when the run stopped
+            _record_artifact(
+                run, path, "policy", f"{RunArtifact.PARTIAL_NOTE}: the policy the finalize step chose"
+            )
+        elif best.get("policy"):
+            from compression.policy import Policy
+
+            out.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".json.tmp")
+            tmp.write_text(Policy.from_dict(best["policy"]).to_json(indent=2), encoding="utf-8")
+            os.replace(tmp, path)
+            _record_artifact(run, path, "policy", _partial_policy_note(best))
+
+    def episodes() -> None:
+        if Episode.objects.filter(run=run).exists():
+            note = f"{RunArtifact.PARTIAL_NOTE}: every episode up to the stop (from the database)"
+            _record_artifact(run, write_episodes_csv(run), "episodes.csv", note)
+        note = f"{RunArtifact.PARTIAL_NOTE}: every episode as the engine wrote it"
+        _record_artifact(run, out / "episodes.jsonl", "episodes.jsonl", note)
+
+    for step in (policy, episodes, lambda: write_log_artifact(run)):
+        try:
+            step()
+        except Exception:  # a stop must not fail on its downloads
+            log.exception("run %s: could not store a download of what it found so far", run.pk)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -176,8 +176,11 @@ def run_detail(request: HttpRequest, pk: int) -> HttpResponse:
 
 
 def can_resume(run: Run) -> bool:
-    """A cancelled or failed run with a checkpoint (or with no episode yet) can be requeued."""
+    """A cancelled or failed run with a checkpoint (or with no episode yet) can be requeued; not one that failed
+    on its input (the model, dataset or settings), which would fail the same way again."""
     if run.status not in ("cancelled", "failed"):
+        return False
+    if run.status == "failed" and run.error_kind == "input":
         return False
     return (
         run.checkpoint_episode is not None
@@ -211,7 +214,16 @@ def run_resume(request: HttpRequest, pk: int) -> HttpResponse:
     if not can_change(run, request.user):
         raise Http404("no run matches")
     if not can_resume(run):
-        messages.error(request, f"a {run.status} run without a checkpoint cannot be resumed; start a new run")
+        if run.status == "failed" and run.error_kind == "input":
+            messages.error(
+                request,
+                "this run failed on its model, dataset or settings and would fail the same way again: "
+                "start a new run (Run again… copies its settings)",
+            )
+        else:
+            messages.error(
+                request, f"a {run.status} run without a checkpoint cannot be resumed; start a new run"
+            )
         return redirect("ui:run", pk=run.pk)
     from workers import dispatch
 
