@@ -133,7 +133,11 @@ def test_user_journey(live_stack, tmp_path):  # noqa: F811
                 " (document.getElementById('heat-bits').data || [{z: []}])[0].z.length,"
                 " window.runPage.received.some(r => r[0] === 'episode'),"
                 " (document.getElementById('heat-keep').data || [{x: []}])[0].x.every((v, i) => v === i + 1),"
-                " window.runPage.received.filter(r => r[0] === 'history').length] : null"
+                " window.runPage.received.filter(r => r[0] === 'history').length,"
+                # whole-number episode ticks from the first episode on (no 1, 1.5, 2: labels "1", "2", "2")
+                " ((t) => t.every(v => /^\\d+$/.test(v)) && new Set(t).size === t.length)("
+                "[...document.querySelectorAll('#chart-reward .xtick text')].map(t => t.textContent))]"
+                " : null"
             )
             if state is None:  # the page reloads itself when the run ends
                 break
@@ -158,6 +162,7 @@ def test_user_journey(live_stack, tmp_path):  # noqa: F811
         # Every sample: episodes 1..k exactly once, in order; the dropped connection came back with a new
         # history and drawing went on.
         assert all(s[6] for s in samples), [s for s in samples if not s[6]][:3]
+        assert all(s[8] for s in samples if s[1] > 0), [s for s in samples if not s[8]][:3]
         after = [s for s in running if s[7] >= 2]
         assert after and max(s[1] for s in after) > min(s[1] for s in after), (
             "no episodes after the reconnect"
@@ -173,6 +178,12 @@ def test_user_journey(live_stack, tmp_path):  # noqa: F811
         assert drawn == total and numbers == list(range(1, total + 1)), "episodes lost or drawn twice"
         assert b.js("document.getElementById('chart-pareto').data[1].x.length") >= 1  # the Pareto front
         assert b.js("document.querySelectorAll('#best-policy tbody tr').length") == 4
+        # the best policy's legend sits above the plot area, clear of the bars
+        legend_bottom, plot_top = b.js(
+            "[document.querySelector('#chart-policy .legend').getBoundingClientRect().bottom,"
+            " document.querySelector('#chart-policy .nsewdrag').getBoundingClientRect().top]"
+        )
+        assert legend_bottom <= plot_top + 1, (legend_bottom, plot_top)
         assert "Test accuracy" in b.js("document.getElementById('results').innerText")
         time.sleep(1)
         b.screenshot(SHOTS / "07-run-finished.png")

@@ -683,6 +683,32 @@ def test_cancel_and_resume(client, alice, dispatch):
     assert 'id="resume-run"' in html and 'id="cancel-run"' not in html
 
 
+def test_a_run_failed_on_its_input_offers_a_new_run_not_a_resume(client, alice, dispatch):
+    run = make_run(alice, episodes=4, status="failed")
+    run.error, run.error_kind, run.checkpoint_episode = "the dataset has 3 classes, the model 10", "input", 4
+    run.save()
+    html = client.get(reverse("ui:run", args=[run.pk])).content.decode()
+    assert 'id="resume-run"' not in html and "Resuming would fail the same way" in html
+    assert f"?from={run.pk}" in html[html.index('id="run-error"') :]
+    refused = client.post(reverse("ui:run-resume", args=[run.pk]), follow=True).content.decode()
+    assert "would fail the same way again" in refused and dispatch.names() == []
+    # nothing exported, and the page says so beside what the run did keep
+    add_artifact(run, "best_policy.json", b'{"layers": {}}', kind="policy")
+    html = client.get(reverse("ui:run", args=[run.pk])).content.decode()
+    assert "No compressed model was exported: the run failed after 4 episodes." in html
+    # a device's failure can be resumed once the device answers again
+    run.error_kind = "device"
+    run.save()
+    html = client.get(reverse("ui:run", args=[run.pk])).content.decode()
+    assert 'id="resume-run"' in html and "Check the target" in html
+    assert "resume it to finish the search, fine-tune and export its best policy" in html
+
+
+def test_favicon_is_served(client):
+    resp = client.get("/favicon.ico")
+    assert resp.status_code == 200 and resp["Content-Type"] == "image/svg+xml" and b"<svg" in resp.content
+
+
 def test_episodes_csv(client, alice):
     run = make_run(alice, episodes=25)
     resp = client.get(reverse("ui:run-episodes-csv", args=[run.pk]))
@@ -730,6 +756,16 @@ def test_compare_two_runs(client, alice):
     assert b"Pick two or more runs" in one.content and b"compare-data" not in one.content
     gone = client.get(reverse("ui:compare") + f"?ids={a.pk}&ids=99999").content.decode()
     assert "no run #99999 to compare: it does not exist or is not yours to see" in gone
+
+
+def test_compare_warns_when_an_axis_mixes_what_does_not_compare(client, alice):
+    a = make_run(alice, episodes=5, objective="latency")
+    b = make_run(alice, model=a.model, episodes=5, objective="bops")
+    c = make_run(alice, model=a.model, episodes=5, objective="latency")
+    mixed = client.get(reverse("ui:compare") + f"?ids={a.pk}&ids={b.pk}").content.decode()
+    assert "These runs optimise different costs (bops, latency)" in mixed
+    same = client.get(reverse("ui:compare") + f"?ids={a.pk}&ids={c.pk}").content.decode()
+    assert 'class="callout axis-note"' not in same
 
 
 # --- plumbing ------------------------------------------------------------------------------------------

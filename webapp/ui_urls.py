@@ -31,4 +31,5 @@ urlpatterns = [
     path("runs/<int:run_pk>/files/<int:pk>/", files.artifact_download, name="artifact"),
     path("api-docs/", apidocs.api_docs, name="api-docs"),
     path("vendor/plotly.min.js", files.plotly_js, name="plotly"),
+    path("favicon.ico", files.favicon, name="favicon"),
 ]

@@ -21,9 +21,17 @@
       margin: { l: 52, r: 14, t: 26, b: 38 }, font: { family: FONT, size: 11, color: "#344054" },
       paper_bgcolor: "#fff", plot_bgcolor: "#fff", hovermode: "closest",
       legend: { orientation: "h", x: 0, y: 1.16, font: { size: 10.5 } },
-      xaxis: { title: { text: "episode" }, gridcolor: "#eef1f5", zeroline: false },
+      xaxis: episodeAxis(),
       yaxis: { gridcolor: "#eef1f5", zeroline: false }
     }, extra || {});
+  }
+
+  // whole-number episode ticks, however few episodes the runs have (no 1, 1.5, 2)
+  function episodeAxis() {
+    var n = runs.reduce(function (m, r) { return Math.max(m, r.total || 0); }, 0);
+    var axis = { title: { text: "episode" }, gridcolor: "#eef1f5", zeroline: false, tickformat: "d" };
+    if (n >= 1 && n <= 12) { axis.dtick = 1; }
+    return axis;
   }
 
   // Best-so-far by reward within budget, as the run page draws it.
@@ -57,7 +65,10 @@
 
   var allLatency = runs.every(function (r) { return r.cost_field === "latency_ms"; });
   var costGet = allLatency ? function (e) { return e.latency_ms; } : function (e) { return e.cost_ratio; };
-  var costLabel = allLatency ? "latency (ms)" : "cost / original";
+  var objectives = runs.map(function (r) { return r.cost_label; })
+    .filter(function (v, i, a) { return a.indexOf(v) === i; });
+  var costLabel = allLatency ? "latency (ms)" :
+    objectives.length > 1 ? "cost / original (each run's own objective)" : objectives[0];
   (function () {
     var traces = runs.map(function (r, i) {
       var pts = r.episodes.filter(function (e) { return finite(costGet(e)); });

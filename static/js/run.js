@@ -27,6 +27,7 @@
     runAt: Date.now(),
     logSeq: 0,
     built: false,
+    axisN: 0, // the last episode the episode axes show
     socket: null,
     retries: 0,
     polling: null,
@@ -99,9 +100,31 @@
     ];
   }
 
+  // Episode axes span the whole run (1 .. the planned episodes) with whole-number ticks: early in a run an
+  // automatic range would tick at 1, 1.5, 2.
+  function episodeAxis() {
+    var n = Math.max((state.run && state.run.episodes_total) || 0, state.last || 0);
+    var axis = { title: { text: "episode", standoff: 4 }, gridcolor: "#eef1f5", zeroline: false, automargin: true,
+      tickformat: "d" };
+    if (n >= 1) { axis.range = [0.5, n + 0.5]; axis.autorange = false; }
+    if (n >= 1 && n <= 12) { axis.dtick = 1; }
+    state.axisN = n;
+    return axis;
+  }
+
+  // More episodes than planned (a resumed run given more): widen the episode axes once.
+  function growEpisodeAxes() {
+    if (!state.built || state.last <= state.axisN) { return; }
+    var axis = episodeAxis();
+    Object.keys(METRICS).concat(["heat-keep", "heat-bits"]).forEach(function (id) {
+      Plotly.relayout(id, { "xaxis.range": axis.range, "xaxis.dtick": axis.dtick === undefined ? null : axis.dtick });
+    });
+  }
+
   function lineLayout(id) {
     var m = METRICS[id];
-    var extra = { yaxis: { title: { text: m.label, standoff: 4 }, gridcolor: "#eef1f5", zeroline: false, automargin: true } };
+    var extra = { xaxis: episodeAxis(),
+      yaxis: { title: { text: m.label, standoff: 4 }, gridcolor: "#eef1f5", zeroline: false, automargin: true } };
     if (m.pct) { extra.yaxis.tickformat = ".1%"; }
     if (id === "chart-latency" && !useLatency && finite(page.budget)) {
       extra.shapes = [{ type: "line", xref: "paper", x0: 0, x1: 1, y0: page.budget, y1: page.budget,
@@ -146,7 +169,7 @@
   }
 
   function heatLayout() {
-    return layout({ showlegend: false, margin: { l: 110, r: 10, t: 10, b: 38 },
+    return layout({ showlegend: false, margin: { l: 110, r: 10, t: 10, b: 38 }, xaxis: episodeAxis(),
       // category: layer names such as "0" or "12" (nn.Sequential) must not become a numeric axis
       yaxis: { type: "category", autorange: "reversed", automargin: true, tickfont: { size: 10 } } });
   }
@@ -213,7 +236,9 @@
       { type: "scatter", mode: "markers", name: "a bits", x: names, y: ab, yaxis: "y2",
         marker: { color: C.a, size: 7, symbol: "circle" }, hovertemplate: "%{x}<br>a %{y} bits<extra></extra>" }
     ], layout({
-      margin: { l: 44, r: 44, t: 26, b: 70 },
+      // the legend sits above the plot, right-aligned, clear of the first bars
+      margin: { l: 44, r: 44, t: 34, b: 70 },
+      legend: { orientation: "h", x: 1, xanchor: "right", y: 1.02, yanchor: "bottom", font: { size: 10.5 } },
       xaxis: { type: "category", tickangle: -40, tickfont: { size: 9.5 }, automargin: true },
       yaxis: { title: { text: "keep" }, range: [0, 1.05], tickformat: ".0%", gridcolor: "#eef1f5" },
       yaxis2: { title: { text: "bits" }, overlaying: "y", side: "right", range: [0, FP_LEVEL + 0.5],
@@ -325,6 +350,7 @@
     Plotly.extendTraces("heat-bits", { x: [cols.bits.x], z: [cols.bits.z] }, [0]);
     Plotly.extendTraces("chart-pareto", { x: [cols.pareto.x], y: [cols.pareto.y], text: [cols.pareto.text] }, [0]);
     updateFront();
+    growEpisodeAxes();
     if (state.best !== prevBest) { drawBest(); }
     progress();
   }
@@ -341,6 +367,12 @@
     phase.textContent = run.phase || "";
     phase.hidden = !run.phase;
     document.getElementById("ep-total").textContent = run.episodes_total;
+    // a cancel asked for elsewhere (another tab, the API): the notice shows and the button goes at once
+    var stopping = run.cancel_requested && ACTIVE.indexOf(run.status) >= 0;
+    var notice = document.getElementById("cancel-notice");
+    if (notice) { notice.hidden = !stopping; }
+    var cancelForm = document.getElementById("cancel-form");
+    if (cancelForm && stopping) { cancelForm.hidden = true; }
     var chosenNow = run.best && run.best.chosen && !(state.best && state.best.chosen);
     if (run.best && run.best.policy && (chosenNow || !state.best || (!state.best.chosen && run.best.number > state.best.number))) {
       state.best = run.best;

@@ -64,6 +64,7 @@ def compare(request: HttpRequest) -> HttpResponse:
         )
     rows = [{"run": r, "fig": runinfo.summary_figures(r)} for r in runs]
     context = {
+        "axis_notes": axis_notes(runs, series),
         "runs": runs,
         "candidates": candidates,
         "picked": ids,
@@ -73,6 +74,32 @@ def compare(request: HttpRequest) -> HttpResponse:
         "config_rows": runinfo.config_table(runs),
     }
     return render(request, "runs/compare.html", context)
+
+
+def axis_notes(runs: list[Run], series: list[dict]) -> list[str]:
+    """Warnings about what shares an axis but does not compare: runs that optimise different costs, latencies
+    on different hardware, different models."""
+    notes = []
+    objectives = sorted({(r.config or {}).get("objective", "latency") for r in runs})
+    if len(objectives) > 1:
+        notes.append(
+            f"These runs optimise different costs ({', '.join(objectives)}): the cost charts show each run's cost as "
+            "a fraction of its own original, and a fraction of one cost does not measure the same thing as a "
+            "fraction of another."
+        )
+    targets = sorted({r.target.name for r in runs})
+    if all(s["cost_field"] == "latency_ms" for s in series) and len(targets) > 1:
+        notes.append(
+            f"Latencies were measured on different targets ({', '.join(targets)}): the latency charts put "
+            "different hardware side by side."
+        )
+    models = sorted({r.model.name for r in runs})
+    if len(models) > 1:
+        notes.append(
+            f"The runs compress different models ({', '.join(models)}): accuracies and costs start from "
+            "different originals."
+        )
+    return notes
 
 
 def _slim(e: dict) -> dict:

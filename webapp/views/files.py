@@ -7,7 +7,7 @@ import importlib.util
 from pathlib import Path
 
 from django.contrib.auth.decorators import login_required
-from django.http import FileResponse, Http404, HttpRequest
+from django.http import FileResponse, Http404, HttpRequest, HttpResponse
 from django.views.decorators.cache import cache_control
 from django.views.decorators.gzip import gzip_page
 from django.views.decorators.http import condition
@@ -70,3 +70,17 @@ def plotly_js(request: HttpRequest) -> FileResponse:
     """Serve Plotly.js from the installed package (cached a day; revalidated by ETag; gzipped for a browser that
     accepts it: 4.8 MB become about 1.4 MB)."""
     return FileResponse(open(plotly_path(), "rb"), content_type="text/javascript; charset=utf-8")
+
+
+# The page icon. base.html links it, and browsers ask for /favicon.ico on their own: a 404 there would fill the
+# server's log and the browser's console.
+FAVICON_SVG = (
+    '<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16">'
+    '<rect width="16" height="16" rx="4" fill="#4f8cff"/></svg>'
+)
+
+
+@cache_control(max_age=86400, public=True)
+def favicon(request: HttpRequest) -> HttpResponse:
+    """The page icon as SVG (what browsers fetch from /favicon.ico when a page does not stop them)."""
+    return HttpResponse(FAVICON_SVG, content_type="image/svg+xml")

@@ -30,7 +30,9 @@ def model_list(request: HttpRequest) -> HttpResponse:
         form = ADD_FORMS[active](request.POST, request.FILES, user=request.user)
         if form.is_valid():
             m = form.save()
-            saved(request, form, f"{m.name}: queued — the layer table appears when the worker is done.")
+            # not "queued": the inspection may already have ended (a refused file fails in a second) by the time
+            # the model's page shows, and that page says where it stands
+            saved(request, form, f"{m.name} added.")
             return redirect("ui:model", pk=m.pk)
         forms[active] = form
     models = visible(UploadedModel, request.user).select_related("owner")
