@@ -287,7 +287,11 @@ def _run_search_holding(task, run_id: int, token: str, me: str) -> str:
         _fail(run_id, NO_CHECKPOINT_MESSAGE, token, "worker")
         return "failed: " + NO_CHECKPOINT_MESSAGE
     if run.attempts >= MAX_ATTEMPTS:
-        msg = f"the worker stopped {run.attempts} times while running this search; not resuming it again"
+        msg = (
+            f"the worker stopped {run.attempts} times while running this search (a crash inside PyTorch, or the "
+            "machine ran out of memory); it is not resumed automatically again: Resume continues it from its "
+            "last checkpoint"
+        )
         _fail(run_id, msg, token, "worker")
         return "failed: " + msg
     if run.cancel_requested:
