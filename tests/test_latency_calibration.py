@@ -547,6 +547,7 @@ def test_a_calibration_timed_while_the_machine_was_busy_is_measured_again(
 def test_models_timed_side_by_side_record_other_processes_cpu_use() -> None:
     """``measure_interleaved_locked`` counts other processes' CPU use over the timing (real ``/proc`` readings:
     nothing here spins beside it, so the reading is a number, whatever the machine is doing)."""
+    from compression.targets.contention import CpuWatch
     from compression.targets.measure import measure_interleaved_locked
 
     def prepare():
@@ -560,7 +561,12 @@ def test_models_timed_side_by_side_record_other_processes_cpu_use() -> None:
         repeats=20,
         blocks=2,
         timeout_s=30,
+        watch=CpuWatch,
     )
     assert len(times) == 2 and all(len(per) == 2 for per in times)
     for d in details:
         assert d["backend"] == "plain python" and isinstance(d["busy_cores"], float) and d["busy_cores"] >= 0
+    _, _, unwatched, _ = measure_interleaved_locked(
+        [prepare], what="one function", device="test-busy-cores", warmup=1, repeats=5, blocks=1, timeout_s=30
+    )
+    assert "busy_cores" not in unwatched[0]  # no watch asked for (a device elsewhere): nothing claimed

@@ -689,7 +689,7 @@ def test_models_compiled_once_and_timed_side_by_side() -> None:
     for m in c.measurements:
         d = m.details
         assert m.runs == 20 and d["timer"] == "tvm time_evaluator, interleaved" and d["calls_per_run"] >= 1
-        assert d["max_abs_diff"] < 1e-3 and m.compile_s > 0
+        assert d["max_abs_diff"] < 1e-3 and m.compile_s > 0 and d["busy_cores"] >= 0  # local: watched
     assert c.ratios[1] < 1.0  # a quarter of the output channels: the C++ timer tells them apart
 
 

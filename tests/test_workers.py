@@ -326,7 +326,9 @@ def test_cancel_stops_between_episodes(owner, fake_engine, monkeypatch):
     assert f"within the budget so far (episode {run.best['number']})" in files["best_policy.json"].note
     # a resume forgets them (the resumed run offers its own) but keeps the engine's files
     sent = []
-    monkeypatch.setattr(dispatch, "send", lambda name, args, queue, kwargs=None: sent.append(name) or "task-2")
+    monkeypatch.setattr(
+        dispatch, "send", lambda name, args, queue, kwargs=None: sent.append(name) or "task-2"
+    )
     stale = Run.objects.get(pk=run.pk)  # a second click's request, loaded while the run was still cancelled
     dispatch.resume_run(run)
     dispatch.resume_run(stale)  # already queued: not queued twice, its stopped time not counted twice

@@ -21,6 +21,7 @@ Three rules make a local latency number trustworthy, and every local backend goe
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import math
 import os
@@ -37,7 +38,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from compression.errors import TargetError
-from compression.targets.contention import CpuWatch
 
 if TYPE_CHECKING:
     from compression.targets.base import Measurement, TargetSpec
@@ -400,11 +400,14 @@ def measure_interleaved_locked(
     wait_s: float = DEFAULT_WAIT_S,
     setup_thread: Callable[[], Callable[[], None]] | None = None,
     chunk: int = 1,
+    watch: Callable[[], Any] | None = None,
 ) -> tuple[list[list[list[float]]], list[float], list[dict[str, Any]], float]:
     """``measure_locked`` for several models timed side by side (``time_interleaved``).
 
     Holds ``device`` once for all of them; returns ``(times[model][block], compile_s per model, details per
-    model, lock wait s)``.
+    model, lock wait s)``. ``watch`` (``contention.CpuWatch``, passed by the backends that time on this machine;
+    this module imports nothing of the package) counts other processes' CPU use over the timing alone, not the
+    lock wait or the compiles, into each model's ``details["busy_cores"]``.
     """
     started = threading.Event()
 
@@ -427,9 +430,7 @@ def measure_interleaved_locked(
                         raise DeadlineExceeded(
                             f"{what}: preparing {len(prepares)} models took longer than the timeout of {timeout_s:g} s"
                         )
-                # the models are timed on this machine: count what other processes used meanwhile (the
-                # timing alone, not the lock wait or the compiles; contention.CpuWatch)
-                with CpuWatch() as watch:
+                with watch() if watch is not None else contextlib.nullcontext() as window:
                     times = time_interleaved(
                         runs,
                         warmup=warmup,
@@ -440,9 +441,9 @@ def measure_interleaved_locked(
                         timeout_s=timeout_s,
                         chunk=chunk,
                     )
-                if watch.others is not None:
+                if window is not None and window.others is not None:
                     for d in details:
-                        d["busy_cores"] = round(watch.others, 3)
+                        d["busy_cores"] = round(window.others, 3)
             finally:
                 if undo is not None:
                     undo()

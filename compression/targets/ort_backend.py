@@ -35,6 +35,7 @@ from torch import nn
 
 from compression.errors import TargetError
 from compression.targets.base import Measurement, TargetSpec
+from compression.targets.contention import CpuWatch
 from compression.targets.measure import (
     DEFAULT_DEVICE,
     DEFAULT_WAIT_S,
@@ -367,6 +368,7 @@ class OrtBackend:
             timeout_s=timeout_s,
             wait_s=self.wait_s,
             chunk=SPIN_CHUNK if self.spinning else 1,
+            watch=CpuWatch,  # timed on this machine: other processes' CPU use is recorded
         )
         for d in details:
             d["spinning"] = self.spinning

@@ -22,6 +22,7 @@ from torch import nn
 
 from compression.errors import TargetError
 from compression.targets.base import Measurement, TargetSpec
+from compression.targets.contention import CpuWatch
 from compression.targets.measure import (
     DEFAULT_DEVICE,
     DEFAULT_WAIT_S,
@@ -132,6 +133,7 @@ class TorchBackend:
             timeout_s=timeout_s,
             wait_s=self.wait_s,
             setup_thread=self._setup_thread,
+            watch=CpuWatch,  # timed on this machine: other processes' CPU use is recorded
         )
         return times, compile_s, details
 

@@ -945,6 +945,7 @@ class TvmBackend:
             blocks=blocks,
             timeout_s=timeout_s,
             wait_s=self.wait_s,
+            watch=CpuWatch,  # local: other processes' CPU use is recorded
         )
         return times, compile_s, details
 
