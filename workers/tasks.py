@@ -528,10 +528,7 @@ def _partial_policy_note(best: dict[str, Any]) -> str:
         what = f"the highest-reward policy within the budget so far (episode {number})"
     else:
         what = f"episode {number}'s policy: no episode had met the budget yet"
-    return (
-        f"{RunArtifact.PARTIAL_NOTE}: {what}; not checked on the device, fine-tuned or exported "
-        "(python -m compression apply MODEL --policy best_policy.json applies it)"
-    )
+    return f"{RunArtifact.PARTIAL_NOTE}: {what}; not checked on the device, fine-tuned or exported"
 
 
 def store_partial_artifacts(run: Run) -> None:
