@@ -30,7 +30,7 @@ from webapp.openapi import schema
 from webapp.permissions import api_error, api_view, can_change, get_visible_or_404, visible
 from webapp.views import runinfo
 from webapp.views.files import open_artifact
-from webapp.views.runs import can_resume
+from webapp.views.runs import resume_refusal
 
 MAX_PAGE = 1000
 MAX_EPISODES_PAGE = 5000
@@ -424,13 +424,9 @@ def run_resume(request: HttpRequest, pk: int) -> JsonResponse:
     r = get_visible_or_404(Run, request.user, pk=pk)
     if not can_change(r, request.user):
         return api_error(404, "no run matches")
-    if not can_resume(r):
-        if r.status == "failed" and r.error_kind == "input":
-            return api_error(
-                409,
-                "this run failed on its model, dataset or settings and would fail the same way again: start a new run",
-            )
-        return api_error(409, f"a {r.status} run without a checkpoint cannot be resumed")
+    refusal = resume_refusal(r)
+    if refusal:
+        return api_error(409, refusal)
     from workers import dispatch
 
     try:

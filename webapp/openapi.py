@@ -23,6 +23,7 @@ from webapp.forms import (
     TrainBaselineForm,
     ZooModelForm,
 )
+from webapp.models import Run
 
 API_VERSION = "1.0"
 
@@ -491,7 +492,7 @@ def _components() -> dict[str, Any]:
                 "error": S,
                 "error_kind": {
                     "type": "string",
-                    "enum": ["", "input", "device", "worker", "internal"],
+                    "enum": ["", *(kind for kind, _ in Run.ERROR_KINDS)],
                     "description": "why a failed run failed; resume helps after device, worker and internal errors",
                 },
                 "agent": S,

@@ -175,18 +175,27 @@ def run_detail(request: HttpRequest, pk: int) -> HttpResponse:
     return render(request, "runs/detail.html", context)
 
 
-def can_resume(run: Run) -> bool:
-    """A cancelled or failed run with a checkpoint (or with no episode yet) can be requeued; not one that failed
-    on its input (the model, dataset or settings), which would fail the same way again."""
-    if run.status not in ("cancelled", "failed"):
-        return False
+def resume_refusal(run: Run) -> str | None:
+    """Why ``run`` cannot be resumed (the page's message and the API's 409), or None when it can: a cancelled or
+    failed run with a checkpoint (or with no episode yet) can be requeued, not one that failed on its input (the
+    model, dataset or settings), which would fail the same way again."""
     if run.status == "failed" and run.error_kind == "input":
-        return False
-    return (
+        return (
+            "this run failed on its model, dataset or settings and would fail the same way again: "
+            "start a new run (Run again… copies its settings)"
+        )
+    if run.status not in ("cancelled", "failed") or not (
         run.checkpoint_episode is not None
         or (run.out_path / "checkpoint.pt").exists()
         or run.episodes_done == 0
-    )
+    ):
+        return f"a {run.status} run without a checkpoint cannot be resumed; start a new run"
+    return None
+
+
+def can_resume(run: Run) -> bool:
+    """Whether ``run`` can be resumed (``resume_refusal``)."""
+    return resume_refusal(run) is None
 
 
 @login_required
@@ -213,17 +222,9 @@ def run_resume(request: HttpRequest, pk: int) -> HttpResponse:
     run = get_visible_or_404(Run, request.user, pk=pk)
     if not can_change(run, request.user):
         raise Http404("no run matches")
-    if not can_resume(run):
-        if run.status == "failed" and run.error_kind == "input":
-            messages.error(
-                request,
-                "this run failed on its model, dataset or settings and would fail the same way again: "
-                "start a new run (Run again… copies its settings)",
-            )
-        else:
-            messages.error(
-                request, f"a {run.status} run without a checkpoint cannot be resumed; start a new run"
-            )
+    refusal = resume_refusal(run)
+    if refusal:
+        messages.error(request, refusal)
         return redirect("ui:run", pk=run.pk)
     from workers import dispatch
 
